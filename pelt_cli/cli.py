@@ -1,0 +1,209 @@
+"""The ``pelt`` command line: parse, call the library, print. torch and transformers load inside commands only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.2x vendors its own click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as _cx
+
+from . import __version__
+from .errors import PeltError
+
+app = typer.Typer(
+    name="pelt",
+    help="Model surgery for parameter-efficient fine-tuning: inspect checkpoints from their headers, "
+    "insert LoRA/Adapter/Prefix/IA³/UniPELT modules, train, prune, merge and export them.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+class Format(str, Enum):
+    """Output formats for data on stdout."""
+
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    tsv = "tsv"
+
+
+class Shell(str, Enum):
+    """Shells with completion scripts."""
+
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pelt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logs on stderr.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+) -> None:
+    """pelt: PEFT model surgery from the shell."""
+    os.environ["PELT_VERBOSITY"] = "0" if quiet else str(1 + verbose)
+
+
+def complete_model(incomplete: str) -> list[str]:
+    """Complete MODEL: short names, then paths."""
+    from .report import SHORT_NAMES
+
+    names = [n for n in SHORT_NAMES if n.startswith(incomplete)]
+    base = Path(incomplete).expanduser()
+    parent = base if incomplete.endswith("/") else base.parent
+    try:
+        entries = sorted(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        entries = []
+    for e in entries:
+        text = str(e) if str(parent) != "." or incomplete.startswith("./") else e.name
+        if text.startswith(incomplete) and (e.is_dir() or e.suffix == ".safetensors"):
+            names.append(text + ("/" if e.is_dir() else ""))
+    return names
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt inspect minilm --summary\n\n"
+    "  pelt inspect ./llama --filter 'model.layers.0.*' --format json | jq '.total_params'\n\n"
+    "  pelt inspect ./qwen2-audio --depth 2 --sort params:desc --limit 5\n\n"
+    "Exit codes: 0 ok (also when stdout closes early, e.g. '| head'); 1 runtime failure; 2 bad input.",
+)
+def inspect(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint directory, a .safetensors file, a short name (minilm), or - to read the path "
+            "from stdin.",
+            autocompletion=complete_model,
+            show_default=False,
+        ),
+    ],
+    summary: Annotated[
+        bool, typer.Option("--summary", "-s", help="Totals per dtype, role, block and layer.", rich_help_panel="Output")
+    ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--filter", "-f", help="Keep tensors whose name (glob, {a,b}) or role matches; repeatable.",
+                     rich_help_panel="Input"),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", "-x", help="Drop tensors whose name or role matches; repeatable.",
+                     rich_help_panel="Input"),
+    ] = None,
+    depth: Annotated[
+        int | None,
+        typer.Option("--depth", "-d", help="Roll tensors up to their first N name segments.", rich_help_panel="Output"),
+    ] = None,
+    sort: Annotated[
+        str | None,
+        typer.Option("--sort", help="KEY[:desc], KEY in name, params, bytes, role, layer, dtype.",
+                     rich_help_panel="Output"),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", help="Show the first N rows.", rich_help_panel="Output")
+    ] = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option("--format", help="Output format [default: table on a terminal, tsv in a pipe].",
+                     rich_help_panel="Output", show_default=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.", rich_help_panel="Output")] = False,
+) -> None:
+    """Show a checkpoint's tensors with role, layer, dtype, shape, params and bytes, read from headers only."""
+    from . import console
+    from .report import inspect_checkpoint, resolve_model
+
+    path = resolve_model(model)
+    report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
+    chosen = "json" if as_json else (fmt.value if fmt else console.default_format())
+    if report["family"] is None:
+        console.info(f"note: {path}: model family not recognised, roles are 'unknown'")
+    with console.closed_pipe_ok():
+        console.emit_inspect(report, chosen, summary)
+
+
+@app.command(epilog="Examples:\n\n  pelt completion bash > ~/.local/share/bash-completion/completions/pelt\n\n"
+             "  pelt completion fish > ~/.config/fish/completions/pelt.fish")
+def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
+    """Print the shell completion script (the same as the files in completions/)."""
+    from typer._completion_shared import get_completion_script
+
+    from . import console
+
+    with console.closed_pipe_ok():
+        sys.stdout.write(get_completion_script(prog_name="pelt", complete_var="_PELT_COMPLETE", shell=shell.value))
+        sys.stdout.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, map errors to one line on stderr and an exit code.
+
+    Exit codes: 0 ok (including a closed pipe on stdout), 1 runtime failure, 2 usage or bad input, 130 Ctrl-C.
+    """
+    from . import console
+
+    debug = os.environ.get("PELT_DEBUG") == "1"
+    try:
+        command = typer.main.get_command(app)
+        rv = command.main(args=argv, prog_name="pelt", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except PeltError as e:
+        if debug:
+            raise
+        console.error(e.message, e.hint)
+        code = e.exit_code
+    except typer.Exit as e:
+        code = e.exit_code
+    except _cx.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        # stdout was closed early (e.g. `pelt inspect m | head`): not an error; silence the flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    except OSError as e:
+        if debug:
+            raise
+        console.error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+        code = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return code
+
+
+def run() -> None:
+    """Console-script wrapper."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

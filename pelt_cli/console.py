@@ -1,0 +1,169 @@
+"""The only module that imports rich: tables, and error rendering. Data goes to stdout, everything else to stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+FORMATS = ("table", "json", "jsonl", "tsv")
+
+
+def default_format() -> str:
+    """``table`` on a terminal, ``tsv`` when stdout is a pipe or a file (no colour, no truncation)."""
+    return "table" if sys.stdout.isatty() else "tsv"
+
+
+def human_count(n: int) -> str:
+    """``22713216`` → ``22.7M``."""
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    """``90852864`` → ``86.6 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def closed_pipe_ok() -> Iterator[None]:
+    """Treat a reader that closes stdout early (``pelt … | head``) as success: stop writing, exit 0 quietly."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    """Print ``error: message`` (and an optional hint) on stderr, one line each."""
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def info(message: str) -> None:
+    """A log line on stderr."""
+    print(message, file=sys.stderr)
+
+
+def write_json(doc: Any) -> None:
+    """Pretty JSON on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------- inspect
+
+TENSOR_COLUMNS = ["name", "role", "layer", "block", "dtype", "shape", "params", "bytes", "shard"]
+MODULE_COLUMNS = ["name", "tensors", "roles", "dtypes", "params", "bytes"]
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    v = row.get(col)
+    if col == "shape":
+        return "x".join(map(str, v)) if v is not None else "-"
+    if col in ("roles", "dtypes"):
+        return ",".join(v) or "-"
+    if col == "shard" and v is None and row.get("tied_to"):
+        return f"tied→{row['tied_to']}"
+    return "-" if v is None else str(v)
+
+
+def emit_inspect(report: dict[str, Any], fmt: str, summary: bool) -> None:
+    """Print an inspect report in ``fmt`` (table, json, jsonl or tsv)."""
+    rows_key = "modules" if "modules" in report else "tensors"
+    rows = report[rows_key]
+    if fmt == "json":
+        doc = dict(report)
+        if summary:
+            doc.pop(rows_key)
+        write_json(doc)
+    elif fmt == "jsonl":
+        if summary:
+            for section, groups in report["summary"].items():
+                for key, agg in groups.items():
+                    sys.stdout.write(json.dumps({"section": section, "key": key, **agg}) + "\n")
+        else:
+            for r in rows:
+                sys.stdout.write(json.dumps(r) + "\n")
+    elif fmt == "tsv":
+        _emit_tsv(report, rows_key, rows, summary)
+    else:
+        _emit_table(report, rows_key, rows, summary)
+
+
+def _emit_tsv(report: dict[str, Any], rows_key: str, rows: list[dict[str, Any]], summary: bool) -> None:
+    out = sys.stdout
+    if summary:
+        out.write("section\tkey\ttensors\tparams\tbytes\n")
+        out.write(f"total\tall\t{report['total_tensors']}\t{report['total_params']}\t{report['total_bytes']}\n")
+        for section, groups in report["summary"].items():
+            for key, agg in groups.items():
+                out.write(f"{section.removeprefix('by_')}\t{key}\t{agg['tensors']}\t{agg['params']}\t{agg['bytes']}\n")
+        return
+    cols = MODULE_COLUMNS if rows_key == "modules" else TENSOR_COLUMNS
+    out.write("\t".join(cols) + "\n")
+    for r in rows:
+        out.write("\t".join(_cell(r, c) for c in cols) + "\n")
+
+
+def _emit_table(report: dict[str, Any], rows_key: str, rows: list[dict[str, Any]], summary: bool) -> None:
+    from rich.table import Table
+
+    con = _stdout_console()
+    fam = report["family"] or "unknown family"
+    title = (f"{report['path']}  ·  {fam}  ·  {human_count(report['total_params'])} params  ·  "
+             f"{human_bytes(report['total_bytes'])}  ·  {len(report['files'])} file(s)")
+    if summary:
+        con.print(title)
+        for section, groups in report["summary"].items():
+            t = Table(title=section.removeprefix("by_"), title_justify="left")
+            for c in (section.removeprefix("by_"), "tensors", "params", "bytes", "% params"):
+                t.add_column(c, justify="left" if c == section.removeprefix("by_") else "right")
+            total = max(report["selected"]["params"], 1)
+            for key, agg in groups.items():
+                t.add_row(key, str(agg["tensors"]), f"{agg['params']:,}", human_bytes(agg["bytes"]),
+                          f"{100 * agg['params'] / total:.2f}")
+            con.print(t)
+        return
+    cols = MODULE_COLUMNS if rows_key == "modules" else TENSOR_COLUMNS
+    t = Table(title=title, title_justify="left")
+    for c in cols:
+        t.add_column(c, justify="right" if c in ("params", "bytes", "layer", "tensors") else "left",
+                     overflow="fold")
+    for r in rows:
+        cells = [_cell(r, c) for c in cols]
+        if "params" in cols:
+            cells[cols.index("params")] = f"{r['params']:,}"
+        if "bytes" in cols:
+            cells[cols.index("bytes")] = human_bytes(r["bytes"])
+        t.add_row(*cells)
+    con.print(t)
+    sel = report["selected"]
+    _stderr_console().print(
+        f"{len(rows)} row(s); selected {sel['params']:,} of {report['total_params']:,} params "
+        f"({human_bytes(sel['bytes'])})"
+    )

