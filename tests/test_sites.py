@@ -1,0 +1,252 @@
+"""Roles, layers, blocks and ties of every family, from headers only; and the memory ↔ disk key mapping."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from pelt_cli.checkpoint import open_checkpoint
+from pelt_cli.keymap import check_against, key_map, skeleton
+from pelt_cli.report import inspect_checkpoint
+from pelt_cli.sites import ROLES, detect_family, expand_braces, matches, sites
+from tiny_models import FAMILIES
+
+# On-disk module path (layer 0) → (role, block) that every family must get.
+EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
+    "bert": {
+        "bert.encoder.layer.0.attention.self.query": ("attn.q", "encoder"),
+        "bert.encoder.layer.0.attention.self.key": ("attn.k", "encoder"),
+        "bert.encoder.layer.0.attention.self.value": ("attn.v", "encoder"),
+        "bert.encoder.layer.0.attention.output.dense": ("attn.o", "encoder"),
+        "bert.encoder.layer.0.intermediate.dense": ("ffn.up", "encoder"),
+        "bert.encoder.layer.0.output.dense": ("ffn.down", "encoder"),
+        "bert.encoder.layer.0.output.LayerNorm": ("norm", "encoder"),
+        "bert.embeddings.word_embeddings": ("embed", "-"),
+        "cls.predictions.decoder": ("lm_head", "-"),
+    },
+    "roberta": {
+        "encoder.layer.0.attention.self.query": ("attn.q", "encoder"),
+        "encoder.layer.0.attention.self.key": ("attn.k", "encoder"),
+        "encoder.layer.0.attention.self.value": ("attn.v", "encoder"),
+        "encoder.layer.0.attention.output.dense": ("attn.o", "encoder"),
+        "encoder.layer.0.intermediate.dense": ("ffn.up", "encoder"),
+        "encoder.layer.0.output.dense": ("ffn.down", "encoder"),
+        "pooler.dense": ("pooler", "-"),
+    },
+    "gpt2": {
+        "transformer.h.0.attn.c_attn": ("attn.qkv", "decoder"),
+        "transformer.h.0.attn.c_proj": ("attn.o", "decoder"),
+        "transformer.h.0.mlp.c_fc": ("ffn.up", "decoder"),
+        "transformer.h.0.mlp.c_proj": ("ffn.down", "decoder"),
+        "transformer.h.0.ln_1": ("norm", "decoder"),
+        "transformer.wte": ("embed", "-"),
+        "lm_head": ("lm_head", "-"),
+    },
+    "llama": {
+        "model.layers.0.self_attn.q_proj": ("attn.q", "decoder"),
+        "model.layers.0.self_attn.k_proj": ("attn.k", "decoder"),
+        "model.layers.0.self_attn.v_proj": ("attn.v", "decoder"),
+        "model.layers.0.self_attn.o_proj": ("attn.o", "decoder"),
+        "model.layers.0.mlp.gate_proj": ("ffn.gate", "decoder"),
+        "model.layers.0.mlp.up_proj": ("ffn.up", "decoder"),
+        "model.layers.0.mlp.down_proj": ("ffn.down", "decoder"),
+        "model.layers.0.input_layernorm": ("norm", "decoder"),
+        "model.embed_tokens": ("embed", "-"),
+        "lm_head": ("lm_head", "-"),
+    },
+    "whisper": {
+        "model.encoder.layers.0.self_attn.q_proj": ("attn.q", "encoder"),
+        "model.encoder.layers.0.self_attn.k_proj": ("attn.k", "encoder"),
+        "model.encoder.layers.0.self_attn.v_proj": ("attn.v", "encoder"),
+        "model.encoder.layers.0.self_attn.out_proj": ("attn.o", "encoder"),
+        "model.encoder.layers.0.fc1": ("ffn.up", "encoder"),
+        "model.encoder.layers.0.fc2": ("ffn.down", "encoder"),
+        "model.decoder.layers.0.self_attn.q_proj": ("attn.q", "decoder"),
+        "model.decoder.layers.0.encoder_attn.q_proj": ("attn.q", "cross-attention"),
+        "model.decoder.layers.0.encoder_attn.k_proj": ("attn.k", "cross-attention"),
+        "model.decoder.layers.0.encoder_attn.out_proj": ("attn.o", "cross-attention"),
+        "model.decoder.layers.0.fc1": ("ffn.up", "decoder"),
+        "model.encoder.conv1": ("conv", "-"),
+        "proj_out": ("lm_head", "-"),
+    },
+    "vit": {
+        "encoder.layer.0.attention.attention.query": ("attn.q", "vision"),
+        "encoder.layer.0.attention.attention.key": ("attn.k", "vision"),
+        "encoder.layer.0.attention.attention.value": ("attn.v", "vision"),
+        "encoder.layer.0.attention.output.dense": ("attn.o", "vision"),
+        "encoder.layer.0.intermediate.dense": ("ffn.up", "vision"),
+        "encoder.layer.0.output.dense": ("ffn.down", "vision"),
+        "encoder.layer.0.layernorm_before": ("norm", "vision"),
+        "embeddings.patch_embeddings.projection": ("embed", "-"),
+    },
+    "qwen2_audio": {
+        "audio_tower.layers.0.self_attn.q_proj": ("attn.q", "audio"),
+        "audio_tower.layers.0.self_attn.k_proj": ("attn.k", "audio"),
+        "audio_tower.layers.0.self_attn.out_proj": ("attn.o", "audio"),
+        "audio_tower.layers.0.fc1": ("ffn.up", "audio"),
+        "audio_tower.layers.0.fc2": ("ffn.down", "audio"),
+        "multi_modal_projector.linear": ("projector", "projector"),
+        "language_model.model.layers.0.self_attn.q_proj": ("attn.q", "decoder"),
+        "language_model.model.layers.0.self_attn.v_proj": ("attn.v", "decoder"),
+        "language_model.model.layers.0.mlp.gate_proj": ("ffn.gate", "decoder"),
+        "language_model.model.layers.0.mlp.down_proj": ("ffn.down", "decoder"),
+        "language_model.lm_head": ("lm_head", "-"),
+    },
+}
+EXPECTED["qwen2"] = EXPECTED["llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_total_params_equal_state_on_disk(tiny_dir: Path, family: str) -> None:
+    from safetensors import safe_open
+
+    for variant in (family, f"{family}-sharded"):
+        report = inspect_checkpoint(tiny_dir / variant)
+        ckpt = open_checkpoint(tiny_dir / variant)
+        on_disk = 0
+        for f in ckpt.files:
+            with safe_open(f, "pt") as h:
+                on_disk += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+        assert report["total_params"] == on_disk
+        assert report["family"] == family
+        assert report["sharded"] == variant.endswith("sharded")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_total_params_equal_model(tiny_dir: Path, tiny_models_built: dict, family: str) -> None:
+    model = tiny_models_built[family]
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    expected = sum(t.numel() for k, t in model.state_dict().items() if k not in tied)
+    assert inspect_checkpoint(tiny_dir / family)["total_params"] == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_roles_and_blocks(tiny_dir: Path, family: str) -> None:
+    by_module = {s.module: s for s in sites(open_checkpoint(tiny_dir / family))}
+    for module, (role, block) in EXPECTED[family].items():
+        assert module in by_module, f"{family}: {module} missing"
+        s = by_module[module]
+        assert (s.role, s.block) == (role, block), f"{family}: {module} → {(s.role, s.block)}"
+    # every attention/FFN projection in every layer has a role; layer indices cover both layers
+    projections = [s for s in by_module.values() if s.role.startswith(("attn.", "ffn."))]
+    assert {s.layer for s in projections} == {0, 1}
+    assert all(s.role in ROLES for s in by_module.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_linear_in_a_layer_gets_a_role(tiny_dir: Path, tiny_models_built: dict, family: str) -> None:
+    """Each nn.Linear / Conv1D inside a repeated block maps (via the key map) to an attention or FFN role."""
+    from transformers.pytorch_utils import Conv1D
+
+    from pelt_cli.sites import layer_of
+
+    model = tiny_models_built[family]
+    km = key_map(model)
+    by_module = {s.module: s for s in sites(open_checkpoint(tiny_dir / family))}
+    count = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) and layer_of(name) is not None:
+            role = by_module[km.disk_module(name)].role
+            assert role.startswith(("attn.", "ffn.")), (family, name, role)
+            count += 1
+    assert count >= 8
+
+
+def test_gqa_and_biases_visible(tiny_dir: Path) -> None:
+    llama = {s.name: s for s in sites(open_checkpoint(tiny_dir / "llama"))}
+    qwen = {s.name: s for s in sites(open_checkpoint(tiny_dir / "qwen2"))}
+    assert llama["model.layers.0.self_attn.q_proj.weight"].info.shape == (32, 32)
+    assert llama["model.layers.0.self_attn.k_proj.weight"].info.shape == (16, 32)  # 2 kv heads of 4
+    assert "model.layers.0.self_attn.q_proj.bias" not in llama
+    assert {f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv"} <= set(qwen)
+    assert "model.layers.0.self_attn.o_proj.bias" not in qwen
+    whisper = {s.name for s in sites(open_checkpoint(tiny_dir / "whisper"))}
+    assert "model.encoder.layers.0.self_attn.k_proj.bias" not in whisper
+    assert "model.encoder.layers.0.self_attn.q_proj.bias" in whisper
+    gpt2 = {s.name: s for s in sites(open_checkpoint(tiny_dir / "gpt2"))}
+    assert gpt2["transformer.h.0.attn.c_attn.weight"].info.shape == (32, 96)  # Conv1D: (in, 3·out)
+
+
+@pytest.mark.parametrize("family,target,source", [
+    ("gpt2", "lm_head.weight", "transformer.wte.weight"),
+    ("bert", "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+    ("bert", "cls.predictions.decoder.bias", "cls.predictions.bias"),
+    ("whisper", "proj_out.weight", "model.decoder.embed_tokens.weight"),
+])
+def test_tied_keys_reported(tiny_dir: Path, family: str, target: str, source: str) -> None:
+    report = inspect_checkpoint(tiny_dir / family)
+    row = next(r for r in report["tensors"] if r["name"] == target)
+    assert row["tied_to"] == source and row["shard"] is None and row["params"] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tie_table_agrees_with_transformers(tiny_dir: Path, tiny_models_built: dict, family: str) -> None:
+    model = tiny_models_built[family]
+    km = key_map(model)
+    theirs = {t: km.disk_name(s) for t, s in (model.all_tied_weights_keys or {}).items()}
+    ours = {r["name"]: r["tied_to"] for r in inspect_checkpoint(tiny_dir / family)["tensors"] if r["tied_to"]}
+    assert ours == theirs
+
+
+def test_unknown_family_still_inspects(tmp_path: Path) -> None:
+    header = {"blob.alpha": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+              "blob.beta": {"dtype": "F16", "shape": [8], "data_offsets": [48, 64]}}
+    raw = json.dumps(header).encode()
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+    report = inspect_checkpoint(tmp_path / "m.safetensors")
+    assert report["family"] is None and report["total_params"] == 20 and report["total_bytes"] == 64
+    assert {r["role"] for r in report["tensors"]} == {"unknown"}
+
+
+def test_family_from_keys_without_config(tiny_dir: Path) -> None:
+    for fam in FAMILIES:
+        ck = open_checkpoint(tiny_dir / fam / "model.safetensors")
+        ck.config = None
+        # a bare RobertaModel has BERT's key layout exactly (same roles); a "roberta." prefix tells them apart
+        assert detect_family(ck) == ("bert" if fam == "roberta" else fam), fam
+
+
+# ------------------------------------------------------------------------------------------------ memory ↔ disk
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_key_map_matches_disk(tiny_dir: Path, family: str) -> None:
+    km = key_map(skeleton(tiny_dir / family))
+    missing, unexpected = check_against(km, open_checkpoint(tiny_dir / family))
+    assert missing == [] and unexpected == []
+    assert km.converted == []
+    for mem, disk in km.to_disk.items():
+        assert km.memory_name(disk) == mem
+
+
+def test_key_map_vit_and_qwen2_audio(tiny_dir: Path) -> None:
+    vit = key_map(skeleton(tiny_dir / "vit"))
+    assert vit.disk_name("layers.0.attention.q_proj.weight") == "encoder.layer.0.attention.attention.query.weight"
+    assert vit.memory_name("encoder.layer.1.attention.output.dense.bias") == "layers.1.attention.o_proj.bias"
+    assert vit.disk_module("layers.0.mlp.fc1") == "encoder.layer.0.intermediate.dense"
+    qa = key_map(skeleton(tiny_dir / "qwen2_audio"))
+    assert qa.disk_name("model.audio_tower.layers.0.self_attn.q_proj.weight") == \
+        "audio_tower.layers.0.self_attn.q_proj.weight"
+    assert qa.disk_name("model.multi_modal_projector.linear.weight") == "multi_modal_projector.linear.weight"
+    assert qa.disk_name("model.language_model.layers.0.mlp.up_proj.weight") == \
+        "language_model.model.layers.0.mlp.up_proj.weight"
+    assert qa.disk_name("lm_head.weight") == "language_model.lm_head.weight"
+    assert qa.memory_name("language_model.model.norm.weight") == "model.language_model.norm.weight"
+
+
+def test_key_map_follows_ties(tiny_dir: Path) -> None:
+    km = key_map(skeleton(tiny_dir / "gpt2"))
+    assert km.tied == {"lm_head.weight": "transformer.wte.weight"}
+    assert km.disk_name("lm_head.weight") == "transformer.wte.weight"
+
+
+def test_globs() -> None:
+    assert expand_braces("a.{q,v}_proj") == ["a.q_proj", "a.v_proj"]
+    assert matches("model.layers.0.self_attn.q_proj.weight", ["*.{q,v}_proj.*"])
+    assert not matches("model.layers.0.self_attn.k_proj.weight", ["*.{q,v}_proj.*"])
+    assert matches("encoder.layer.0.output.dense.bias", ["encoder.layer.0"])
+    assert not matches("encoder.layer.10.output.dense.bias", ["encoder.layer.1"])
