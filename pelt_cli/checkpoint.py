@@ -152,7 +152,7 @@ def _parse_entries(
 
 def _check_overlaps(p: Path, tensors: dict[str, TensorInfo]) -> None:
     ranges = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, _e1, n1) in zip(ranges, ranges[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(ranges, ranges[1:], strict=False):
         if b1 < e0:
             raise _bad(p, f"tensors {n0!r} and {n1!r} have overlapping data_offsets: corrupt header")
 
@@ -578,7 +578,7 @@ class ShardedWriter:
             shutil.rmtree(self.tmp)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
-        for i, (shard, name) in enumerate(zip(self.shards, self.names)):
+        for i, (shard, name) in enumerate(zip(self.shards, self.names, strict=True)):
             header, offsets = encode_header(shard, self.metadata)
             fd = os.open(self.tmp / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -639,7 +639,9 @@ class ShardedWriter:
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
-                "weight_map": {s.name: fname for shard, fname in zip(self.shards, self.names) for s in shard},
+                "weight_map": {
+                    s.name: fname for shard, fname in zip(self.shards, self.names, strict=True) for s in shard
+                },
             }
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 

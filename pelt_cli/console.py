@@ -75,7 +75,7 @@ def write_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------------------------- inspect
+# --- inspect
 
 TENSOR_COLUMNS = ["name", "role", "layer", "block", "dtype", "shape", "params", "bytes", "shard"]
 MODULE_COLUMNS = ["name", "tensors", "roles", "dtypes", "params", "bytes"]

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import PELT, REPO, run_pelt
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import FAMILIES
 
 from pelt_cli.checkpoint import open_checkpoint
 from pelt_cli.keymap import check_against, key_map, skeleton
 from pelt_cli.report import inspect_checkpoint
 from pelt_cli.sites import ROLES, detect_family, expand_braces, matches, sites
-from tiny_models import FAMILIES
 
 # On-disk module path (layer 0) → (role, block) that every family must get.
 EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
