@@ -1,0 +1,366 @@
+"""Recipes: YAML files that say which method goes where. Validated strictly, every problem reported at once.
+
+Each problem carries ``file:line:col`` (from PyYAML's node marks) and its YAML path, e.g.
+``lora.yaml:9:7: inserts[0].params.rnak: unknown key (did you mean 'rank'?)``.
+
+Top level: ``name``, ``description``, ``families`` (the model families the recipe is meant for), ``seed`` and
+``inserts``, a list of entries with ``method``, ``targets`` (roles such as ``attn.q`` or module-path globs),
+``layers``, ``blocks`` and ``params`` (the method's hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+Pos = tuple[int, int]
+TOP_KEYS = {"name": str, "description": str, "families": list, "seed": int, "inserts": list}
+ENTRY_KEYS = {"method": str, "name": str, "targets": list, "layers": object, "blocks": list, "params": dict}
+BLOCKS = ["encoder", "decoder", "cross-attention", "audio", "vision", "projector", "-"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One validated ``inserts`` item."""
+
+    method: str
+    params: Any
+    targets: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    blocks: tuple[str, ...] = ()
+    name: str = ""
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe."""
+
+    name: str
+    inserts: tuple[Entry, ...]
+    description: str = ""
+    families: tuple[str, ...] = ()
+    seed: int = 0
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (every default filled in), ready to dump as YAML or JSON."""
+        return {
+            "name": self.name, "description": self.description, "families": list(self.families), "seed": self.seed,
+            "inserts": [{
+                "method": e.method, **({"name": e.name} if e.name else {}), "targets": list(e.targets),
+                "layers": list(e.layers) if e.layers is not None else "all", "blocks": list(e.blocks),
+                "params": params_to_dict(e.params),
+            } for e in self.inserts],
+        }
+
+
+def params_to_dict(params: Any) -> dict[str, Any]:
+    """A Params dataclass as plain data (nested dataclasses too)."""
+    return dataclasses.asdict(params)
+
+
+# ---------------------------------------------------------------------------------------------- YAML with positions
+
+def _to_data(node: yaml.Node, path: tuple, pos: dict[tuple, Pos], problems: list[str], where: str) -> Any:
+    pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            if key in out:
+                problems.append(f"{where}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
+                                f"{fmt_path(path + (key,))}: duplicate key")
+            out[key] = _to_data(v, path + (key,), pos, problems, where)
+            pos[path + (key,)] = (k.start_mark.line + 1, k.start_mark.column + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_data(v, path + (i,), pos, problems, where) for i, v in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def fmt_path(path: tuple) -> str:
+    """``("inserts", 0, "params", "rank")`` → ``inserts[0].params.rank``."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple, Pos]]:
+    """Parse YAML text keeping each node's line and column.
+
+    Raises:
+        RecipeError: a YAML syntax error, with its position.
+    """
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        raise RecipeError([f"{at}: YAML syntax error: {getattr(e, 'problem', None) or e}"]) from None
+    if node is None:
+        raise RecipeError([f"{where}: the recipe is empty"])
+    pos: dict[tuple, Pos] = {}
+    problems: list[str] = []
+    data = _to_data(node, (), pos, problems, where)
+    if problems:
+        raise RecipeError(problems)
+    return data, pos
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+def _split_key(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for raw in key.replace("[", ".").replace("]", "").split("."):
+        if raw:
+            parts.append(int(raw) if raw.lstrip("-").isdigit() else raw)
+    return parts
+
+
+def apply_overrides(data: Any, overrides: list[str]) -> Any:
+    """Apply ``key=value`` (value parsed as YAML) and ``~key`` (delete) overrides to parsed recipe data.
+
+    Keys are dotted paths; list items by index: ``inserts.0.params.rank=16`` or ``inserts[0].params.rank=16``.
+
+    Raises:
+        RecipeError: a malformed override or a path that does not exist.
+    """
+    problems = []
+    for ov in overrides:
+        delete = ov.startswith("~")
+        key, eq, value = ov.lstrip("~").partition("=")
+        if (not delete and not eq) or (delete and eq) or not key:
+            problems.append(f"override {ov!r}: expected KEY=VALUE or ~KEY")
+            continue
+        parts = _split_key(key)
+        node = data
+        try:
+            for p in parts[:-1]:
+                node = node[p]
+            last = parts[-1]
+            if delete:
+                del node[last]
+            else:
+                node[last] = yaml.safe_load(value) if value != "" else ""
+        except (KeyError, IndexError, TypeError):
+            problems.append(f"override {ov!r}: {fmt_path(tuple(parts))} does not exist in the recipe")
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+class _Checker:
+    def __init__(self, where: str, pos: dict[tuple, Pos]) -> None:
+        self.where, self.pos, self.problems = where, pos, []
+
+    def add(self, path: tuple, message: str) -> None:
+        p = path
+        while p and p not in self.pos:
+            p = p[:-1]
+        line, col = self.pos.get(p, (0, 0))
+        at = f"{self.where}:{line}:{col}" if line else f"{self.where}"
+        self.problems.append(f"{at}: {fmt_path(path)}: {message}")
+
+    def keys(self, data: dict, allowed: typing.Iterable[str], path: tuple) -> None:
+        allowed = list(allowed)
+        for k in data:
+            if k not in allowed:
+                close = difflib.get_close_matches(str(k), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (expected one of {', '.join(allowed)})"
+                self.add(path + (k,), f"unknown key{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+            list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_value(ck: _Checker, value: Any, tp: Any, meta: dict, path: tuple) -> Any:
+    """Validate one value against a type hint and field metadata; return the converted value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(ck, value, args[0], meta, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            ck.add(path, f"expected a mapping of {tp.__name__} settings, got {value!r}")
+            return tp()
+        return build_params(ck, tp, value, path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            ck.add(path, f"expected a list, got {value!r}")
+            return []
+        return [_check_value(ck, v, item_tp, meta, path + (i,)) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        ck.add(path, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if "choices" in meta and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        ck.add(path, f"{value!r} is not one of {', '.join(map(str, meta['choices']))}{hint}")
+    if "min" in meta and isinstance(value, (int, float)) and value < meta["min"]:
+        ck.add(path, f"{value!r} is too small: expected ≥ {meta['min']}")
+    if "max" in meta and isinstance(value, (int, float)) and value > meta["max"]:
+        ck.add(path, f"{value!r} is too large: expected ≤ {meta['max']}")
+    return value
+
+
+def build_params(ck: _Checker, cls: type, data: dict, path: tuple) -> Any:
+    """Validate a mapping against a Params dataclass and build it (defaults for what is not given)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ck.keys(data, fields, path)
+    kwargs = {}
+    for name, value in data.items():
+        if name in fields:
+            kwargs[name] = _check_value(ck, value, hints[name], dict(fields[name].metadata), path + (name,))
+    if hasattr(cls, "validate"):
+        for message in cls.validate(kwargs):
+            ck.add(path, message)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        ck.add(path, str(e))
+        return cls()
+
+
+def parse_layers(spec: Any, ck: _Checker, path: tuple) -> tuple[int, ...] | None:
+    """``all`` → None; ``3`` → (3,); ``"0-5"`` → (0..5); ``[0, "4-6", -1]`` → those (negative = from the end)."""
+    if spec is None or spec == "all":
+        return None
+    items = spec if isinstance(spec, list) else [spec]
+    out: list[int] = []
+    for i, item in enumerate(items):
+        p = path + (i,) if isinstance(spec, list) else path
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+        elif isinstance(item, str) and "-" in item.strip("-"):
+            a, _, b = item.partition("-")
+            if a.strip().isdigit() and b.strip().isdigit() and int(a) <= int(b):
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                ck.add(p, f"layer range {item!r}: expected 'A-B' with A ≤ B")
+        else:
+            ck.add(p, f"expected a layer index, a range 'A-B', a list of them or 'all', got {item!r}")
+    return tuple(out)
+
+
+def validate(data: Any, pos: dict[tuple, Pos], where: str) -> Recipe:
+    """Validate parsed recipe data and build a :class:`Recipe`.
+
+    Raises:
+        RecipeError: with every problem found, each with ``file:line:col`` and its YAML path.
+    """
+    from . import methods
+
+    ck = _Checker(where, pos)
+    if not isinstance(data, dict):
+        raise RecipeError([f"{where}: expected a mapping with 'inserts', got {type(data).__name__}"])
+    ck.keys(data, TOP_KEYS, ())
+    inserts = data.get("inserts")
+    if not isinstance(inserts, list) or not inserts:
+        ck.add(("inserts",), "expected a non-empty list of inserts (each with a 'method')")
+        inserts = []
+    entries = []
+    for i, raw in enumerate(inserts):
+        path = ("inserts", i)
+        if not isinstance(raw, dict):
+            ck.add(path, f"expected a mapping with 'method', got {raw!r}")
+            continue
+        ck.keys(raw, ENTRY_KEYS, path)
+        entry = _entry(ck, raw, path, i, methods)
+        if entry is not None:
+            entries.append(entry)
+    for key, tp in (("name", str), ("description", str), ("seed", int)):
+        if key in data and not isinstance(data[key], tp):
+            ck.add((key,), f"expected {_type_name(tp)}, got {data[key]!r}")
+    families = data.get("families") or []
+    if not isinstance(families, list):
+        ck.add(("families",), f"expected a list of model families, got {families!r}")
+        families = []
+    if ck.problems:
+        raise RecipeError(ck.problems, hint="pelt validate RECIPE checks a recipe; pelt recipes cat NAME shows one")
+    return Recipe(name=str(data.get("name") or Path(where).stem), inserts=tuple(entries),
+                  description=str(data.get("description") or ""), families=tuple(families),
+                  seed=int(data.get("seed", 0)), source=where)
+
+
+def _entry(ck: _Checker, raw: dict, path: tuple, index: int, methods: Any) -> Entry | None:
+    name = raw.get("method")
+    if not isinstance(name, str):
+        ck.add(path + ("method",), f"expected a method name ({', '.join(methods.names())}), got {name!r}")
+        return None
+    try:
+        method = methods.get(name)
+    except RecipeError as e:
+        ck.add(path + ("method",), e.problems[0])
+        return None
+    params_raw = raw.get("params") or {}
+    if not isinstance(params_raw, dict):
+        ck.add(path + ("params",), f"expected a mapping of {name} settings, got {params_raw!r}")
+        params_raw = {}
+    params = build_params(ck, method.Params, params_raw, path + ("params",))
+    targets = raw.get("targets", list(method.default_targets))
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        ck.add(path + ("targets",), f"expected a list of roles or module globs, got {targets!r}")
+        targets = []
+    blocks = raw.get("blocks") or []
+    if isinstance(blocks, str):
+        blocks = [blocks]
+    for j, b in enumerate(blocks):
+        if b not in BLOCKS:
+            close = difflib.get_close_matches(str(b), BLOCKS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            ck.add(path + ("blocks", j), f"unknown block kind {b!r}{hint}; expected one of {', '.join(BLOCKS)}")
+    layers = parse_layers(raw.get("layers"), ck, path + ("layers",))
+    return Entry(method=name, params=params, targets=tuple(targets), layers=layers, blocks=tuple(blocks),
+                 name=str(raw.get("name") or ""), index=index)
+
+
+def load(path_or_name: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file or a bundled recipe name.
+
+    Raises:
+        RecipeError: every problem found.
+    """
+    from .bundled import find_recipe
+
+    path = find_recipe(str(path_or_name))
+    text = path.read_text(encoding="utf-8")
+    return loads(text, str(path), overrides)
+
+
+def loads(text: str, where: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe text (see :func:`load`)."""
+    data, pos = parse_yaml(text, where)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate(data, pos, where)
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
