@@ -19,7 +19,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..errors import RecipeError
+from pelt_cli.errors import RecipeError
 
 
 @dataclass(frozen=True)

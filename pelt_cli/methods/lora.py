@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import surgery
+from pelt_cli import surgery
+
 from . import Insertion, ModelSite, register
 
 QKV_PARTS = ("q", "k", "v")
