@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as _cx
 
 from . import __version__
-from .errors import PeltError
+from .errors import PeltError, RecipeError, UsageError
 
 app = typer.Typer(
     name="pelt",
@@ -136,12 +136,151 @@ def inspect(
     from .report import inspect_checkpoint, resolve_model
 
     path = resolve_model(model)
-    report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
     chosen = "json" if as_json else (fmt.value if fmt else console.default_format())
+    if (path / "run.json").is_file():
+        from .apply import run_report
+
+        with console.closed_pipe_ok():
+            console.emit_run(run_report(path), chosen)
+        return
+    report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
     if report["family"] is None:
         console.info(f"note: {path}: model family not recognised, roles are 'unknown'")
     with console.closed_pipe_ok():
         console.emit_inspect(report, chosen, summary)
+
+
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides: KEY=VALUE (YAML value) or ~KEY to delete, e.g. inserts.0.params.rank=16.",
+                   show_default=False),
+]
+RecipeArg = Annotated[
+    str, typer.Argument(help="A recipe file or a bundled recipe name (pelt recipes ls).", show_default=False,
+                        autocompletion=lambda incomplete: complete_recipe(incomplete)),
+]
+
+
+def complete_recipe(incomplete: str) -> list[str]:
+    """Complete RECIPE: bundled names, then .yaml paths."""
+    from .bundled import bundled
+
+    names = [n for n in bundled() if n.startswith(incomplete)]
+    return names + [p for p in complete_model(incomplete) if p.endswith((".yaml", ".yml", "/"))]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt apply unipelt minilm --dry-run\n\n"
+    "  pelt apply lora ./llama -o runs/lora inserts.0.params.rank=16\n\n"
+    "  pelt apply recipes/lora.yaml minilm -o runs/a | pelt inspect -\n\n"
+    "Prints the run directory on stdout. Exit codes: 0 ok; 1 runtime failure; 2 bad recipe, model or option.",
+)
+def apply(
+    recipe: RecipeArg,
+    model: Annotated[str, typer.Argument(help="Base checkpoint: directory, .safetensors file, short name, or -.",
+                                         autocompletion=complete_model, show_default=False)],
+    overrides: OverridesArg = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write (must not exist).",
+                                             rich_help_panel="Output")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (sites, new parameters) and "
+                                          "write nothing.", rich_help_panel="Output")] = False,
+    fmt: Annotated[Format | None, typer.Option("--format", help="Plan format for --dry-run [default: table on a "
+                                               "terminal, tsv in a pipe].", rich_help_panel="Output",
+                                               show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.",
+                                        rich_help_panel="Dangerous")] = False,
+) -> None:
+    """Insert PEFT modules where a recipe says and write a run directory that references the base."""
+    from . import console
+    from .apply import apply as do_apply
+    from .apply import plan
+    from .recipe import load
+    from .report import resolve_model
+
+    base = resolve_model(model)
+    rec = load(recipe, overrides or [])
+    if dry_run:
+        with console.closed_pipe_ok():
+            console.emit_plan(plan(rec, base).to_dict(), fmt.value if fmt else console.default_format())
+        return
+    if out is None:
+        raise UsageError("pelt apply needs -o RUN (or --dry-run to only print the plan)")
+    run_dir = do_apply(rec, base, out, force=force)
+    console.info(f"wrote {run_dir}")
+    with console.closed_pipe_ok():
+        print(run_dir)
+
+
+@app.command(epilog="Examples:\n\n  pelt validate recipes/unipelt.yaml\n\n  pelt validate lora ./llama "
+             "inserts.0.params.rank=64")
+def validate(
+    recipe: RecipeArg,
+    model: Annotated[str | None, typer.Argument(help="Also check the recipe against this checkpoint (headers and "
+                                                "config; no weights are loaded).", autocompletion=complete_model,
+                                                show_default=False)] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Check a recipe: schema, types and ranges, and, given a MODEL, that every target matches and fits."""
+    from . import console
+    from .apply import plan
+    from .recipe import load
+    from .report import resolve_model
+
+    if model is not None and "=" in model:
+        overrides, model = [model, *(overrides or [])], None
+    rec = load(recipe, overrides or [])
+    if model is None:
+        console.info(f"ok: {rec.source}: {len(rec.inserts)} insert(s) valid")
+        return
+    p = plan(rec, resolve_model(model))
+    console.info(f"ok: {rec.source} on {p.base}: {len(p.rows)} site(s), {p.new_params:,} new parameters "
+                 f"({100 * p.new_params / max(p.base_params, 1):.3f}% of {p.base_params:,})")
+
+
+recipes_app = typer.Typer(help="Bundled recipes: list, show, copy.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """List the bundled recipes with their descriptions."""
+    from . import console
+    from .bundled import bundled, description
+
+    with console.closed_pipe_ok():
+        for name, path in bundled().items():
+            print(f"{name}\t{description(path)}")
+
+
+@recipes_app.command("cat")
+def recipes_cat(name: RecipeArg) -> None:
+    """Print a bundled recipe."""
+    from . import console
+    from .bundled import find_recipe
+
+    with console.closed_pipe_ok():
+        sys.stdout.write(find_recipe(name).read_text(encoding="utf-8"))
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: RecipeArg,
+    dest: Annotated[Path, typer.Argument(help="Destination file or directory.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a bundled recipe to edit it."""
+    from .bundled import find_recipe
+    from .errors import OutputExistsError
+
+    src = find_recipe(name)
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target}: already exists", hint="pass --force to overwrite")
+    tmp = target.with_name(f".{target.name}.pelt-tmp")
+    tmp.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    os.replace(tmp, target)
+    print(target)
 
 
 @app.command(epilog="Examples:\n\n  pelt completion bash > ~/.local/share/bash-completion/completions/pelt\n\n"
@@ -169,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         command = typer.main.get_command(app)
         rv = command.main(args=argv, prog_name="pelt", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+    except RecipeError as e:
+        if debug:
+            raise
+        for problem in e.problems:
+            console.error(problem)
+        if e.hint:
+            console.info(f"hint: {e.hint}")
+        code = e.exit_code
     except PeltError as e:
         if debug:
             raise

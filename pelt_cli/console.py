@@ -167,3 +167,72 @@ def _emit_table(report: dict[str, Any], rows_key: str, rows: list[dict[str, Any]
         f"{len(rows)} row(s); selected {sel['params']:,} of {report['total_params']:,} params "
         f"({human_bytes(sel['bytes'])})"
     )
+
+
+# --- apply plans and runs
+
+PLAN_COLUMNS = ["site", "role", "layer", "block", "method", "new_params"]
+
+
+def emit_plan(plan: dict[str, Any], fmt: str) -> None:
+    """Print an apply plan: one row per insertion, then the totals (table/tsv) or the whole plan (json/jsonl)."""
+    rows = plan["insertions"]
+    if fmt == "json":
+        write_json(plan)
+        return
+    if fmt == "jsonl":
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    shown = [{**r, "site": r["disk_site"]} for r in rows]
+    footer = (f"{plan['new_params']:,} new parameters = {plan['percent_of_base']:.3f}% of {plan['base_params']:,} "
+              f"({plan['recipe']} on {plan['family'] or 'unknown family'} {plan['model_class']})")
+    if fmt == "tsv":
+        sys.stdout.write("\t".join(PLAN_COLUMNS) + "\n")
+        for r in shown:
+            sys.stdout.write("\t".join("-" if r[c] is None else str(r[c]) for c in PLAN_COLUMNS) + "\n")
+        info(footer)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"plan: {plan['recipe']} → {plan['base']}", title_justify="left")
+    for c in PLAN_COLUMNS:
+        t.add_column(c, justify="right" if c in ("layer", "new_params") else "left", overflow="fold")
+    for r in shown:
+        t.add_row(*[f"{r[c]:,}" if c == "new_params" else ("-" if r[c] is None else str(r[c])) for c in PLAN_COLUMNS])
+    con = _stdout_console()
+    con.print(t)
+    con.print(footer)
+
+
+RUN_COLUMNS = ["name", "method", "site", "role", "dtype", "shape", "params", "trainable"]
+
+
+def emit_run(report: dict[str, Any], fmt: str) -> None:
+    """Print ``pelt inspect RUN``: the inserted tensors, their sites and trainability."""
+    rows = report["tensors"]
+    if fmt == "json":
+        write_json(report)
+        return
+    if fmt == "jsonl":
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    footer = (f"{report['new_params']:,} inserted parameters ({report['percent_of_base']:.3f}% of the base "
+              f"{report['base']['path']}), all trainable; base frozen")
+    if fmt == "tsv":
+        sys.stdout.write("\t".join(RUN_COLUMNS) + "\n")
+        for r in rows:
+            sys.stdout.write("\t".join(_cell(r, c) for c in RUN_COLUMNS) + "\n")
+        info(footer)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"run {report['run']} · recipe {report['recipe']}", title_justify="left")
+    for c in RUN_COLUMNS:
+        t.add_column(c, justify="right" if c == "params" else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*[f"{r[c]:,}" if c == "params" else _cell(r, c) for c in RUN_COLUMNS])
+    con = _stdout_console()
+    con.print(t)
+    con.print(footer)

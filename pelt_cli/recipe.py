@@ -39,6 +39,11 @@ class Entry:
     blocks: tuple[str, ...] = ()
     name: str = ""
     index: int = 0
+    where: str = ""  # "file:line:col" of the entry's targets (or the entry), for problems found later
+
+    def at(self, key: str = "targets") -> str:
+        """``file:line:col: inserts[i].key`` for messages about this entry."""
+        return f"{self.where}: inserts[{self.index}].{key}"
 
 
 @dataclass(frozen=True)
@@ -335,8 +340,9 @@ def _entry(ck: _Checker, raw: dict, path: tuple, index: int, methods: Any) -> En
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             ck.add(path + ("blocks", j), f"unknown block kind {b!r}{hint}; expected one of {', '.join(BLOCKS)}")
     layers = parse_layers(raw.get("layers"), ck, path + ("layers",))
+    line, col = ck.pos.get(path + ("targets",), ck.pos.get(path, (0, 0)))
     return Entry(method=name, params=params, targets=tuple(targets), layers=layers, blocks=tuple(blocks),
-                 name=str(raw.get("name") or ""), index=index)
+                 name=str(raw.get("name") or ""), index=index, where=f"{ck.where}:{line}:{col}")
 
 
 def load(path_or_name: str | Path, overrides: list[str] | None = None) -> Recipe:
