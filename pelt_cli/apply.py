@@ -181,7 +181,8 @@ def apply(recipe: Recipe, base: str | os.PathLike[str], out: str | os.PathLike[s
     if trainable != the_plan.new_params:
         raise PeltError(f"internal: plan counted {the_plan.new_params} new parameters, the model has {trainable}")
     meta = {
-        "format": RUN_FORMAT, "pelt_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": RUN_FORMAT, "pelt_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": {"path": str(Path(ckpt.root).resolve()), "fingerprint": fingerprint(ckpt),
                  "structure": structure_fingerprint(ckpt), "family": the_plan.family,
                  "model_class": type(model).__name__, "params": ckpt.total_params},
