@@ -98,9 +98,9 @@ def insert_recipe(model: Any, recipe: Recipe) -> list[PlanRow]:
     for e, method, sites in chosen:
         for ins in method.insert(model, e.params, sites):
             s = by_module.get(ins.site)
-            rows.append(PlanRow(e.index, e.method, ins.site, s.disk_module if s else ins.site, ins.role,
-                                s.layer if s else None, s.block if s else "-", _count(model, ins.modules),
-                                list(ins.modules)))
+            rows.append(PlanRow(e.index, e.method, ins.site, s.disk_module if s else _disk_path(mv, ins.site),
+                                ins.role, s.layer if s else None, s.block if s else "-",
+                                _count(model, ins.modules), list(ins.modules)))
     return rows
 
 
@@ -121,6 +121,16 @@ def select_for(mv: Any, entry: Any) -> tuple[list, list[str]]:
     if not entry.targets:
         return [], []
     return select(mv, entry.targets, entry.layers, entry.blocks)
+
+
+def _disk_path(mv: Any, module: str) -> str:
+    """The on-disk path of a non-leaf module (e.g. ``model.multi_modal_projector`` → ``multi_modal_projector``)."""
+    for s in mv.sites:
+        if s.module.startswith(module + "."):
+            tail = s.module[len(module):]
+            if s.disk_module.endswith(tail):
+                return s.disk_module[: -len(tail)]
+    return module
 
 
 def _count(model: Any, module_paths: list[str]) -> int:

@@ -53,3 +53,26 @@ def save(family: str, out: Path, max_shard_size: str | None = None) -> Path:
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
     return out
+
+
+def sample_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:
+    """Model inputs of the right kind for a tiny model of ``family`` (seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if family == "whisper":
+        return {"input_features": torch.randn(batch, 16, 200, generator=g), "decoder_input_ids": ids}
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def main_output(out) -> torch.Tensor:  # noqa: F821
+    """The tensor to compare between two runs of a model: logits when present, else last_hidden_state."""
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise ValueError(f"no logits or last_hidden_state in {type(out).__name__}")
