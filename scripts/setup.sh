@@ -13,5 +13,5 @@ echo "pelt: setting up .venv (first run: about 2 minutes)" >&2
 [ -d .venv ] || "$PY" -m venv .venv
 # torch==2.13.0 is named in requirements.txt: that CPU wheel is on this machine's disk.
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt >&2
-.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . --config-settings editable_mode=compat >&2
 echo "$want" > "$stamp"
