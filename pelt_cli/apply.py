@@ -79,6 +79,7 @@ def insert_recipe(model: Any, recipe: Recipe) -> list[PlanRow]:
     import torch
 
     from pelt_cli import methods
+    from pelt_cli.sites import block_of, layer_of
     from pelt_cli.targets import view
 
     mv = view(model)
@@ -98,9 +99,9 @@ def insert_recipe(model: Any, recipe: Recipe) -> list[PlanRow]:
     for e, method, sites in chosen:
         for ins in method.insert(model, e.params, sites):
             s = by_module.get(ins.site)
-            rows.append(PlanRow(e.index, e.method, ins.site, s.disk_module if s else _disk_path(mv, ins.site),
-                                ins.role, s.layer if s else None, s.block if s else "-",
-                                _count(model, ins.modules), list(ins.modules)))
+            disk = s.disk_module if s else _disk_path(mv, ins.site)
+            rows.append(PlanRow(e.index, ins.method, ins.site, disk, ins.role, layer_of(disk),
+                                block_of(disk, mv.family), _count(model, ins.modules), list(ins.modules)))
     return rows
 
 

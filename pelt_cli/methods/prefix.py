@@ -106,16 +106,15 @@ class Prefix(nn.Module):
         super().__init__()
         self.length, self.k_width, self.v_width, self.reparam = length, k_width, v_width, reparam
         self.gate: Any = None
-        meta = torch.empty(0).device.type == "meta"
         if reparam:
             self.embedding = nn.Parameter(torch.empty(length, embed_dim))
             self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, k_width + v_width))
-            if not meta:
+            if self.embedding.device.type != "meta":
                 nn.init.normal_(self.embedding, std=init_std)
         else:
             self.key = nn.Parameter(torch.empty(length, k_width))
             self.value = nn.Parameter(torch.empty(length, v_width))
-            if not meta:
+            if self.key.device.type != "meta":
                 nn.init.normal_(self.key, std=init_std)
                 nn.init.normal_(self.value, std=init_std)
 
@@ -230,8 +229,7 @@ class PrefixMethod:
     default_targets = ("attn.k",)
 
     def check(self, model: nn.Module, params: PrefixParams, sites: list[ModelSite]) -> list[str]:
-        """Sites must be key projections (attn.k, or fused attn.qkv) of attention modules using transformers'
-        attention interface."""
+        """Sites must be key projections (attn.k, or fused attn.qkv) of modules on transformers' attention API."""
         problems = []
         for s in sites:
             if s.role not in ROLES:

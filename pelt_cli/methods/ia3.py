@@ -1,0 +1,173 @@
+"""(IA)³ (Liu et al. 2022): learned vectors rescale keys ``K ⊙ l_k``, values ``V ⊙ l_v`` and the FFN hidden.
+
+All vectors start at ones, so the model is unchanged at step 0; only the vectors train. Sites:
+
+* ``attn.k`` / ``attn.v`` (and any other Linear/Conv1D a recipe names, except the FFN roles below): a forward
+  hook multiplies the layer's output by ``l`` (``out_features`` wide).
+* ``attn.qkv`` (GPT-2's fused ``c_attn``): ``l`` covers only the k and v thirds (``2d`` trainable); the q third is
+  fixed at ones by a buffer.
+* the FFN hidden, by ``ffn_placement``: ``down_input`` (default, as in the paper and HF peft) scales the input of
+  ``ffn.down`` (after the activation) with a forward pre-hook; ``up_output`` scales the output of ``ffn.up``
+  (before the activation) with a forward hook, and the recipe targets ``ffn.up`` instead of ``ffn.down``.
+
+Merging is exact: :func:`fold_output_scale` for output scales, :func:`fold_input_scale` for ``down_input``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pelt_cli import surgery
+from pelt_cli.methods import Insertion, ModelSite, register
+
+FFN_PLACEMENTS = ("down_input", "up_output")
+FFN_ROLE = {"down_input": "ffn.down", "up_output": "ffn.up"}
+
+
+def fold_output_scale(weight: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor,  # noqa: E741
+                      transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold an output scale into its layer (k, v, fused qkv, ffn ``up_output``); computed in fp32.
+
+    Args:
+        weight: ``(out, in)`` for a Linear, ``(in, out)`` for a Conv1D (``transposed``).
+        bias: ``(out,)`` or None.
+        l: ``(out,)``, the full scale vector (ones where a fused part is not scaled).
+        transposed: the weight is stored ``(in, out)``.
+
+    Returns:
+        ``(W', b')`` in the input dtypes.
+    """
+    # (W x + b) ⊙ l = (diag(l) W) x + l ⊙ b  →  W' = diag(l) W (scale rows; Conv1D columns), b' = l ⊙ b
+    lf = l.detach().float()
+    w = weight.float() * (lf[None, :] if transposed else lf[:, None])
+    b = None if bias is None else (bias.float() * lf).to(bias.dtype)
+    return w.to(weight.dtype), b
+
+
+def fold_input_scale(weight: torch.Tensor, l: torch.Tensor, transposed: bool) -> torch.Tensor:  # noqa: E741
+    """Fold an input scale (ffn ``down_input``) into the layer's weight; the bias is unchanged. fp32 math.
+
+    Args:
+        weight: ``(out, in)`` for a Linear, ``(in, out)`` for a Conv1D (``transposed``).
+        l: ``(in,)``.
+        transposed: the weight is stored ``(in, out)``.
+    """
+    # W (x ⊙ l) + b = (W diag(l)) x + b  →  W' = W diag(l) (scale input columns; Conv1D rows)
+    lf = l.detach().float()
+    w = weight.float() * (lf[:, None] if transposed else lf[None, :])
+    return w.to(weight.dtype)
+
+
+class IA3Vector(nn.Module):
+    """A learned vector ``l`` (ones at init) that multiplies the last dimension of a tensor.
+
+    Args:
+        width: length of the full vector (the scaled tensor's last dimension).
+        fixed: leading entries held at one and not trained (the q third of a fused QKV layer).
+        side: ``output`` (the layer's output is scaled) or ``input`` (its input is); tells merge which fold.
+    """
+
+    def __init__(self, width: int, fixed: int = 0, side: str = "output") -> None:
+        super().__init__()
+        self.side, self.fixed = side, fixed
+        self.l = nn.Parameter(torch.ones(width - fixed))
+        if fixed:
+            self.register_buffer("ones", torch.ones(fixed))
+
+    def vector(self) -> torch.Tensor:
+        """The full scale vector (fixed ones first, then ``l``)."""
+        return torch.cat([self.ones, self.l]) if self.fixed else self.l
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x ⊙ l`` (in x's dtype)."""
+        return x * self.vector().to(x.dtype)
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(model)``."""
+        return f"width={self.l.numel() + self.fixed}, fixed={self.fixed}, side={self.side}"
+
+
+def _output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.pelt_ia3(output)
+
+
+def _input_hook(module: nn.Module, args: tuple) -> tuple:
+    return (module.pelt_ia3(args[0]), *args[1:])
+
+
+@dataclass(frozen=True)
+class IA3Params:
+    """Hyper-parameters of ``ia3``."""
+
+    ffn_placement: str = field(default="down_input", metadata={
+        "choices": list(FFN_PLACEMENTS),
+        "help": "down_input: scale the input of ffn.down (after the activation; target ffn.down); "
+                "up_output: scale the output of ffn.up (before the activation; target ffn.up)"})
+
+
+def site_kind(role: str, params: IA3Params) -> str:
+    """How a site of ``role`` is scaled: ``qkv``, ``input``, ``output``, or ``bad`` (an FFN role off-placement)."""
+    if role == "attn.qkv":
+        return "qkv"
+    if role in ("ffn.up", "ffn.down", "ffn.gate"):
+        if role != FFN_ROLE[params.ffn_placement]:
+            return "bad"
+        return "input" if params.ffn_placement == "down_input" else "output"
+    return "output"
+
+
+@register
+class IA3Method:
+    """``ia3``: learned rescaling vectors on keys, values and the FFN hidden."""
+
+    name = "ia3"
+    Params = IA3Params
+    default_targets = ("attn.k", "attn.v", "ffn.down")  # ffn_placement up_output: target ffn.up instead
+
+    def check(self, model: nn.Module, params: IA3Params, sites: list[ModelSite]) -> list[str]:
+        """Sites must be Linear/Conv1D; an FFN site must fit ``ffn_placement``; a fused QKV width must be 3·d."""
+        problems = []
+        for s in sites:
+            mod = surgery.get_module(model, s.module)
+            if not surgery.is_linear(mod):
+                problems.append(f"{s.disk_module} is a {type(mod).__name__}; ia3 needs a Linear or Conv1D layer")
+                continue
+            kind = site_kind(s.role, params)
+            if kind == "bad":
+                want = FFN_ROLE[params.ffn_placement]
+                other = next(p for p in FFN_PLACEMENTS if p != params.ffn_placement)
+                hint = (f"target {want}, or set ffn_placement: {other}" if s.role == FFN_ROLE[other]
+                        else f"target {want}")
+                problems.append(f"ffn_placement {params.ffn_placement} scales the FFN hidden at {want}; "
+                                f"{s.disk_module} has role {s.role} ({hint})")
+            elif kind == "qkv" and surgery.features(mod)[1] % 3:
+                problems.append(f"{s.disk_module} is a fused QKV layer of width {surgery.features(mod)[1]}; "
+                                "expected a multiple of 3")
+        return problems
+
+    def insert(self, model: nn.Module, params: IA3Params, sites: list[ModelSite]) -> list[Insertion]:
+        """Attach ``pelt_ia3`` to each layer and scale its output (or, for ffn ``down_input``, its input)."""
+        out = []
+        for s in sites:
+            mod = surgery.get_module(model, s.module)
+            in_f, out_f, _ = surgery.features(mod)
+            kind = site_kind(s.role, params)
+            with torch.device(mod.weight.device):
+                if kind == "input":
+                    vec = IA3Vector(in_f, side="input")
+                elif kind == "qkv":
+                    vec = IA3Vector(out_f, fixed=out_f // 3)
+                else:
+                    vec = IA3Vector(out_f)
+            path = surgery.attach(model, s.module, "ia3", vec)
+            if kind == "input":
+                surgery.hook_input(model, s.module, _input_hook)
+                note = "scales the input"
+            else:
+                surgery.hook_output(model, s.module, _output_hook)
+                note = "scales the k and v thirds of the output" if kind == "qkv" else "scales the output"
+            out.append(Insertion(s.module, s.role, self.name, [path], note))
+        return out

@@ -1,0 +1,291 @@
+"""UniPELT (Mao et al., ACL 2022): LoRA + Prefix + Adapter in each layer, each behind its own learned gate.
+
+Per selected layer one gate controller (``pelt_gate``, attached to the layer's query projection) reads the
+layer's attention input ``h`` when the query projection runs — before any gated branch of that layer runs — and
+computes one gate per enabled module and per sequence:
+
+* ``sigmoid`` (the paper): ``G_m = mean_t σ(W_m h_t / T)`` — independent gates in (0, 1);
+* ``softmax`` (the practical guide's variant): ``softmax(W_2 ReLU(W_1 mean_t h_t) / T)`` with a hidden width of
+  64 — the gates sum to 1.
+
+Gate-L scales the LoRA deltas, Gate-P the prefix keys/values, Gate-A the adapter branch. LoRA's B and the
+adapter's up-projection start at zero, so without the prefix the model is the base model at step 0.
+The controller keeps the last gates and running statistics (mean, std, min, max) for ``pelt train``/``prune``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pelt_cli import surgery
+from pelt_cli.methods import Insertion, ModelSite, register
+from pelt_cli.methods.adapter import AdapterMethod, AdapterParams
+from pelt_cli.methods.lora import LoRAMethod, LoRAParams
+from pelt_cli.methods.prefix import PrefixMethod, PrefixParams
+
+MODULES = ("lora", "prefix", "adapter")
+PREFIX_ROLES = ("attn.k", "attn.qkv")
+LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks)\.\d+)\.")
+
+
+def sigmoid_gates(h: torch.Tensor, proj: nn.Linear, temperature: float) -> torch.Tensor:
+    """Paper gates ``G = mean_t σ(W h_t / T)``: ``h`` [B, T, d] → [B, k] in (0, 1)."""
+    return torch.sigmoid(proj(h) / temperature).mean(dim=1)
+
+
+def softmax_gates(h: torch.Tensor, mlp: nn.Sequential, temperature: float) -> torch.Tensor:
+    """Guide gates ``softmax(W_2 ReLU(W_1 mean_t h) / T)``: ``h`` [B, T, d] → [B, k], rows sum to 1."""
+    return torch.softmax(mlp(h.mean(dim=1)) / temperature, dim=-1)
+
+
+class GateController(nn.Module):
+    """Computes a layer's UniPELT gates from its attention input and keeps their statistics.
+
+    Args:
+        width: the layer's hidden width d.
+        names: the gated modules, in gate order (e.g. ``["lora", "prefix", "adapter"]``).
+        mode: ``sigmoid`` or ``softmax``.
+        hidden: hidden width of the softmax gate MLP.
+        temperature: T, dividing the gate logits.
+    """
+
+    def __init__(self, width: int, names: list[str], mode: str = "sigmoid", hidden: int = 64,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        self.names, self.mode, self.temperature = list(names), mode, temperature
+        k = len(self.names)
+        if mode == "softmax":
+            self.net: nn.Module = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, k))
+        else:
+            self.net = nn.Linear(width, k)
+        self.current: torch.Tensor | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Forget the accumulated statistics."""
+        k, cpu = len(self.names), torch.device("cpu")
+        self._n = 0
+        self._sum = torch.zeros(k, dtype=torch.float64, device=cpu)
+        self._sq = torch.zeros(k, dtype=torch.float64, device=cpu)
+        self._min = torch.full((k,), float("inf"), dtype=torch.float64, device=cpu)
+        self._max = torch.full((k,), float("-inf"), dtype=torch.float64, device=cpu)
+
+    def compute(self, h: torch.Tensor) -> torch.Tensor:
+        """Gates [B, k] for hidden states [B, T, d]; stored as ``current`` and added to the statistics."""
+        x = h.to(next(self.net.parameters()).dtype)
+        if self.mode == "softmax":
+            g = softmax_gates(x, self.net, self.temperature)
+        else:
+            g = sigmoid_gates(x, self.net, self.temperature)
+        self.current = g
+        if g.device.type != "meta" and g.numel():
+            d = g.detach().to("cpu", torch.float64)
+            self._n += d.shape[0]
+            self._sum += d.sum(0)
+            self._sq += (d * d).sum(0)
+            self._min = torch.minimum(self._min, d.min(0).values)
+            self._max = torch.maximum(self._max, d.max(0).values)
+        return g
+
+    def value(self, name: str) -> torch.Tensor:
+        """The current gate of one module as a [B] tensor."""
+        if self.current is None:
+            raise RuntimeError("gate read before the layer's query projection ran")
+        return self.current[:, self.names.index(name)]
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per gated module: mean, std, min, max and count over every sequence seen since ``reset_stats``."""
+        out = {}
+        for i, name in enumerate(self.names):
+            if self._n == 0:
+                out[name] = {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"),
+                             "count": 0}
+                continue
+            mean = self._sum[i].item() / self._n
+            var = max(self._sq[i].item() / self._n - mean * mean, 0.0)
+            out[name] = {"mean": mean, "std": var ** 0.5, "min": self._min[i].item(), "max": self._max[i].item(),
+                         "count": self._n}
+        return out
+
+
+class GateRef:
+    """A gate read: ``controller.value(name)`` reshaped to broadcast over a branch of ``dims`` dimensions."""
+
+    def __init__(self, controller: GateController, name: str, dims: int) -> None:
+        self.controller, self.name, self.dims = controller, name, dims
+
+    def __call__(self) -> torch.Tensor:
+        g = self.controller.value(self.name)
+        return g.reshape(g.shape[0], *([1] * (self.dims - 1)))
+
+
+def _gate_hook(module: nn.Module, args: tuple) -> None:
+    module.pelt_gate.compute(args[0])
+
+
+@dataclass(frozen=True)
+class UniLoRA:
+    """The LoRA part of UniPELT."""
+
+    rank: int = field(default=8, metadata={"min": 1})
+    alpha: float = field(default=16.0, metadata={"min": 1e-9})
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
+    targets: list[str] = field(default_factory=lambda: ["attn.q", "attn.v"],
+                               metadata={"help": "roles in each layer that get LoRA"})
+
+
+@dataclass(frozen=True)
+class UniPrefix:
+    """The prefix part of UniPELT."""
+
+    length: int = field(default=10, metadata={"min": 1})
+    reparam: bool = False
+    reparam_hidden: int = field(default=512, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class UniAdapter:
+    """The adapter part of UniPELT."""
+
+    reduction: float | None = field(default=16.0, metadata={"min": 1e-9})
+    size: int | None = field(default=None, metadata={"min": 1})
+    activation: str = field(default="relu", metadata={"choices": ["relu", "gelu", "silu", "tanh"]})
+    placement: str = field(default="after_ffn", metadata={"choices": ["after_ffn", "parallel"]})
+
+
+@dataclass(frozen=True)
+class UniPELTParams:
+    """Hyper-parameters of ``unipelt`` (paper defaults: prefix length 10, adapter reduction 16, LoRA r=8)."""
+
+    modules: list[str] = field(default_factory=lambda: list(MODULES),
+                               metadata={"choices": list(MODULES), "help": "which of lora, prefix, adapter to use"})
+    gate: str = field(default="sigmoid", metadata={"choices": ["sigmoid", "softmax"]})
+    gate_hidden: int = field(default=64, metadata={"min": 1, "help": "hidden width of the softmax gate MLP"})
+    temperature: float = field(default=1.0, metadata={"min": 1e-6, "help": "gate temperature T"})
+    lora: UniLoRA = field(default_factory=UniLoRA)
+    prefix: UniPrefix = field(default_factory=UniPrefix)
+    adapter: UniAdapter = field(default_factory=UniAdapter)
+
+    @staticmethod
+    def validate(kwargs: dict) -> list[str]:
+        """At least one module; each at most once; size and reduction not both."""
+        mods = kwargs.get("modules", list(MODULES))
+        problems = []
+        if isinstance(mods, list) and (not mods or len(set(mods)) != len(mods)):
+            problems.append(f"modules {mods}: expected a non-empty list of distinct names from {', '.join(MODULES)}")
+        return problems
+
+
+def layer_path(module: str) -> str | None:
+    """``encoder.layer.3.attention.self.query`` → ``encoder.layer.3`` (None outside repeated blocks)."""
+    m = LAYER_RE.match(module + ".")
+    return m.group(1) if m else None
+
+
+def _adapter_params(p: UniAdapter) -> AdapterParams:
+    if p.size is not None:
+        return AdapterParams(size=p.size, activation=p.activation, placement=p.placement)
+    return AdapterParams(reduction=p.reduction, activation=p.activation, placement=p.placement)
+
+
+@register
+class UniPELTMethod:
+    """``unipelt``: gated LoRA + Prefix + Adapter in each layer that has a selected query projection."""
+
+    name = "unipelt"
+    Params = UniPELTParams
+    default_targets = ("attn.q",)
+
+    def _layers(self, model: nn.Module, params: UniPELTParams, sites: list[ModelSite]) -> list[dict[str, Any]]:
+        from pelt_cli.targets import view
+
+        everything = view(model).sites
+        layers = []
+        for s in sites:
+            same = [x for x in everything if x.layer == s.layer and x.block == s.block
+                    and layer_path(x.module) == layer_path(s.module)]
+            lora = [x for x in same if x.role in params.lora.targets]
+            if not lora and "attn.q" in params.lora.targets:  # fused attention (GPT-2): LoRA on the q, v thirds
+                lora = [x for x in same if x.role == "attn.qkv"]
+            layers.append({
+                "anchor": s,
+                "lora": lora,
+                "prefix": [x for x in same if x.role in PREFIX_ROLES][:1],
+                "adapter": [x for x in same if x.role == "ffn.down"][:1],
+            })
+        return layers
+
+    def check(self, model: nn.Module, params: UniPELTParams, sites: list[ModelSite]) -> list[str]:
+        """Every selected layer needs the parts its modules use; each part's own checks apply."""
+        problems = []
+        for s in sites:
+            if s.role not in ("attn.q", "attn.qkv"):
+                problems.append(f"{s.disk_module} has role {s.role}; unipelt selects layers by their query "
+                                "projection (attn.q, or attn.qkv for fused attention)")
+        if problems:
+            return problems
+        for layer in self._layers(model, params, sites):
+            a = layer["anchor"]
+            for part in params.modules:
+                if not layer[part]:
+                    problems.append(f"{part}: no site for it in {a.block} layer {a.layer} ({a.disk_module})")
+        lora_sites = [x for lay in self._layers(model, params, sites) for x in lay["lora"]]
+        if "lora" in params.modules and lora_sites:
+            problems += LoRAMethod().check(model, self._lora_params(params, lora_sites), lora_sites)
+        return problems
+
+    @staticmethod
+    def _lora_params(params: UniPELTParams, sites: list[ModelSite]) -> LoRAParams:
+        fused = ["q", "v"] if any(s.role == "attn.qkv" for s in sites) else None
+        return LoRAParams(rank=params.lora.rank, alpha=params.lora.alpha, dropout=params.lora.dropout,
+                          fused_parts=fused)
+
+    def insert(self, model: nn.Module, params: UniPELTParams, sites: list[ModelSite]) -> list[Insertion]:
+        """Insert the enabled modules per layer, then a gate controller whose gates they read."""
+        out = []
+        for layer in self._layers(model, params, sites):
+            anchor: ModelSite = layer["anchor"]
+            q = surgery.get_module(model, anchor.module)
+            width = surgery.features(q)[0]
+            with torch.device(q.weight.device):
+                ctl = GateController(width, list(params.modules), params.gate, params.gate_hidden,
+                                     params.temperature)
+            gate_path = surgery.attach(model, anchor.module, "gate", ctl)
+            surgery.hook_input(model, anchor.module, _gate_hook)
+            inserted: list[Insertion] = []
+            if "lora" in params.modules:
+                ins = LoRAMethod().insert(model, self._lora_params(params, layer["lora"]), layer["lora"])
+                self._gate(model, ins, ctl, "lora", 3)
+                inserted += ins
+            if "prefix" in params.modules:
+                pp = PrefixParams(length=params.prefix.length, reparam=params.prefix.reparam,
+                                  reparam_hidden=params.prefix.reparam_hidden)
+                ins = PrefixMethod().insert(model, pp, layer["prefix"])
+                self._gate(model, ins, ctl, "prefix", 4)
+                inserted += ins
+            if "adapter" in params.modules:
+                ins = AdapterMethod().insert(model, _adapter_params(params.adapter), layer["adapter"])
+                self._gate(model, ins, ctl, "adapter", 3)
+                inserted += ins
+            for ins in inserted:
+                ins.method = f"{self.name}.{ins.method}"
+            note = f"{params.gate} gates over {', '.join(params.modules)} (T={params.temperature})"
+            out.append(Insertion(anchor.module, "gate", f"{self.name}.gate", [gate_path], note))
+            out += inserted
+        return out
+
+    @staticmethod
+    def _gate(model: nn.Module, insertions: list[Insertion], ctl: GateController, name: str, dims: int) -> None:
+        for ins in insertions:
+            for path in ins.modules:
+                surgery.get_module(model, path).gate = GateRef(ctl, name, dims)
+
+
+def gate_controllers(model: nn.Module) -> dict[str, GateController]:
+    """Every UniPELT gate controller of a model, by the path of the query projection it sits on."""
+    return {name.rsplit(".", 1)[0]: m for name, m in model.named_modules() if isinstance(m, GateController)}
