@@ -205,10 +205,13 @@ class UniPELTMethod:
         from pelt_cli.targets import view
 
         everything = view(model).sites
-        layers = []
-        for s in sites:
-            same = [x for x in everything if x.layer == s.layer and x.block == s.block
-                    and layer_path(x.module) == layer_path(s.module)]
+        layers, seen = [], set()
+        for s in sites:  # one controller per layer: the first selected query projection (Whisper: self-attention)
+            path = layer_path(s.module) or s.module
+            if path in seen:
+                continue
+            seen.add(path)
+            same = [x for x in everything if x.block == s.block and (layer_path(x.module) or x.module) == path]
             lora = [x for x in same if x.role in params.lora.targets]
             if not lora and "attn.q" in params.lora.targets:  # fused attention (GPT-2): LoRA on the q, v thirds
                 lora = [x for x in same if x.role == "attn.qkv"]

@@ -1,0 +1,145 @@
+"""UniPELT: identity without prefix, exact parameter counts, gate wiring and statistics, both gate modes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tiny_models
+import torch
+from tiny_models import main_output, sample_inputs
+
+from pelt_cli import recipe as rc
+from pelt_cli import surgery
+from pelt_cli.apply import insert_recipe
+from pelt_cli.methods.unipelt import GateController, gate_controllers
+
+FAMILIES = ["bert", "roberta", "gpt2", "llama", "qwen2", "whisper", "vit", "qwen2_audio"]
+
+
+def _recipe(family: str, **params: object) -> rc.Recipe:
+    import yaml
+
+    entry = {"method": "unipelt", "targets": ["attn.qkv" if family == "gpt2" else "attn.q"], "params": params}
+    return rc.loads(yaml.safe_dump({"inserts": [entry]}), "test.yaml")
+
+
+def _fresh(family: str) -> torch.nn.Module:
+    return tiny_models.build(family).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_identity_without_prefix(family: str, gate: str) -> None:
+    base = _fresh(family)
+    model = copy.deepcopy(base)
+    rows = insert_recipe(model, _recipe(family, modules=["lora", "adapter"], gate=gate))
+    assert {r.method for r in rows} == {"unipelt.gate", "unipelt.lora", "unipelt.adapter"}
+    x = sample_inputs(family)
+    with torch.no_grad():
+        diff = (main_output(model(**x)) - main_output(base(**x))).abs().max().item()
+    assert diff <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "whisper"])
+def test_parameter_counts(family: str) -> None:
+    model = _fresh(family)
+    rows = insert_recipe(model, _recipe(family))
+    trainable, _ = surgery.freeze_base(model)
+    assert trainable == sum(r.new_params for r in rows)
+    d, r, ell = 32, 8, 10
+    for row in rows:
+        if row.method == "unipelt.gate":
+            assert row.new_params == 3 * d + 3  # sigmoid: W (d→3) + bias
+        elif row.method == "unipelt.lora":
+            mod = surgery.get_module(model, row.site)
+            in_f, out_f, _ = surgery.features(mod)
+            assert row.new_params == r * (in_f + out_f)
+        elif row.method == "unipelt.adapter":
+            rr = d // 16
+            assert row.new_params == d * rr + rr + rr * d + d
+        elif row.method == "unipelt.prefix":
+            kv = 16 if family == "llama" else 32
+            assert row.new_params == ell * 2 * kv
+    layers = {"bert": 2, "llama": 2, "whisper": 4}[family]  # Whisper: 2 encoder + 2 decoder layers
+    assert sum(1 for row in rows if row.method == "unipelt.gate") == layers
+    assert len(gate_controllers(model)) == layers
+
+
+def test_softmax_gate_size_on_bert_base_width() -> None:
+    ctl = GateController(768, ["lora", "prefix", "adapter"], mode="softmax", hidden=64)
+    assert sum(p.numel() for p in ctl.parameters()) == 768 * 64 + 64 + 64 * 3 + 3 == 49_411  # the guide's "~49k"
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_gate_values_and_statistics(gate: str) -> None:
+    model = _fresh("bert")
+    insert_recipe(model, _recipe("bert", gate=gate, temperature=2.0))
+    ctls = gate_controllers(model)
+    with torch.no_grad():
+        for seed in range(3):
+            model(**sample_inputs("bert", batch=4, seed=seed))
+    for ctl in ctls.values():
+        g = ctl.current
+        assert g.shape == (4, 3)
+        assert ((g > 0) & (g < 1)).all()
+        if gate == "softmax":
+            assert torch.allclose(g.sum(-1), torch.ones(4), atol=1e-6)
+        stats = ctl.stats()
+        assert set(stats) == {"lora", "prefix", "adapter"}
+        for s in stats.values():
+            assert s["count"] == 12 and 0 < s["min"] <= s["mean"] <= s["max"] < 1 and s["std"] >= 0
+        ctl.reset_stats()
+        assert ctl.stats()["lora"]["count"] == 0
+
+
+def test_gates_scale_their_branches() -> None:
+    """A gate forced to 0 removes its branch exactly; forced to 1 keeps it whole."""
+    base = _fresh("llama")
+    model = copy.deepcopy(base)
+    insert_recipe(model, _recipe("llama", modules=["lora", "adapter"]))
+    torch.manual_seed(0)
+    for n, p in surgery.inserted_parameters(model).items():
+        if n.endswith((".B", "up.weight")):
+            torch.nn.init.normal_(p, std=0.3)
+    x = sample_inputs("llama")
+    ctls = list(gate_controllers(model).values())
+    with torch.no_grad():
+        for ctl in ctls:  # σ(-1e4) = 0
+            ctl.net.weight.zero_()
+            ctl.net.bias.fill_(-1e4)
+        closed = main_output(model(**x))
+        assert (closed - main_output(base(**x))).abs().max().item() <= 1e-6
+        for ctl in ctls:
+            ctl.net.bias.fill_(1e4)
+        opened = main_output(model(**x))
+        assert (opened - main_output(base(**x))).abs().max().item() > 1e-3
+
+
+def test_gradients_reach_gates_and_modules_only() -> None:
+    model = _fresh("bert")
+    insert_recipe(model, _recipe("bert"))
+    surgery.freeze_base(model)
+    for n, p in surgery.inserted_parameters(model).items():
+        if n.endswith((".B", "up.weight")):
+            torch.nn.init.normal_(p, std=0.1)
+    out = main_output(model(**sample_inputs("bert")))
+    out.pow(2).mean().backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert all(surgery.is_inserted(n) for n in got)
+    assert any(".pelt_gate." in n for n in got) and any(".pelt_prefix." in n for n in got)
+
+
+def test_whisper_gates_the_self_attention_not_cross() -> None:
+    model = _fresh("whisper")
+    rows = insert_recipe(model, _recipe("whisper"))
+    gates = [r.site for r in rows if r.method == "unipelt.gate"]
+    assert all("encoder_attn" not in g for g in gates)
+    assert "model.decoder.layers.0.self_attn.q_proj" in gates
+
+
+def test_bad_modules_rejected() -> None:
+    with pytest.raises(rc.RecipeError, match="expected a non-empty list of distinct names"):
+        _recipe("bert", modules=["lora", "lora"])
+    with pytest.raises(rc.RecipeError, match="'lorra' is not one of lora, prefix, adapter"):
+        _recipe("bert", modules=["lorra"])
