@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
 echo "== pelt inspect minilm --summary" >&2
-.venv/bin/pelt inspect minilm --summary
+pelt inspect minilm --summary --format table
 echo "== pelt inspect minilm --filter 'encoder.layer.0.*'" >&2
-.venv/bin/pelt inspect minilm --filter 'encoder.layer.0.*'
+pelt inspect minilm --filter 'encoder.layer.0.*' --format table
+echo "== pelt apply unipelt minilm --dry-run  (gated LoRA + prefix + adapter in every layer)" >&2
+pelt apply unipelt minilm --dry-run --format table
