@@ -240,3 +240,48 @@ def test_every_bundled_recipe_applies_to_its_families(tiny_models_built: dict) -
             with torch.no_grad():
                 x = sample_inputs(fam)
                 assert main_output(model(**x)).shape == main_output(base(**x)).shape, (name, fam)
+
+
+@pytest.mark.parametrize("recipe_name,family", [
+    ("unipelt", "bert"), ("adapter", "gpt2"), ("ia3", "whisper"), ("prefix", "llama"),
+    ("qwen2-audio-domain-adapter", "qwen2_audio"), ("unipelt-softmax", "vit"),
+])
+def test_save_load_bit_identical_every_method(tiny_dir: Path, tmp_path: Path, recipe_name: str, family: str) -> None:
+    from safetensors.torch import load_file
+
+    from pelt_cli.checkpoint import save_file
+
+    run = apply(rc.load(recipe_name), tiny_dir / family, tmp_path / "run")
+    state = load_file(run / ADAPTER_FILE)
+    g = torch.Generator().manual_seed(5)
+    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in state.items()},
+              run / ADAPTER_FILE)
+    saved = load_file(run / ADAPTER_FILE)
+    m1, meta = load_run(run)
+    m2, _ = load_run(run)
+    assert meta["new_params"] == sum(v.numel() for v in saved.values())
+    for k, v in surgery.inserted_state(m1).items():
+        assert torch.equal(v, saved[k]), k
+    x = sample_inputs(family)
+    with torch.no_grad():
+        assert torch.equal(main_output(m1(**x)), main_output(m2(**x)))
+
+
+@pytest.mark.parametrize("recipe_name,overrides", [
+    ("lora", []), ("adapter", []), ("ia3", []), ("unipelt", ["inserts.0.params.modules=[lora,adapter]"]),
+    ("unipelt-softmax", ["inserts.0.params.modules=[lora,adapter]"]),
+])
+def test_identity_at_init_on_real_minilm(minilm: Path, recipe_name: str, overrides: list[str]) -> None:
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(minilm).eval()
+    model = copy.deepcopy(base)
+    rows = insert_recipe(model, rc.load(recipe_name, overrides))
+    trainable, _ = surgery.freeze_base(model)
+    assert trainable == sum(r.new_params for r in rows) > 0
+    g = torch.Generator().manual_seed(0)
+    x = {"input_ids": torch.randint(1000, 20000, (2, 16), generator=g), "attention_mask": torch.ones(2, 16)}
+    x["attention_mask"][1, 10:] = 0
+    with torch.no_grad():
+        diff = (model(**x).last_hidden_state - base(**x).last_hidden_state).abs().max().item()
+    assert diff <= 1e-6
