@@ -162,12 +162,22 @@ def _require_config(ckpt: Checkpoint) -> None:
                               "config to build it", hint="save the model with save_pretrained")
 
 
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings stay off stderr unless ``pelt -vv``."""
+    import transformers
+
+    if int(os.environ.get("PELT_VERBOSITY", "1")) < 3:
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+
+
 def load_base(directory: str | os.PathLike[str], device: str = "cpu") -> Any:
     """Load a base checkpoint with transformers, keeping its stored dtype."""
     import transformers
 
     from pelt_cli.keymap import model_class
 
+    quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(str(directory))
     model = model_class(config).from_pretrained(str(directory), dtype="auto")
     return model.to(device).eval()
@@ -285,6 +295,10 @@ def load_run(run_dir: str | os.PathLike[str], base: str | os.PathLike[str] | Non
     recipe = loads(yaml.safe_dump(meta["recipe"], sort_keys=False), str(Path(run_dir) / RUN_FILE))
     model = load_base(ckpt.directory)
     insert_recipe(model, recipe)
+    if meta.get("head"):
+        from pelt_cli.heads import attach_head
+
+        attach_head(model, meta["head"])
     state = load_file(str(Path(run_dir) / ADAPTER_FILE))
     expected = set(inserted_state(model))
     if set(state) != expected:

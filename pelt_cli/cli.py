@@ -284,6 +284,115 @@ def recipes_cp(
     print(target)
 
 
+def _run_arg(value: str) -> Path:
+    from .report import resolve_model
+
+    return resolve_model(value)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt apply unipelt minilm -o runs/u && pelt train runs/u --data vader --epochs 1\n\n"
+    "  pelt train runs/lora --data train.jsonl --eval dev.jsonl --lr 5e-4 --schedule cosine\n\n"
+    "  pelt apply r.yaml base -o run | pelt train - --data d.jsonl | pelt gates -\n\n"
+    "Prints the run directory on stdout. Exit codes: 0 ok; 1 training failed (non-finite loss: the run keeps "
+    "its last good checkpoint); 2 bad data, run or option; 130 interrupted.",
+)
+def train(
+    run: Annotated[str, typer.Argument(help="Run directory from pelt apply, or - to read it from stdin.",
+                                       show_default=False, autocompletion=complete_model)],
+    data: Annotated[str, typer.Option("--data", help="Training data: JSONL, CSV or TSV, or a built-in dataset "
+                                      "(vader).", rich_help_panel="Input", show_default=False)],
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Eval data (default: the built-in eval split, "
+                                                  "else --eval-fraction of --data).", rich_help_panel="Input")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="text-classification, pair-classification, causal-lm, "
+                                             "audio-classification or domain-matching (default: from the columns).",
+                                             rich_help_panel="Input")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer directory if the base has none.",
+                                                  rich_help_panel="Input")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs.", rich_help_panel="Training")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", rich_help_panel="Training")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of the inserted modules.",
+                                      rich_help_panel="Training")] = 1e-3,
+    gate_lr: Annotated[float | None, typer.Option("--gate-lr", help="Learning rate of gates [default: --lr].",
+                                                  rich_help_panel="Training")] = None,
+    scale_lr: Annotated[float, typer.Option("--scale-lr", help="Learning rate of the domain adapter's scale.",
+                                            rich_help_panel="Training")] = 1e-3,
+    schedule: Annotated[str, typer.Option("--schedule", help="linear, cosine or constant (after warm-up).",
+                                          rich_help_panel="Training")] = "linear",
+    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a step count.",
+                                          rich_help_panel="Training")] = 0.06,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.",
+                                            rich_help_panel="Training")] = 1,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).",
+                                                 rich_help_panel="Training")] = 1.0,
+    patience: Annotated[int, typer.Option("--patience", help="Early stopping patience in epochs (0: off).",
+                                          rich_help_panel="Training")] = 3,
+    gate_warmup: Annotated[int, typer.Option("--gate-warmup", help="Steps with gates frozen.",
+                                             rich_help_panel="Gates")] = 0,
+    gate_sparsity: Annotated[str, typer.Option("--gate-sparsity", help="none, entropy or l1.",
+                                               rich_help_panel="Gates")] = "none",
+    gate_lambda: Annotated[float, typer.Option("--gate-lambda", help="Weight λ of the sparsity term.",
+                                               rich_help_panel="Gates")] = 0.01,
+    gate_temperature: Annotated[float | None, typer.Option("--gate-temperature", help="Override the gates' T.",
+                                                           rich_help_panel="Gates")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.",
+                                                  rich_help_panel="Training")] = None,
+    seed: Annotated[int, typer.Option("--seed", rich_help_panel="Training")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.",
+                                        rich_help_panel="Memory/Performance")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last epoch checkpoint.",
+                                         rich_help_panel="Training")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.", rich_help_panel="Output")]
+    = False,
+) -> None:
+    """Train only what was inserted (plus a task head where needed); evaluate each epoch; record every gate."""
+    from . import console
+    from .train import TrainConfig, train_run
+
+    run_dir = _run_arg(run)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gate_lr=gate_lr, scale_lr=scale_lr,
+                      schedule=schedule, warmup=warmup, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                      patience=patience, gate_warmup=gate_warmup, gate_sparsity=gate_sparsity,
+                      gate_lambda=gate_lambda, gate_temperature=gate_temperature, max_steps=max_steps, seed=seed,
+                      task=task, device=device)
+    progress = console.TrainProgress(quiet=quiet)
+    try:
+        train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress)
+    finally:
+        progress.close()
+    if int(os.environ.get("RANK", "0")) == 0:
+        with console.closed_pipe_ok():
+            print(run_dir)
+
+
+@app.command(epilog="Examples:\n\n  pelt gates runs/u\n\n  pelt gates runs/u --format json | jq .layers\n\n"
+             "  pelt gates runs/u --png gates.png   (needs matplotlib)")
+def gates(
+    run: Annotated[str, typer.Argument(help="Run directory, or - to read it from stdin.", show_default=False,
+                                       autocompletion=complete_model)],
+    fmt: Annotated[Format | None, typer.Option("--format", help="table, json, jsonl or tsv.",
+                                               rich_help_panel="Output", show_default=False)] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Also write a heatmap (layers × modules) to this PNG.",
+                                             rich_help_panel="Output")] = None,
+) -> None:
+    """Show each gate's mean, std, min and max per layer after training, with a bar per gate."""
+    from . import console
+    from . import gates as gatestats
+    from .errors import CheckpointError
+
+    run_dir = _run_arg(run)
+    doc = gatestats.read(run_dir)
+    if doc is None:
+        raise CheckpointError(f"{run_dir}: no gate statistics (gates.json)",
+                              hint="pelt train writes them for runs with gated modules (unipelt, domain)")
+    if png is not None:
+        gatestats.heatmap(doc, png)
+        console.info(f"wrote {png}")
+    with console.closed_pipe_ok():
+        console.emit_gates(doc, gatestats.rows(doc), fmt.value if fmt else console.default_format())
+
+
 @app.command(epilog="Examples:\n\n  pelt completion bash > ~/.local/share/bash-completion/completions/pelt\n\n"
              "  pelt completion fish > ~/.config/fish/completions/pelt.fish")
 def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:

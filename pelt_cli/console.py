@@ -236,3 +236,122 @@ def emit_run(report: dict[str, Any], fmt: str) -> None:
     con = _stdout_console()
     con.print(t)
     con.print(footer)
+
+
+# --- training progress and gate tables
+
+
+class TrainProgress:
+    """Renders ``pelt train`` events on stderr: a rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.task: Any = None
+        self.last_plain = 0.0
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        """Handle one event from :func:`pelt_cli.train.train_run`."""
+        kind = e["kind"]
+        if kind == "start":
+            self._start(e)
+        elif kind == "step":
+            self._step(e)
+        elif kind == "eval":
+            self._eval(e)
+        elif kind == "end":
+            self.close()
+            if not self.quiet:
+                info(f"best {e['metric']} {e['best']:.4f} at epoch {e['best_epoch']}")
+
+    def _start(self, e: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        bal = e.get("balance")
+        extra = ""
+        if bal:
+            counts = ", ".join(f"{k} {v}" for k, v in bal["counts"].items())
+            extra = f"; classes: {counts} (imbalance {bal['imbalance']:.2f}×)"
+        info(f"{e['task']}: {e['train_rows']} train / {e['eval_rows']} eval rows{extra}; "
+             f"training {e['trainable']:,} of {e['total']:,} parameters ({100 * e['trainable'] / e['total']:.3f}%)")
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                                console=_stderr_console(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=e["total_steps"], status="")
+
+    def _step(self, e: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        status = f"epoch {e['epoch']} loss {e['loss']:.4f} lr {e['lr']:.2e} {e['rate']:.1f} it/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=e["step"], status=status)
+        else:
+            import time
+
+            if time.time() - self.last_plain > 10 or e["step"] == e["total_steps"]:
+                self.last_plain = time.time()
+                info(f"step {e['step']}/{e['total_steps']} {status}")
+
+    def _eval(self, e: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        skip = {"kind", "gates", "epoch", "step", "seconds"}
+        text = " ".join(f"{k} {v:.4f}" for k, v in e.items() if k not in skip and isinstance(v, float))
+        line = f"epoch {e['epoch']}: {text} ({e['seconds']:.0f} s)"
+        if self.bar is not None:
+            self.bar.console.print(line)
+        else:
+            info(line)
+
+    def close(self) -> None:
+        """Stop the progress bar."""
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+GATE_COLUMNS = ["site", "layer", "module", "mean", "std", "min", "max"]
+
+
+def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width: int = 30) -> None:
+    """Print gate statistics: a table plus one bar per gate (table), or json/jsonl/tsv rows."""
+    if fmt == "json":
+        write_json(doc)
+        return
+    if fmt == "jsonl":
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    if fmt == "tsv":
+        sys.stdout.write("\t".join(GATE_COLUMNS) + "\n")
+        for r in rows:
+            sys.stdout.write("\t".join(_num(r.get(c)) for c in GATE_COLUMNS) + "\n")
+        return
+    from rich.table import Table
+
+    t = Table(title=f"gates after epoch {doc.get('epoch', '?')}", title_justify="left")
+    for c in GATE_COLUMNS + ["mean gate"]:
+        t.add_column(c, justify="left" if c in ("site", "module", "mean gate") else "right")
+    for r in rows:
+        mean = r.get("mean")
+        bar = "█" * round(width * mean) if isinstance(mean, float) and mean == mean else ""
+        t.add_row(*[_num(r.get(c)) for c in GATE_COLUMNS], f"{bar:<{width}}|")
+    con = _stdout_console()
+    con.print(t)
+    if "domain" in doc:
+        d = doc["domain"]
+        state = {True: "healthy (0.3–0.7)", False: "outside the healthy band 0.3–0.7", None: "no data"}[d["healthy"]]
+        con.print(f"domain adapter: mean gate {_num(d['gate']['mean'])} — {state}; scale {d['scale']:.4f}")
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
