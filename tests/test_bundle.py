@@ -1,0 +1,200 @@
+"""``pelt export``: diffed bundles (nothing that equals the base, exact round trip, fingerprints, tar) and PEFT."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import main_output, sample_inputs
+
+from pelt_cli import recipe as rc
+from pelt_cli.apply import ADAPTER_FILE, RUN_FILE, apply, load_base, load_run
+from pelt_cli.bundle import (
+    BUNDLE_FILE,
+    MANIFEST_FILE,
+    BaseMismatch,
+    ExportRefused,
+    apply_bundle,
+    export_bundle,
+    export_peft,
+    import_peft,
+)
+from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file, tensor_digest
+
+peft = pytest.importorskip("peft")
+
+
+def randomise(run: Path, seed: int = 1) -> None:
+    """LoRA B ~ N(0, 0.1²), IA³ l = 1 + 0.1·N(0, 1)."""
+    ck = open_checkpoint(run / ADAPTER_FILE)
+    with TensorReader(ck) as r:
+        state = {n: r.read(n).clone() for n in ck.tensors}
+    g = torch.Generator().manual_seed(seed)
+    for n, t in state.items():
+        if n.endswith(".B"):
+            state[n] = torch.randn(t.shape, generator=g) * 0.1
+        elif n.endswith(".l"):
+            state[n] = 1 + 0.1 * torch.randn(t.shape, generator=g)
+    save_file(state, run / ADAPTER_FILE)
+
+
+def make_run(recipe: str, base: Path, out: Path) -> Path:
+    apply(rc.load(recipe), base, out)
+    randomise(out)
+    return out
+
+
+def outputs(model, family: str) -> torch.Tensor:
+    with torch.no_grad():
+        return main_output(model.eval()(**sample_inputs(family))).float()
+
+
+@pytest.mark.parametrize("family,recipe", [("bert", "lora"), ("gpt2", "ia3-gpt2"), ("llama", "lora-all-linear")])
+def test_bundle_round_trip(tiny_dir: Path, tmp_path: Path, family: str, recipe: str) -> None:
+    run = make_run(recipe, tiny_dir / family, tmp_path / "run")
+    manifest = export_bundle(run, tmp_path / "bundle")
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [BUNDLE_FILE, MANIFEST_FILE]
+    base = open_checkpoint(tiny_dir / family)
+    base_digests = {tensor_digest(i) for i in base.tensors.values()}
+    bundle = open_checkpoint(tmp_path / "bundle" / BUNDLE_FILE)
+    assert not {tensor_digest(i) for i in bundle.tensors.values()} & base_digests  # nothing equals the base
+    rows = {t["name"]: t for t in manifest["tensors"]}
+    adapter = open_checkpoint(run / ADAPTER_FILE)
+    assert set(rows) == set(adapter.tensors)
+    by_ref = {n for n, t in rows.items() if t["stored"] == "base"}
+    assert set(bundle.tensors) == set(adapter.tensors) - by_ref
+    if family == "gpt2":  # the fixed-at-one q thirds equal a LayerNorm weight of ones: referenced, not stored
+        assert by_ref and all(n.endswith(".ones") for n in by_ref)
+    assert manifest["base"]["fingerprint"] == json.loads((run / RUN_FILE).read_text())["base"]["fingerprint"]
+    size = sum(p.stat().st_size for p in (tmp_path / "bundle").iterdir())
+    manifest_size = (tmp_path / "bundle" / MANIFEST_FILE).stat().st_size
+    assert size <= 1.01 * (run / ADAPTER_FILE).stat().st_size + manifest_size
+    assert sum(i.nbytes for i in bundle.tensors.values()) <= adapter.total_bytes
+    rebuilt = apply_bundle(tmp_path / "bundle", tiny_dir / family, tmp_path / "rebuilt")
+    a, b = load_file(run / ADAPTER_FILE), load_file(rebuilt / ADAPTER_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m1, _ = load_run(run)
+    m2, _ = load_run(rebuilt)
+    assert torch.equal(outputs(m1, family), outputs(m2, family))
+
+
+def test_wrong_base_refused_force_overrides(tiny_dir: Path, tmp_path: Path) -> None:
+    run = make_run("lora", tiny_dir / "llama", tmp_path / "run")
+    export_bundle(run, tmp_path / "bundle")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir / "llama", other)
+    state = load_file(other / "model.safetensors")
+    state["model.norm.weight"] += 0.5
+    save_file(state, other / "model.safetensors")
+    with pytest.raises(BaseMismatch) as e:
+        apply_bundle(tmp_path / "bundle", other, tmp_path / "r")
+    want = json.loads((tmp_path / "bundle" / MANIFEST_FILE).read_text())["base"]["fingerprint"]
+    got = json.loads((run / RUN_FILE).read_text())["base"]["fingerprint"]
+    assert e.value.exit_code == 2 and want in str(e.value) and "blake2b:" in str(e.value).replace(want, "")
+    assert want == got and not (tmp_path / "r").exists()
+    out = apply_bundle(tmp_path / "bundle", other, tmp_path / "r", force=True)
+    model, meta = load_run(out)  # recorded on the new base: the fingerprint check passes
+    assert meta["base"]["fingerprint"] != want and meta["from_bundle"]["base_fingerprint"] == want
+    # a tensor the bundle takes from the base must match whatever force says
+    run2 = make_run("ia3-gpt2", tiny_dir / "gpt2", tmp_path / "run2")
+    export_bundle(run2, tmp_path / "b2")
+    g2 = tmp_path / "gpt2b"
+    shutil.copytree(tiny_dir / "gpt2", g2)
+    st = load_file(g2 / "model.safetensors")
+    for k in st:
+        if k.endswith("ln_1.weight"):
+            st[k] = st[k] * 2
+    save_file(st, g2 / "model.safetensors")
+    with pytest.raises(BaseMismatch, match="no --force"):
+        apply_bundle(tmp_path / "b2", g2, tmp_path / "r2", force=True)
+
+
+def test_tar_stream(tiny_dir: Path, tmp_path: Path) -> None:
+    run = make_run("ia3", tiny_dir / "bert", tmp_path / "run")
+    export_bundle(run, tmp_path / "bundle")
+    buf = io.BytesIO()
+    manifest = export_bundle(run, "-", stream=buf)
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        assert tar.getnames() == [MANIFEST_FILE, BUNDLE_FILE]
+        tar.extractall(tmp_path / "untarred", filter="data")
+    assert (tmp_path / "untarred" / BUNDLE_FILE).read_bytes() == (tmp_path / "bundle" / BUNDLE_FILE).read_bytes()
+    m2 = json.loads((tmp_path / "untarred" / MANIFEST_FILE).read_text())
+    m1 = json.loads((tmp_path / "bundle" / MANIFEST_FILE).read_text())
+    assert m2 == manifest and {**m1, "created": None} == {**m2, "created": None}
+    (tmp_path / "b.tar").write_bytes(raw)
+    rebuilt = apply_bundle(tmp_path / "b.tar", tiny_dir / "bert", tmp_path / "rebuilt")  # a tar file works too
+    a, b = load_file(run / ADAPTER_FILE), load_file(rebuilt / ADAPTER_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family,recipe", [("bert", "lora"), ("llama", "lora"), ("gpt2", "lora-gpt2"),
+                                           ("bert", "ia3"), ("llama", "ia3"), ("gpt2", "ia3-gpt2")])
+def test_peft_export_reloads_in_peft(tiny_dir: Path, tmp_path: Path, family: str, recipe: str) -> None:
+    run = make_run(recipe, tiny_dir / family, tmp_path / "run")
+    out = export_peft(run, tmp_path / "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    meta = json.loads((run / RUN_FILE).read_text())
+    assert cfg["target_modules"] == [i["site"] for i in meta["insertions"]]
+    assert cfg["fan_in_fan_out"] is (family == "gpt2")
+    keys = load_file(out / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.") and ".default" not in k for k in keys)
+    if recipe == "lora-gpt2":  # full-width B, zero rows for the untouched k third
+        b = keys["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+        assert b.shape == (96, 8) and b[32:64].abs().max() == 0 and b[:32].abs().max() > 0
+    ours, _ = load_run(run)
+    theirs = peft.PeftModel.from_pretrained(load_base(tiny_dir / family), out)
+    base = load_base(tiny_dir / family)
+    assert (outputs(ours, family) - outputs(base, family)).abs().max().item() > 1e-4  # not a no-op
+    assert (outputs(ours, family) - outputs(theirs, family)).abs().max().item() <= 1e-6
+    back = import_peft(out, tiny_dir / family, tmp_path / "back")  # the round trip
+    again, _ = load_run(back)
+    if recipe != "lora-gpt2":  # a sliced LoRA comes back full-width on c_attn: same function, other tensors
+        a, b = load_file(run / ADAPTER_FILE), load_file(back / ADAPTER_FILE)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (outputs(again, family) - outputs(ours, family)).abs().max().item() <= 1e-6
+
+
+def test_peft_export_refusals(tiny_dir: Path, tmp_path: Path) -> None:
+    mixed = rc.loads("name: mix\ninserts:\n  - method: lora\n    targets: [attn.q]\n"
+                     "  - method: ia3\n    targets: [attn.v]\n")
+    apply(mixed, tiny_dir / "bert", tmp_path / "mixed")
+    with pytest.raises(ExportRefused, match="mixes ia3 and lora"):
+        export_peft(tmp_path / "mixed", tmp_path / "p1")
+    apply(rc.load("adapter"), tiny_dir / "bert", tmp_path / "adapter")
+    with pytest.raises(ExportRefused) as e:
+        export_peft(tmp_path / "adapter", tmp_path / "p2")
+    assert "adapter at bert.encoder.layer.0.output.dense" in str(e.value) and e.value.exit_code == 2
+    assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_import_peft_matches_peft(tiny_dir: Path, tmp_path: Path, kind: str) -> None:
+    base = load_base(tiny_dir / "llama")
+    if kind == "lora":
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                              rank_pattern={"model.layers.1.mlp.down_proj": 2}, alpha_pattern={"v_proj": 3},
+                              use_rslora=True)
+    else:
+        cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    pm = peft.get_peft_model(base, cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+            elif "ia3_l" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    run = import_peft(tmp_path / "peft", tiny_dir / "llama", tmp_path / "run")
+    ours, meta = load_run(run)
+    assert meta["imported_from"]["peft_type"] == kind.upper()
+    assert len(meta["insertions"]) == 6
+    assert (outputs(ours, "llama") - outputs(load_base(tiny_dir / "llama"), "llama")).abs().max().item() > 1e-4
+    assert (outputs(ours, "llama") - outputs(pm, "llama")).abs().max().item() <= 1e-6
