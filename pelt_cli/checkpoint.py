@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, OutputExistsError, PeltError
+from .errors import CheckpointError, OutputExistsError, PeltError, UsageError
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -451,7 +451,7 @@ def parse_size(text: str) -> int:
     """Parse a byte size with its unit spelled out: ``5GB``, ``500MB``, ``2GiB``, ``1024B``.
 
     Raises:
-        PeltError: the text has no recognised unit or is not a positive number.
+        UsageError: the text has no recognised unit or is not a positive number.
     """
     units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -466,7 +466,7 @@ def parse_size(text: str) -> int:
             if value <= 0:
                 break
             return int(value * units[unit])
-    raise PeltError(f"size {text!r}: expected a positive number with a unit, e.g. 5GB, 500MB or 2GiB")
+    raise UsageError(f"size {text!r}: expected a positive number with a unit, e.g. 5GB, 500MB or 2GiB")
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int | None) -> list[list[TensorSpec]]:

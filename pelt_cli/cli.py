@@ -182,8 +182,8 @@ def apply(
     model: Annotated[str, typer.Argument(help="Base checkpoint: directory, .safetensors file, short name, or -.",
                                          autocompletion=complete_model, show_default=False)],
     overrides: OverridesArg = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write (must not exist).",
-                                             rich_help_panel="Output")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write (must not exist) "
+                                             "[default: runs/RECIPE-TIMESTAMP].", rich_help_panel="Output")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (sites, new parameters) and "
                                           "write nothing.", rich_help_panel="Output")] = False,
     fmt: Annotated[Format | None, typer.Option("--format", help="Plan format for --dry-run [default: table on a "
@@ -205,9 +205,7 @@ def apply(
         with console.closed_pipe_ok():
             console.emit_plan(plan(rec, base).to_dict(), fmt.value if fmt else console.default_format())
         return
-    if out is None:
-        raise UsageError("pelt apply needs -o RUN (or --dry-run to only print the plan)")
-    run_dir = do_apply(rec, base, out, force=force)
+    run_dir = do_apply(rec, base, out or default_run_dir(rec.name), force=force)
     console.info(f"wrote {run_dir}")
     with console.closed_pipe_ok():
         print(run_dir)
@@ -282,6 +280,18 @@ def recipes_cp(
     tmp.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     os.replace(tmp, target)
     print(target)
+
+
+def default_run_dir(name: str) -> Path:
+    """``runs/NAME-YYYYmmdd-HHMMSS`` (with a counter if that exists): where ``pelt apply`` writes without -o."""
+    import time
+
+    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():
+        n += 1
+        out = stem.with_name(f"{stem.name}-{n}")
+    return out
 
 
 def _run_arg(value: str) -> Path:
@@ -391,6 +401,225 @@ def gates(
         console.info(f"wrote {png}")
     with console.closed_pipe_ok():
         console.emit_gates(doc, gatestats.rows(doc), fmt.value if fmt else console.default_format())
+
+
+class Per(str, Enum):
+    """Groups for --keep-top-k."""
+
+    method = "method"
+    layer = "layer"
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt prune runs/u --dry-run\n\n"
+    "  pelt prune runs/u --threshold 0.05 -o runs/u-pruned --data vader\n\n"
+    "  pelt prune runs/u --keep-top-k 2 --per layer\n\n"
+    "  pelt prune runs/u --restore\n\n"
+    "Prints the run directory on stdout. Exit codes: 0 ok; 1 runtime failure; 2 no gate statistics, bad option.",
+)
+def prune(
+    run: Annotated[str, typer.Argument(help="Trained run directory, or - to read it from stdin.", show_default=False,
+                                       autocompletion=complete_model)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the pruned run here [default: prune RUN in "
+                                             "place, atomically].", rich_help_panel="Output")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Prune modules whose mean gate is "
+                                                    "below θ [default: 0.05].", show_default=False)] = None,
+    keep_top_k: Annotated[int | None, typer.Option("--keep-top-k", "-k", help="Keep only the K modules with the "
+                                                   "highest mean gate.", show_default=False)] = None,
+    per: Annotated[Per | None, typer.Option("--per", help="With --keep-top-k: K per method or per layer "
+                                            "[default: K in all].", show_default=False)] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Evaluate before and after on this data (a file, or a "
+                                             "built-in dataset's eval split).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print every gated module, its mean gate and the "
+                                          "decision; write nothing.", rich_help_panel="Output")] = False,
+    restore: Annotated[bool, typer.Option("--restore", help="Bring back every pruned module.")] = False,
+    fmt: Annotated[Format | None, typer.Option("--format", help="Format of --dry-run's table.",
+                                               rich_help_panel="Output", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing -o directory.",
+                                        rich_help_panel="Dangerous")] = False,
+) -> None:
+    """Remove the gated modules (UniPELT's LoRA/Prefix/Adapter per layer, domain adapters) whose gate is low."""
+    from . import console
+    from .prune import prune_run, restore_run
+
+    run_dir = _run_arg(run)
+    if restore:
+        if threshold is not None or keep_top_k is not None or dry_run:
+            raise UsageError("--restore takes no --threshold, --keep-top-k or --dry-run")
+        rep = restore_run(run_dir, out, force=force).to_dict()
+        console.info(f"restored {len(rep['units'])} module(s), {-rep['pruned_params']:,} parameters → {rep['out']}")
+    else:
+        rep = prune_run(run_dir, out, threshold=threshold, keep_top_k=keep_top_k, per=per.value if per else None,
+                        dry_run=dry_run, data=data, force=force).to_dict()
+        if dry_run:
+            with console.closed_pipe_ok():
+                console.emit_prune(rep, fmt.value if fmt else console.default_format())
+            return
+        console.info(console.prune_summary(rep) + f" → {rep['out']}")
+        if rep["evaluation"]:
+            console.info(console.evaluation_change(rep["evaluation"]))
+    with console.closed_pipe_ok():
+        print(rep["out"])
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt merge runs/lora -o merged/ --verify\n\n"
+    "  pelt merge runs/u -o merged/ --freeze-gates mean --keep-unmerged\n\n"
+    "  pelt merge runs/lora -o merged/ --dtype bfloat16 --max-shard-size 5GB\n\n"
+    "Prints the output directory on stdout. Exit codes: 0 ok; 1 runtime failure; 2 modules that cannot be folded, "
+    "wrong base, bad option.",
+)
+def merge(
+    run: Annotated[str, typer.Argument(help="Run directory, or - to read it from stdin.", show_default=False,
+                                       autocompletion=complete_model)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged checkpoint directory to write (must not exist).",
+                                      show_default=False, rich_help_panel="Output")],
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 "
+                                              "[default: the base's].", show_default=False)] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Re-shard, e.g. 5GB or 500MB "
+                                                       "[default: keep the base's shards].",
+                                                       show_default=False)] = None,
+    freeze_gates: Annotated[str | None, typer.Option("--freeze-gates", help="mean: fold UniPELT's gated LoRA with "
+                                                     "each gate at its eval mean (approximate; the error is "
+                                                     "printed).", show_default=False)] = None,
+    keep_unmerged: Annotated[bool, typer.Option("--keep-unmerged", help="Write modules that cannot be folded "
+                                                "(adapter, prefix, domain, head) as a run in OUT/pelt-rest.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Run base+modules and the merged model on sample inputs "
+                                         "and print max |Δ|.")] = False,
+    base: Annotated[Path | None, typer.Option("--base", help="Another location of the run's base.",
+                                              show_default=False)] = None,
+    no_fingerprint_check: Annotated[bool, typer.Option("--no-fingerprint-check", help="Accept a base whose content "
+                                                       "differs from the run's.", rich_help_panel="Dangerous")]
+    = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.",
+                                        rich_help_panel="Dangerous")] = False,
+) -> None:
+    """Fold LoRA and IA³ into the base weights, streaming, into a checkpoint plain transformers loads."""
+    from . import console
+    from .checkpoint import parse_size
+    from .merge import merge_run, verify_merge
+
+    run_dir = _run_arg(run)
+    size = parse_size(max_shard_size) if max_shard_size else None
+    rep = merge_run(run_dir, out, dtype=dtype, max_shard_size=size, freeze_gates=freeze_gates,
+                    keep_unmerged=keep_unmerged, force=force, base=base, check_fingerprint=not no_fingerprint_check)
+    console.info(console.merge_summary(rep.to_dict()))
+    if verify or rep.approximate:
+        delta = verify_merge(run_dir, out)
+        what = "gates frozen at their means" if rep.approximate else "verify"
+        console.info(f"{what}: max |Δ| = {delta:.3g} between {run_dir} (base + modules) and {out}"
+                     f"{' (+ pelt-rest)' if rep.rest else ''} on sample inputs")
+    with console.closed_pipe_ok():
+        print(out)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt export runs/lora -o bundles/lora\n\n"
+    "  pelt export runs/lora -o bundles/lora --peft   (also loadable by peft.PeftModel.from_pretrained)\n\n"
+    "  pelt export runs/u -o - | ssh host 'tar -x -C bundle'\n\n"
+    "Prints the bundle directory on stdout (with -o -, the tar stream). Exit codes: 0 ok; 1 runtime failure; 2 bad "
+    "run or option.",
+)
+def export(
+    run: Annotated[str, typer.Argument(help="Run directory, or - to read it from stdin.", show_default=False,
+                                       autocompletion=complete_model)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write, or - for a tar on stdout.",
+                                     show_default=False, rich_help_panel="Output")],
+    peft: Annotated[bool, typer.Option("--peft", help="Also write a PEFT adapter (adapter_config.json + "
+                                       "adapter_model.safetensors) for LoRA-only or IA³-only runs.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle directory.",
+                                        rich_help_panel="Dangerous")] = False,
+) -> None:
+    """Write a diffed bundle: only the tensors that differ from the base, and a manifest with checksums."""
+    from . import console
+    from .bundle import export_bundle
+
+    run_dir = _run_arg(run)
+    if out == "-":
+        if sys.stdout.isatty():
+            raise UsageError("-o - writes a tar stream to stdout, which is a terminal", hint="pipe or redirect it")
+        manifest = export_bundle(run_dir, "-", stream=sys.stdout.buffer, peft=peft)
+    else:
+        manifest = export_bundle(run_dir, out, force=force, peft=peft)
+    console.info(console.bundle_summary(manifest, out))
+    if out != "-":
+        with console.closed_pipe_ok():
+            print(out)
+
+
+@app.command(
+    "apply-bundle",
+    epilog="Examples:\n\n"
+    "  pelt apply-bundle bundles/lora minilm -o runs/lora\n\n"
+    "  pelt apply-bundle bundle.tar ./llama -o merged/ --merge\n\n"
+    "Exit codes: 0 ok; 1 runtime failure; 2 a base whose fingerprint differs (without --force), bad bundle.",
+)
+def apply_bundle_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory or tar (from pelt export).", show_default=False)],
+    model: Annotated[str, typer.Argument(help="Base checkpoint: directory, .safetensors file, short name, or -.",
+                                         autocompletion=complete_model, show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (or with --merge, merged checkpoint) to "
+                                      "write.", show_default=False, rich_help_panel="Output")],
+    merge_out: Annotated[bool, typer.Option("--merge", help="Write the merged model instead of a run (LoRA/IA³; "
+                                            "other modules go to OUT/pelt-rest).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Accept a base whose fingerprint differs (warns), and "
+                                        "replace an existing output.", rich_help_panel="Dangerous")] = False,
+) -> None:
+    """Rebuild a run (or the merged model) from a bundle and its base; refuses a different base."""
+    import tempfile
+
+    from . import console
+    from .apply import read_run
+    from .bundle import apply_bundle
+    from .report import resolve_model
+
+    base = resolve_model(model)
+    if not merge_out:
+        run_dir = apply_bundle(bundle, base, out, force=force)
+        meta = read_run(run_dir)
+        if meta["base"]["fingerprint"] != meta["from_bundle"]["base_fingerprint"]:
+            console.info(f"warning: {base} is not the base the bundle was exported from (--force); the run's "
+                         "outputs may differ from the exported run's")
+    else:
+        from .merge import merge_run
+
+        with tempfile.TemporaryDirectory(prefix="pelt-bundle-run-") as tmp:
+            run_dir = apply_bundle(bundle, base, Path(tmp) / "run", force=force)
+            rep = merge_run(run_dir, out, keep_unmerged=True, force=force)
+            console.info(console.merge_summary(rep.to_dict()))
+        run_dir = out
+    console.info(f"wrote {run_dir}")
+    with console.closed_pipe_ok():
+        print(run_dir)
+
+
+@app.command(
+    "import-peft",
+    epilog="Examples:\n\n  pelt import-peft ./my-lora ./llama -o runs/imported && pelt merge runs/imported -o m/\n\n"
+    "Exit codes: 0 ok; 1 runtime failure; 2 an adapter pelt cannot express (DoRA, biases, modules_to_save, …).",
+)
+def import_peft_cmd(
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + "
+                                            "adapter_model.safetensors).", show_default=False)],
+    model: Annotated[str, typer.Argument(help="Its base checkpoint: directory, short name, or -.",
+                                         autocompletion=complete_model, show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.", show_default=False,
+                                      rich_help_panel="Output")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.",
+                                        rich_help_panel="Dangerous")] = False,
+) -> None:
+    """Bring an existing PEFT LoRA or IA³ adapter into a pelt run directory."""
+    from . import console
+    from .peft_format import import_peft
+    from .report import resolve_model
+
+    run_dir = import_peft(adapter, resolve_model(model), out, force=force)
+    console.info(f"wrote {run_dir}")
+    with console.closed_pipe_ok():
+        print(run_dir)
 
 
 @app.command(epilog="Examples:\n\n  pelt completion bash > ~/.local/share/bash-completion/completions/pelt\n\n"

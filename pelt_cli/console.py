@@ -318,7 +318,7 @@ class TrainProgress:
 GATE_COLUMNS = ["site", "layer", "module", "mean", "std", "min", "max"]
 
 
-def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width: int = 30) -> None:
+def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width: int = 20) -> None:
     """Print gate statistics: a table plus one bar per gate (table), or json/jsonl/tsv rows."""
     if fmt == "json":
         write_json(doc)
@@ -334,19 +334,118 @@ def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width:
         return
     from rich.table import Table
 
-    t = Table(title=f"gates after epoch {doc.get('epoch', '?')}", title_justify="left")
-    for c in GATE_COLUMNS + ["mean gate"]:
+    short, suffix = short_sites([r["site"] for r in rows if r["site"] != "domain"])
+    count = next((r.get("count") for r in rows if r.get("count")), None)
+    title = f"gates after epoch {doc.get('epoch', '?')}" + (f" over {count:,} eval sequences" if count else "")
+    t = Table(title=title + (f"; sites *{suffix}" if suffix else ""), title_justify="left")
+    cols = ["site", "module", "mean", "std", "min", "max"]
+    for c in cols + ["mean gate"]:
         t.add_column(c, justify="left" if c in ("site", "module", "mean gate") else "right")
     for r in rows:
         mean = r.get("mean")
         bar = "█" * round(width * mean) if isinstance(mean, float) and mean == mean else ""
-        t.add_row(*[_num(r.get(c)) for c in GATE_COLUMNS], f"{bar:<{width}}|")
+        t.add_row(short.get(r["site"], r["site"]), *[_num(r.get(c)) for c in cols[1:]], f"{bar:<{width}}|")
     con = _stdout_console()
     con.print(t)
     if "domain" in doc:
         d = doc["domain"]
         state = {True: "healthy (0.3–0.7)", False: "outside the healthy band 0.3–0.7", None: "no data"}[d["healthy"]]
         con.print(f"domain adapter: mean gate {_num(d['gate']['mean'])} — {state}; scale {d['scale']:.4f}")
+
+
+def short_sites(sites: list[str]) -> tuple[dict[str, str], str]:
+    """Sites without their common dotted suffix (``encoder.layer.3.attention.self.query`` → ``encoder.layer.3``)."""
+    parts = [s.split(".") for s in dict.fromkeys(sites)]
+    if len(parts) < 2:
+        return {}, ""
+    n = 0
+    while all(len(p) > n + 1 for p in parts) and len({p[-1 - n] for p in parts}) == 1:
+        n += 1
+    if not n:
+        return {}, ""
+    return {".".join(p): ".".join(p[:-n]) for p in parts}, "." + ".".join(parts[0][-n:])
+
+
+PRUNE_COLUMNS = ["site", "layer", "module", "mean", "params", "decision"]
+
+
+def emit_prune(report: dict[str, Any], fmt: str) -> None:
+    """``pelt prune --dry-run``: every gated module, its mean gate and the decision."""
+    rows = [{**u, "site": u["disk_site"]} for u in report["units"]]
+    if fmt == "json":
+        write_json(report)
+        return
+    if fmt == "jsonl":
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    if fmt == "tsv":
+        sys.stdout.write("\t".join(PRUNE_COLUMNS) + "\n")
+        for r in rows:
+            sys.stdout.write("\t".join(_num(r.get(c)) for c in PRUNE_COLUMNS) + "\n")
+        return
+    from rich.table import Table
+
+    short, suffix = short_sites([r["site"] for r in rows])
+    rule = ", ".join(f"{k}={v}" for k, v in report["rule"].items())
+    t = Table(title=f"prune ({rule})" + (f"; sites *{suffix}" if suffix else ""), title_justify="left")
+    for c in PRUNE_COLUMNS:
+        t.add_column(c, justify="right" if c in ("layer", "mean", "params") else "left")
+    style = {"prune": "bold red", "pruned": "dim", "restore": "green"}
+    for r in rows:
+        cells = [short.get(r["site"], r["site"]), _num(r["layer"]), r["module"], _num(r["mean"]),
+                 f"{r['params']:,}", r["decision"]]
+        t.add_row(*cells, style=style.get(r["decision"]))
+    con = _stdout_console()
+    con.print(t)
+    con.print(prune_summary(report))
+
+
+def prune_summary(report: dict[str, Any]) -> str:
+    """One line: how many modules and parameters a prune removes."""
+    n = sum(u["decision"] == "prune" for u in report["units"])
+    live = sum(u["decision"] != "pruned" for u in report["units"])
+    before, gone = report["params_before"], report["pruned_params"]
+    verb = "would prune" if report["dry_run"] else "pruned"
+    return (f"{verb} {n} of {live} gated modules: {gone:,} of {before:,} inserted parameters "
+            f"({100 * gone / max(before, 1):.1f}%)")
+
+
+def evaluation_change(ev: dict[str, Any]) -> str:
+    """``accuracy 0.9120 → 0.9050 (-0.70 points); eval 5.21 s → 4.80 s (-7.9%)`` for prune --data."""
+    a, b = ev["before"], ev["after"]
+    parts = []
+    for k in ("accuracy", "f1", "perplexity", "feature_mse", "eval_loss"):
+        if k in a and k in b:
+            d = b[k] - a[k]
+            parts.append(f"{k} {a[k]:.4f} → {b[k]:.4f} ({d * 100:+.2f} points)" if k in ("accuracy", "f1")
+                         else f"{k} {a[k]:.4f} → {b[k]:.4f}")
+    if a.get("seconds") and b.get("seconds") is not None:
+        parts.append(f"eval time on {a['rows']:,} rows {a['seconds']:.2f} s → {b['seconds']:.2f} s "
+                     f"({100 * (b['seconds'] / a['seconds'] - 1):+.1f}%)")
+    return "; ".join(parts)
+
+
+def merge_summary(rep: dict[str, Any]) -> str:
+    """One line about what ``pelt merge`` wrote."""
+    rss = f", peak RSS {human_bytes(rep['peak_rss_bytes'])}" if rep.get("peak_rss_bytes") else ""
+    line = (f"merged {rep['out']}: {rep['tensors_written']:,} tensors ({rep['tensors_folded']:,} folded) in "
+            f"{rep['shards']} shard(s), {human_bytes(rep['bytes_written'])} in {rep['seconds']:.1f} s{rss}")
+    if rep.get("untied"):
+        line += f"; untied {', '.join(rep['untied'])}"
+    if rep.get("rest"):
+        line += f"; {len(rep['unmerged'])} unfoldable module(s) kept as a run in {rep['rest']}"
+    return line
+
+
+def bundle_summary(manifest: dict[str, Any], out: str) -> str:
+    """One line about a bundle: tensors stored, bytes, tensors taken from the base."""
+    rows = manifest.get("tensors", [])
+    stored = [t for t in rows if t.get("stored", "bundle") == "bundle"]
+    nbytes = sum(int(t.get("nbytes", 0)) for t in stored)
+    where = "stdout (tar)" if out == "-" else out
+    return (f"bundle {where}: {len(stored):,} tensors, {human_bytes(nbytes)}"
+            + (f"; {len(rows) - len(stored)} taken from the base by checksum" if len(rows) > len(stored) else ""))
 
 
 def _num(v: Any) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
@@ -48,3 +53,83 @@ def run_pelt(*args: str, stdin: str | None = None, env: dict | None = None) -> s
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*PELT, *args], input=stdin, capture_output=True, text=True, env=full_env,
                           cwd=REPO, timeout=120)
+
+
+POS = ["good", "great", "fun", "lovely", "superb", "happy"]
+NEG = ["bad", "awful", "dull", "boring", "poor", "sad"]
+FILL = ["the", "film", "was", "really", "quite", "and", "story", "plot", "very", "a", "show", "it"]
+
+
+def _sentiment_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = [rng.choice(FILL) for _ in range(rng.randint(3, 7))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POS if label == "positive" else NEG))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
+    """A tiny BERT (hidden 32, 2 layers) with MiniLM's real tokenizer and vocabulary."""
+    import transformers
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tinybert") / "bert"
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="session")
+def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("sentiment")
+    return _write_jsonl(d / "train.jsonl", _sentiment_rows(192, 0)), _write_jsonl(d / "eval.jsonl",
+                                                                                   _sentiment_rows(64, 1))
+
+
+def randomise(run: Path, seed: int = 1, others: float = 0.0) -> None:
+    """LoRA B ~ N(0, 0.1²), IA³ l = 1 + 0.1·N(0, 1) (and, with ``others``, every other tensor N(0, others²))."""
+    from pelt_cli.apply import ADAPTER_FILE
+    from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file
+
+    ck = open_checkpoint(run / ADAPTER_FILE)
+    with TensorReader(ck) as r:
+        state = {n: r.read(n).clone() for n in ck.tensors}
+    g = torch.Generator().manual_seed(seed)
+    for n, t in state.items():
+        if n.endswith(".B"):
+            state[n] = torch.randn(t.shape, generator=g) * 0.1
+        elif n.endswith(".l"):
+            state[n] = 1 + 0.1 * torch.randn(t.shape, generator=g)
+        elif others and not n.endswith((".A", ".ones")):
+            state[n] = torch.randn(t.shape, generator=g) * others
+    save_file(state, run / ADAPTER_FILE)
+
+
+def make_run(recipe: Any, base: Path, out: Path, **kw: Any) -> Path:
+    """``pelt apply`` of a recipe (object or bundled name), then :func:`randomise`."""
+    from pelt_cli import recipe as rc
+    from pelt_cli.apply import apply
+
+    apply(rc.load(recipe) if isinstance(recipe, str) else recipe, base, out)
+    randomise(out, **kw)
+    return out
+
+
+def outputs(model: Any, family: str) -> torch.Tensor:
+    """The main output of a model on the family's sample inputs, fp32."""
+    from tiny_models import main_output, sample_inputs
+
+    with torch.no_grad():
+        return main_output(model.eval()(**sample_inputs(family))).float()

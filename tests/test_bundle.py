@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_run, outputs
 from safetensors.torch import load_file
-from tiny_models import main_output, sample_inputs
 
 from pelt_cli import recipe as rc
 from pelt_cli.apply import ADAPTER_FILE, RUN_FILE, apply, load_base, load_run
@@ -22,37 +22,11 @@ from pelt_cli.bundle import (
     ExportRefused,
     apply_bundle,
     export_bundle,
-    export_peft,
-    import_peft,
 )
-from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file, tensor_digest
+from pelt_cli.checkpoint import open_checkpoint, save_file, tensor_digest
+from pelt_cli.peft_format import export_peft, import_peft
 
 peft = pytest.importorskip("peft")
-
-
-def randomise(run: Path, seed: int = 1) -> None:
-    """LoRA B ~ N(0, 0.1²), IA³ l = 1 + 0.1·N(0, 1)."""
-    ck = open_checkpoint(run / ADAPTER_FILE)
-    with TensorReader(ck) as r:
-        state = {n: r.read(n).clone() for n in ck.tensors}
-    g = torch.Generator().manual_seed(seed)
-    for n, t in state.items():
-        if n.endswith(".B"):
-            state[n] = torch.randn(t.shape, generator=g) * 0.1
-        elif n.endswith(".l"):
-            state[n] = 1 + 0.1 * torch.randn(t.shape, generator=g)
-    save_file(state, run / ADAPTER_FILE)
-
-
-def make_run(recipe: str, base: Path, out: Path) -> Path:
-    apply(rc.load(recipe), base, out)
-    randomise(out)
-    return out
-
-
-def outputs(model, family: str) -> torch.Tensor:
-    with torch.no_grad():
-        return main_output(model.eval()(**sample_inputs(family))).float()
 
 
 @pytest.mark.parametrize("family,recipe", [("bert", "lora"), ("gpt2", "ia3-gpt2"), ("llama", "lora-all-linear")])

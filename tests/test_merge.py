@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from conftest import make_run, outputs
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, main_output, sample_inputs
+from tiny_models import FAMILIES
 
 from pelt_cli import recipe as rc
-from pelt_cli.apply import ADAPTER_FILE, apply, load_base, load_run
+from pelt_cli.apply import ADAPTER_FILE, load_base, load_run
 from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file
 from pelt_cli.errors import CheckpointError, OutputExistsError, UsageError
 from pelt_cli.keymap import key_map, skeleton
@@ -28,33 +29,6 @@ from pelt_cli.merge import REST_DIR, MergeRefused, merge_run, sample_inputs_for,
 REPO = Path(__file__).resolve().parent.parent
 LORA = {"gpt2": "lora-gpt2"}
 IA3 = {"gpt2": "ia3-gpt2"}
-
-
-def randomise(run: Path, seed: int = 1, others: float = 0.0) -> None:
-    """LoRA B ~ N(0, 0.1²), IA³ l = 1 + 0.1·N(0, 1) (and, with ``others``, every other tensor N(0, others²))."""
-    ck = open_checkpoint(run / ADAPTER_FILE)
-    with TensorReader(ck) as r:
-        state = {n: r.read(n).clone() for n in ck.tensors}
-    g = torch.Generator().manual_seed(seed)
-    for n, t in state.items():
-        if n.endswith(".B"):
-            state[n] = torch.randn(t.shape, generator=g) * 0.1
-        elif n.endswith(".l"):
-            state[n] = 1 + 0.1 * torch.randn(t.shape, generator=g)
-        elif others and not n.endswith((".A", ".ones")):
-            state[n] = torch.randn(t.shape, generator=g) * others
-    save_file(state, run / ADAPTER_FILE)
-
-
-def make_run(recipe: rc.Recipe, base: Path, out: Path, **kw) -> Path:
-    apply(recipe, base, out)
-    randomise(out, **kw)
-    return out
-
-
-def outputs(model, family: str) -> torch.Tensor:
-    with torch.no_grad():
-        return main_output(model.eval()(**sample_inputs(family))).float()
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -133,7 +107,7 @@ def test_tied_head_is_untied(tiny_dir: Path, tmp_path: Path, family: str) -> Non
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_lora_merge_equals_peft_merge_and_unload(tiny_dir: Path, tmp_path: Path, family: str) -> None:
     peft = pytest.importorskip("peft")
-    from pelt_cli.bundle import export_peft
+    from pelt_cli.peft_format import export_peft
 
     run = make_run(rc.load(LORA.get(family, "lora")), tiny_dir / family, tmp_path / "run")
     rep = merge_run(run, tmp_path / "merged")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,48 +17,6 @@ from conftest import REPO, run_pelt
 from pelt_cli import recipe as rc
 from pelt_cli.apply import ADAPTER_FILE, apply, load_run
 from pelt_cli.train import TrainConfig, TrainingError, train_run
-
-POS = ["good", "great", "fun", "lovely", "superb", "happy"]
-NEG = ["bad", "awful", "dull", "boring", "poor", "sad"]
-FILL = ["the", "film", "was", "really", "quite", "and", "story", "plot", "very", "a", "show", "it"]
-
-
-def _sentiment_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        words = [rng.choice(FILL) for _ in range(rng.randint(3, 7))]
-        words.insert(rng.randint(0, len(words)), rng.choice(POS if label == "positive" else NEG))
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
-    """A tiny BERT (hidden 32, 2 layers) with MiniLM's real tokenizer and vocabulary."""
-    import transformers
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tinybert") / "bert"
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / f, d / f)
-    return d
-
-
-@pytest.fixture(scope="session")
-def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("sentiment")
-    return _write_jsonl(d / "train.jsonl", _sentiment_rows(192, 0)), _write_jsonl(d / "eval.jsonl",
-                                                                                   _sentiment_rows(64, 1))
 
 
 def _hash_dir(d: Path) -> dict[str, str]:

@@ -167,6 +167,9 @@ class UniPELTParams:
     gate: str = field(default="sigmoid", metadata={"choices": ["sigmoid", "softmax"]})
     gate_hidden: int = field(default=64, metadata={"min": 1, "help": "hidden width of the softmax gate MLP"})
     temperature: float = field(default=1.0, metadata={"min": 1e-6, "help": "gate temperature T"})
+    pruned: list[str] = field(default_factory=list, metadata={
+        "choices": list(MODULES), "help": "modules removed by pelt prune: still gated (the other gates keep their "
+        "values), not inserted"})
     lora: UniLoRA = field(default_factory=UniLoRA)
     prefix: UniPrefix = field(default_factory=UniPrefix)
     adapter: UniAdapter = field(default_factory=UniAdapter)
@@ -178,6 +181,12 @@ class UniPELTParams:
         problems = []
         if isinstance(mods, list) and (not mods or len(set(mods)) != len(mods)):
             problems.append(f"modules {mods}: expected a non-empty list of distinct names from {', '.join(MODULES)}")
+        pruned = kwargs.get("pruned", [])
+        if isinstance(mods, list) and isinstance(pruned, list):
+            if set(pruned) - set(mods):
+                problems.append(f"pruned {pruned}: every pruned module must be one of modules {mods}")
+            elif mods and set(pruned) >= set(mods):
+                problems.append(f"pruned {pruned}: prunes every module; remove the entry instead")
         return problems
 
 
@@ -235,10 +244,10 @@ class UniPELTMethod:
         for layer in self._layers(model, params, sites):
             a = layer["anchor"]
             for part in params.modules:
-                if not layer[part]:
+                if not layer[part] and part not in params.pruned:
                     problems.append(f"{part}: no site for it in {a.block} layer {a.layer} ({a.disk_module})")
         lora_sites = [x for lay in self._layers(model, params, sites) for x in lay["lora"]]
-        if "lora" in params.modules and lora_sites:
+        if "lora" in params.modules and "lora" not in params.pruned and lora_sites:
             problems += LoRAMethod().check(model, self._lora_params(params, lora_sites), lora_sites)
         return problems
 
@@ -261,23 +270,25 @@ class UniPELTMethod:
             gate_path = surgery.attach(model, anchor.module, "gate", ctl)
             surgery.hook_input(model, anchor.module, _gate_hook)
             inserted: list[Insertion] = []
-            if "lora" in params.modules:
+            if "lora" in params.modules and "lora" not in params.pruned:
                 ins = LoRAMethod().insert(model, self._lora_params(params, layer["lora"]), layer["lora"])
                 self._gate(model, ins, ctl, "lora", 3)
                 inserted += ins
-            if "prefix" in params.modules:
+            if "prefix" in params.modules and "prefix" not in params.pruned:
                 pp = PrefixParams(length=params.prefix.length, reparam=params.prefix.reparam,
                                   reparam_hidden=params.prefix.reparam_hidden)
                 ins = PrefixMethod().insert(model, pp, layer["prefix"])
                 self._gate(model, ins, ctl, "prefix", 4)
                 inserted += ins
-            if "adapter" in params.modules:
+            if "adapter" in params.modules and "adapter" not in params.pruned:
                 ins = AdapterMethod().insert(model, _adapter_params(params.adapter), layer["adapter"])
                 self._gate(model, ins, ctl, "adapter", 3)
                 inserted += ins
             for ins in inserted:
                 ins.method = f"{self.name}.{ins.method}"
             note = f"{params.gate} gates over {', '.join(params.modules)} (T={params.temperature})"
+            if params.pruned:
+                note += f"; pruned: {', '.join(params.pruned)}"
             out.append(Insertion(anchor.module, "gate", f"{self.name}.gate", [gate_path], note))
             out += inserted
         return out
