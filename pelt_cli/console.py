@@ -46,10 +46,16 @@ def closed_pipe_ok() -> Iterator[None]:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def _reraise_broken_pipe() -> None:
+    raise BrokenPipeError  # rich's default exits 1; a closed pipe is success (see closed_pipe_ok)
+
+
 def _stdout_console() -> Any:
     from rich.console import Console
 
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    con = Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    con.on_broken_pipe = _reraise_broken_pipe
+    return con
 
 
 def _stderr_console() -> Any:

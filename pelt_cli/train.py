@@ -482,7 +482,11 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
         record = {"epoch": epoch + 1, "step": st["step"], **metrics, "seconds": round(time.time() - t0, 3)}
         st["history"].append(record)
         st["epoch"] = epoch + 1
+        best_gates = (gate_doc or {}).get("best")
         gate_doc = gatestats.merge_history(gate_doc, snap, epoch + 1)
+        if improved or best_gates is None:  # the statistics of the weights early stopping keeps
+            best_gates = {"epoch": epoch + 1, **{k: snap[k] for k in ("layers", "domain") if k in snap}}
+        gate_doc["best"] = best_gates
         stopped = bool(cfg.patience) and st["bad_epochs"] >= cfg.patience
         if rank == 0:
             st["rng"] = rng_state()
@@ -552,8 +556,16 @@ def _resume(run: Path, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]
 
 
 def _finish_with_best(run: Path) -> None:
-    """Leave the best epoch's weights in ``adapter.safetensors`` (early stopping keeps the best model)."""
+    """Leave the best epoch's weights in ``adapter.safetensors`` (early stopping keeps the best model), and their
+    gate statistics at the top of ``gates.json`` (what ``pelt gates``, ``prune`` and ``merge`` read)."""
     from pelt_cli.apply import ADAPTER_FILE
+
+    doc = gatestats.read(run)
+    if doc and doc.get("best"):
+        best = doc["best"]
+        doc = {**doc, **{k: best[k] for k in ("layers", "domain") if k in best}, "epoch": best["epoch"],
+               "last_epoch": doc.get("epoch")}
+        _atomic_write_text(run / gatestats.GATES_FILE, json.dumps(doc, indent=2) + "\n")
 
     best = run / STATE_DIR / "best.safetensors"
     if best.is_file():

@@ -116,8 +116,9 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
 
 
-def test_broken_pipe_exits_0(minilm: Path) -> None:
-    cmd = " ".join(PELT) + " inspect minilm --format jsonl | head -n 1; echo \"rc=${PIPESTATUS[0]}\""
+@pytest.mark.parametrize("args", ["inspect minilm --format jsonl", "apply unipelt minilm --dry-run --format table"])
+def test_broken_pipe_exits_0(minilm: Path, args: str) -> None:
+    cmd = " ".join(PELT) + f" {args} | head -n 1; echo \"rc=${{PIPESTATUS[0]}}\""
     for _ in range(3):  # make the writer outlive the reader: repeat the output past the pipe buffer
         r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO)
         assert r.stdout.strip().endswith("rc=0"), r.stdout + r.stderr

@@ -104,7 +104,10 @@ def test_gate_statistics_recorded(tiny_bert: Path, sentiment: tuple[Path, Path],
     run = apply(rc.load("unipelt", [f"inserts.0.params.gate={gate}"]), tiny_bert, tmp_path / "run")
     train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=2)))
     doc = json.loads((run / "gates.json").read_text())
-    assert len(doc["layers"]) == 2 and doc["epoch"] == 2 and set(doc["history"]) == {"1", "2"}
+    assert len(doc["layers"]) == 2 and doc["last_epoch"] == 2 and set(doc["history"]) == {"1", "2"}
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(metrics, key=lambda m: m["accuracy"])["epoch"]  # the statistics of the weights that were kept
+    assert doc["epoch"] == doc["best"]["epoch"] == best and doc["layers"] == doc["best"]["layers"]
     for mods in doc["layers"].values():
         assert set(mods) == {"lora", "prefix", "adapter"}
         for s in mods.values():
