@@ -103,3 +103,40 @@ def test_import_peft_round_trip(tiny_dir: Path, lora_run: Path, tmp_path: Path) 
     assert [i["method"] for i in meta["insertions"]] == ["lora"] * len(meta["insertions"])
     r = run_pelt("import-peft", str(tmp_path / "missing"), str(tiny_dir / "llama"), "-o", str(tmp_path / "r2"))
     assert r.returncode == 2 and "missing" in r.stderr and not (tmp_path / "r2").exists()
+
+
+SLOW_EXPORT = """
+import sys, time
+from pelt_cli import bundle
+orig = bundle.save_file
+def slow(*a, **k):
+    orig(*a, **k)
+    time.sleep(30)
+bundle.save_file = slow
+bundle.export_bundle(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_killed_export_leaves_no_bundle(lora_run: Path, tmp_path: Path) -> None:
+    import hashlib
+    import signal
+    import time
+
+    def digest(d: Path) -> dict[str, str]:
+        return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+                if p.is_file()}
+
+    before = digest(lora_run)
+    out = tmp_path / "bundle"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(lora_run), str(out)], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".bundle.pelt-tmp-*/bundle.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".bundle.pelt-tmp-*/bundle.safetensors")), "the export never started writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    assert not out.exists() and digest(lora_run) == before
+    r = run_pelt("export", str(lora_run), "-o", str(out))  # a later export to the same path completes
+    assert r.returncode == 0 and (out / "manifest.json").is_file()
+    assert not list(tmp_path.glob(".bundle.pelt-tmp-*"))
