@@ -348,6 +348,16 @@ def train(
                                                            rich_help_panel="Gates")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.",
                                                   rich_help_panel="Training")] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Also evaluate every N optimizer steps (0: only "
+                                            "at epoch ends).", rich_help_panel="Training")] = 0,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of --data held out when there is "
+                                                 "no --eval.", rich_help_panel="Input")] = 0.1,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate token sequences to this length.",
+                                            rich_help_panel="Input")] = 128,
+    head_lr: Annotated[float | None, typer.Option("--head-lr", help="Learning rate of the task head [default: "
+                                                  "--lr].", rich_help_panel="Training")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on the domain "
+                                                "adapter's scale).", rich_help_panel="Training")] = 0.01,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel="Training")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.",
                                         rich_help_panel="Memory/Performance")] = "auto",
@@ -365,7 +375,8 @@ def train(
                       schedule=schedule, warmup=warmup, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                       patience=patience, gate_warmup=gate_warmup, gate_sparsity=gate_sparsity,
                       gate_lambda=gate_lambda, gate_temperature=gate_temperature, max_steps=max_steps, seed=seed,
-                      task=task, device=device)
+                      task=task, device=device, eval_every=eval_every, eval_fraction=eval_fraction,
+                      max_length=max_length, head_lr=head_lr, weight_decay=weight_decay)
     progress = console.TrainProgress(quiet=quiet)
     try:
         train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress)

@@ -306,9 +306,12 @@ class TrainProgress:
     def _eval(self, e: dict[str, Any]) -> None:
         if self.quiet:
             return
-        skip = {"kind", "gates", "epoch", "step", "seconds"}
+        skip = {"kind", "gates", "epoch", "step", "seconds", "partial"}
         text = " ".join(f"{k} {v:.4f}" for k, v in e.items() if k not in skip and isinstance(v, float))
-        line = f"epoch {e['epoch']}: {text} ({e['seconds']:.0f} s)"
+        if e.get("partial"):
+            line = f"step {e['step']} (epoch {e['epoch']}): {text}"
+        else:
+            line = f"epoch {e['epoch']}: {text} ({e['seconds']:.0f} s)"
         if self.bar is not None:
             self.bar.console.print(line)
         else:

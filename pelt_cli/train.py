@@ -80,6 +80,10 @@ class TrainConfig:
                                                               "expected none, entropy or l1"),
             (self.patience >= 0, f"--patience {self.patience}: expected ≥ 0 (0 disables early stopping)"),
             (0 < self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction}: expected between 0 and 1"),
+            (self.eval_every >= 0, f"--eval-every {self.eval_every}: expected ≥ 0 (0: only at epoch ends)"),
+            (self.max_length >= 2, f"--max-length {self.max_length}: expected ≥ 2"),
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: expected ≥ 0"),
+            (self.head_lr is None or self.head_lr > 0, f"--head-lr {self.head_lr}: expected > 0"),
             (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: expected auto, cpu or cuda"),
             (self.gate_temperature is None or self.gate_temperature > 0,
              f"--gate-temperature {self.gate_temperature}: expected > 0"),
@@ -471,7 +475,7 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
     gate_doc = gatestats.read(run) if resume else None
     for epoch in range(st["epoch"], cfg.epochs):
         done = _epoch(model, train_b, cfg, td.task, device, opt, sched, params, st, epoch, rank, world, emit,
-                      total_steps)
+                      total_steps, lambda: evaluate(model, eval_b, cfg, td.task, device, labels)[0])
         metrics, snap = evaluate(model, eval_b, cfg, td.task, device, labels)
         value = metrics[metric_name]
         improved = value > st["best"] if higher else value < st["best"]
@@ -507,8 +511,12 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
 
 def _epoch(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str, device: torch.device, opt: Any,
            sched: Any, params: list, st: dict[str, Any], epoch: int, rank: int, world: int, emit: Callable,
-           total_steps: int) -> bool:
-    """One pass over the training data; returns True when ``max_steps`` was reached."""
+           total_steps: int, evaluator: Callable[[], dict[str, float]] | None = None) -> bool:
+    """One pass over the training data; returns True when ``max_steps`` was reached.
+
+    With ``cfg.eval_every`` N, ``evaluator`` runs every N optimizer steps inside the epoch; its metrics go to the
+    progress display and the metrics log (``"partial": true``), not to early stopping.
+    """
     batches = list(batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
                                    world_size=world))
     t0 = time.time()
@@ -538,6 +546,10 @@ def _epoch(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str, de
               "loss": loss.item(), "lr": sched.get_last_lr()[0], "rate": (i + 1) / max(time.time() - t0, 1e-9)})
         if cfg.max_steps and st["step"] >= cfg.max_steps:
             return True
+        if evaluator and cfg.eval_every and st["step"] % cfg.eval_every == 0 and i + 1 < len(batches):
+            record = {"epoch": epoch + 1, "step": st["step"], **evaluator(), "partial": True}
+            st["history"].append(record)
+            emit({"kind": "eval", **record})
     return False
 
 

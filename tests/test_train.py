@@ -200,3 +200,14 @@ def test_audio_classification_learns(tmp_path: Path) -> None:
     res = train_run(run, str(train), str(ev), TrainConfig(epochs=4, batch_size=8, lr=1e-2, warmup=0.0, patience=0))
     assert res.task == "audio-classification"
     assert res.best_metric >= 0.8, res.history  # low vs high tones; chance is 0.5
+
+
+def test_eval_every_n_steps_logs_partial_rows(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
+    run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
+    events: list[dict] = []
+    train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1, eval_every=5)),
+              on_event=events.append)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("partial", False)) for r in rows] == [(5, True), (10, True), (12, False)]
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [5, 10, 12]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
