@@ -495,6 +495,9 @@ def merge(
     freeze_gates: Annotated[str | None, typer.Option("--freeze-gates", help="mean: fold UniPELT's gated LoRA with "
                                                      "each gate at its eval mean (approximate; the error is "
                                                      "printed).", show_default=False)] = None,
+    data: Annotated[str | None, typer.Option("--data", help="With --freeze-gates mean: take the gate means from "
+                                             "this data (a file or a built-in dataset's eval split) instead of "
+                                             "the run's gates.json.", show_default=False)] = None,
     keep_unmerged: Annotated[bool, typer.Option("--keep-unmerged", help="Write modules that cannot be folded "
                                                 "(adapter, prefix, domain, head) as a run in OUT/pelt-rest.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Run base+modules and the merged model on sample inputs "
@@ -514,8 +517,16 @@ def merge(
 
     run_dir = _run_arg(run)
     size = parse_size(max_shard_size) if max_shard_size else None
+    stats = None
+    if data is not None:
+        if freeze_gates != "mean":
+            raise UsageError("--data gives gate means for --freeze-gates mean; pass both")
+        from .prune import measure_run
+
+        stats = measure_run(run_dir, data)[1]
     rep = merge_run(run_dir, out, dtype=dtype, max_shard_size=size, freeze_gates=freeze_gates,
-                    keep_unmerged=keep_unmerged, force=force, base=base, check_fingerprint=not no_fingerprint_check)
+                    keep_unmerged=keep_unmerged, force=force, base=base, check_fingerprint=not no_fingerprint_check,
+                    gate_stats=stats)
     console.info(console.merge_summary(rep.to_dict()))
     if verify or rep.approximate:
         delta = verify_merge(run_dir, out)

@@ -216,12 +216,13 @@ def _check_order(insertions: list[dict], fold: list, rest: list[int]) -> None:
                                    hint="put the foldable module first in the recipe")
 
 
-def _gate_means(run_dir: Path, fold: list) -> dict[str, float]:
+def _gate_means(run_dir: Path, fold: list, doc: dict | None = None) -> dict[str, float]:
     sites = sorted({g for _, _, g in fold if g})
     if not sites:
         return {}
     p = run_dir / GATES_FILE
-    doc = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    if doc is None:
+        doc = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
     means = {}
     for s in sites:
         mean = doc.get("layers", {}).get(s, {}).get("lora", {}).get("mean")
@@ -433,7 +434,7 @@ def _side_files(directory: Path) -> list[Path]:
 def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: Any = None,
               max_shard_size: int | None = None, freeze_gates: str | None = None, keep_unmerged: bool = False,
               force: bool = False, base: str | os.PathLike[str] | None = None,
-              check_fingerprint: bool = True) -> MergeReport:
+              check_fingerprint: bool = True, gate_stats: dict | None = None) -> MergeReport:
     """Fold a run's modules into its base and write a plain Hugging Face checkpoint directory, streaming.
 
     Args:
@@ -446,6 +447,8 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         force: replace an existing ``out_dir``.
         base: another location of the run's base (default: the path recorded in ``run.json``).
         check_fingerprint: refuse a base whose content differs from the one the run was made on.
+        gate_stats: gate statistics to take the means from (``gates.json`` layout, e.g. measured on other data);
+            default: the run's ``gates.json``.
 
     Returns:
         What was written.
@@ -476,7 +479,7 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     if (rest or head) and not keep_unmerged:
         _refuse_rest(insertions, rest, bool(head))
     _check_order(insertions, fold, rest)
-    means = _gate_means(run_dir, fold)
+    means = _gate_means(run_dir, fold, gate_stats)
     clean_stale_temps(out)
     ckpt = open_checkpoint(base_path)
     if check_fingerprint:

@@ -347,6 +347,11 @@ def restore_run(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
 def evaluate_run(run_dir: str | Path, data: str, batch_size: int = 32) -> dict[str, Any]:
     """The run's eval metrics on ``data`` (a file, or a built-in dataset's eval split) and the eval wall time."""
+    return measure_run(run_dir, data, batch_size)[0]
+
+
+def measure_run(run_dir: str | Path, data: str, batch_size: int = 32) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, gate statistics)`` of a run on ``data``; the statistics in ``gates.json`` layout."""
     import torch
 
     from pelt_cli import heads
@@ -367,7 +372,7 @@ def evaluate_run(run_dir: str | Path, data: str, batch_size: int = 32) -> dict[s
     batcher = Batcher(td, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    metrics, _ = evaluate(model, batcher, cfg, td.task, torch.device("cpu"), head.get("labels"))
+    metrics, snap = evaluate(model, batcher, cfg, td.task, torch.device("cpu"), head.get("labels"))
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     metrics["rows"] = len(td.rows)
-    return metrics
+    return metrics, snap

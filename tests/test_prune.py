@@ -167,3 +167,21 @@ def test_pipeline_apply_train_prune_merge(tiny_bert: Path, sentiment: tuple[Path
     delta = float(r.stderr.split("max |Δ| = ")[1].split()[0])
     assert delta < 1.0  # gates frozen at their means: approximate, and the error is reported
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "pelt-rest").is_dir()
+
+
+def test_merge_freeze_gates_takes_means_from_data(trained: Path, sentiment: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
+    _set_means(run, {(0, "lora"): 0.0, (1, "lora"): 0.0})  # wrong statistics on purpose: fold nothing
+    if json.loads((run / "run.json").read_text())["recipe"]["inserts"][0]["params"]["gate"] == "softmax":
+        r = run_pelt("merge", str(run), "-o", str(tmp_path / "m"), "--freeze-gates", "mean", "--keep-unmerged")
+        assert r.returncode == 2 and "softmax gates share one normalisation" in r.stderr  # refused, not wrong
+        return
+    deltas = []
+    for extra in ([], ["--data", str(sentiment[1])]):
+        out = tmp_path / f"m{len(extra)}"
+        r = run_pelt("merge", str(run), "-o", str(out), "--freeze-gates", "mean", "--keep-unmerged", *extra)
+        assert r.returncode == 0, r.stderr
+        deltas.append(float(r.stderr.split("max |Δ| = ")[1].split()[0]))
+    assert deltas[1] < deltas[0]  # the means measured on data fold the gated LoRA better than the stale ones
