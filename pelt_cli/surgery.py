@@ -2,8 +2,8 @@
 
 pelt never replaces a base module. It attaches each inserted module as a child named ``pelt_<method>`` of the
 module it acts on, and routes data through it with forward hooks. So the base model's parameter names — and its
-state dict — are unchanged, every inserted parameter has a ``pelt_`` segment in its name, and removing an
-insertion (prune) is detaching the child and its hooks.
+state dict — are unchanged and every inserted parameter has a ``pelt_`` segment in its name. (``pelt prune`` does not
+detach modules from a live model: it rewrites the run's recipe, so a rebuilt run simply lacks them.)
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def hook_input(model: nn.Module, path: str, fn: Callable[[nn.Module, tuple], Any
 
 
 def detach(model: nn.Module, path: str, attr: str) -> nn.Module:
-    """Remove an inserted child and every hook pelt registered on its parent; returns the child."""
+    """Remove an inserted child and every hook pelt registered on its parent — those of other insertions on the same
+    module too, so use it on a module that holds one insertion; returns the child."""
     parent = get_module(model, path)
     child = getattr(parent, attr)
     delattr(parent, attr)
