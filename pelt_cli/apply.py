@@ -179,7 +179,7 @@ def load_base(directory: str | os.PathLike[str], device: str = "cpu") -> Any:
 
     quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(str(directory))
-    model = model_class(config).from_pretrained(str(directory), dtype="auto")
+    model = model_class(config, directory).from_pretrained(str(directory), dtype="auto")
     return model.to(device).eval()
 
 

@@ -353,20 +353,35 @@ class TensorReader:
             self._fh.close()
             self._fh, self._path = None, None
 
-    def read_bytes(self, name: str) -> bytearray:
-        """The raw little-endian bytes of one tensor."""
+    def _open(self, name: str) -> TensorInfo:
         info = self.ckpt.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.ckpt.root}: no tensor named {name!r}")
         if self._path != info.file:
             self.close()
             self._fh, self._path = open(info.file, "rb"), info.file  # noqa: SIM115 - closed in close()
-        buf = bytearray(info.nbytes)
+        return info
+
+    def read_bytes(self, name: str, into: bytearray | None = None) -> bytearray | memoryview:
+        """The raw little-endian bytes of one tensor: a new buffer, or a view on the front of ``into`` (reused
+        across tensors, so a streaming pass touches the same pages instead of faulting in fresh ones)."""
+        info = self._open(name)
+        if into is None:
+            buf: bytearray | memoryview = bytearray(info.nbytes)
+        else:
+            if len(into) < info.nbytes:
+                raise PeltError(f"read buffer of {len(into)} bytes is smaller than tensor {name!r}")
+            buf = memoryview(into)[: info.nbytes]
         self._fh.seek(info.begin)
         got = self._fh.readinto(buf)
         if got != info.nbytes:
             raise CheckpointError(f"{info.file}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes)")
         return buf
+
+    def locate(self, name: str) -> tuple[int, int, int]:
+        """``(fd, offset, nbytes)`` of one tensor's bytes in its (opened) shard, for kernel-side copies."""
+        info = self._open(name)
+        return self._fh.fileno(), info.begin, info.nbytes
 
     def read(self, name: str) -> Any:
         """One tensor as a torch tensor of its stored dtype and shape."""
@@ -399,11 +414,53 @@ def tensor_digest(info: TensorInfo) -> str:
     return h.hexdigest()
 
 
+def _fingerprint_cache(ckpt: Checkpoint) -> tuple[Path, int] | None:
+    """The cache file for a checkpoint's fingerprint, keyed by its files' identity (path, size, mtime, ctime,
+    inode, device), and the newest of their timestamps; None when caching is off."""
+    if os.environ.get("PELT_FINGERPRINT_CACHE", "1") == "0":
+        return None
+    parts, newest = [], 0
+    for f in sorted({str(i.file) for i in ckpt.tensors.values()}):
+        st = os.stat(f)
+        parts.append(f"{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}")
+        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pelt" / "fingerprints"
+    return root / hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest(), newest
+
+
+def cached_fingerprint(ckpt: Checkpoint) -> str | None:
+    """The fingerprint computed earlier for exactly these files, if they have not changed since (else None)."""
+    where = _fingerprint_cache(ckpt)
+    try:
+        text = where[0].read_text(encoding="ascii").strip() if where else ""
+    except OSError:
+        return None
+    return text if text.startswith("blake2b:") else None
+
+
+def _remember_fingerprint(ckpt: Checkpoint, fp: str) -> None:
+    import time
+
+    where = _fingerprint_cache(ckpt)
+    # A file written within the last 2 s could be rewritten within the same timestamp tick: not cached (the
+    # "racy git" rule), so a later change always shows in the key.
+    if where is None or time.time_ns() - where[1] < 2_000_000_000:
+        return
+    try:
+        where[0].parent.mkdir(parents=True, exist_ok=True)
+        tmp = where[0].with_name(f".{where[0].name}.{os.getpid()}")
+        tmp.write_text(fp + "\n", encoding="ascii")
+        os.replace(tmp, where[0])
+    except OSError:
+        pass  # a read-only cache directory only costs a re-hash next time
+
+
 def fingerprint(ckpt: Checkpoint, digests: dict[str, str] | None = None) -> str:
     """A content fingerprint of a checkpoint, independent of how it is sharded or ordered.
 
     It hashes, in name order, each tensor's name, dtype, shape and content digest. Data is streamed,
-    never loaded whole.
+    never loaded whole. The result is cached per file identity (see :func:`cached_fingerprint`), so the
+    commands after ``pelt apply`` do not re-read an unchanged base.
 
     Args:
         ckpt: the checkpoint.
@@ -412,12 +469,18 @@ def fingerprint(ckpt: Checkpoint, digests: dict[str, str] | None = None) -> str:
     Returns:
         ``"blake2b:" + 32 hex digits``.
     """
+    if not digests:
+        known = cached_fingerprint(ckpt)
+        if known is not None:
+            return known
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(ckpt.tensors):
         info = ckpt.tensors[name]
         d = (digests or {}).get(name) or tensor_digest(info)
         h.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0{d}\n".encode())
-    return "blake2b:" + h.hexdigest()
+    fp = "blake2b:" + h.hexdigest()
+    _remember_fingerprint(ckpt, fp)
+    return fp
 
 
 def structure_fingerprint(ckpt: Checkpoint) -> str:
@@ -552,6 +615,7 @@ class ShardedWriter:
         max_shard_size: int | None = None,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
+        layout: tuple[list[list[TensorSpec]], list[str]] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
@@ -561,8 +625,13 @@ class ShardedWriter:
         if len(self.specs) != len(specs):
             raise PeltError("duplicate tensor names in the output plan")
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.shards = plan_shards(specs, max_shard_size)
-        self.names = shard_names(len(self.shards))
+        if layout is not None:  # an explicit (shards, file names), e.g. a base checkpoint's own layout
+            self.shards, self.names = layout
+            if sorted(x.name for shard in self.shards for x in shard) != sorted(self.specs):
+                raise PeltError("the explicit shard layout does not hold exactly the planned tensors")
+        else:
+            self.shards = plan_shards(specs, max_shard_size)
+            self.names = shard_names(len(self.shards))
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.pelt-tmp-{os.getpid()}"
         self._where: dict[str, tuple[int, int]] = {}
         self._fds: list[int] = []
@@ -606,6 +675,22 @@ class ShardedWriter:
             raise PeltError(f"tensor {name!r}: planned {spec.nbytes} bytes, got {len(mv)}")
         shard, offset = self._where[name]
         _pwrite_all(self._fds[shard], mv, offset)
+        self._written.add(name)
+
+    def copy_range(self, name: str, src_fd: int, src_offset: int) -> None:
+        """Copy one tensor's bytes from another file inside the kernel (``copy_file_range``: no user-space buffer)."""
+        spec = self.specs[name]
+        shard, offset = self._where[name]
+        left, src, dst = spec.nbytes, src_offset, offset
+        while left:
+            try:
+                n = os.copy_file_range(src_fd, self._fds[shard], left, src, dst)
+            except (AttributeError, OSError):  # old kernel, other file system: copy through a buffer
+                n = os.pwrite(self._fds[shard], os.pread(src_fd, min(left, 1 << 26), src), dst)
+            if n <= 0:
+                raise CheckpointError(f"tensor {name!r}: source ended after {spec.nbytes - left} of {spec.nbytes} "
+                                      "bytes")
+            left, src, dst = left - n, src + n, dst + n
         self._written.add(name)
 
     def copy_file(self, src: str | os.PathLike[str], name: str | None = None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, PeltError
 
 
 @dataclass
@@ -52,15 +52,35 @@ class KeyMap:
         raise KeyError(memory_module)
 
 
-def model_class(config: Any) -> Any:
-    """The transformers class named by ``config.architectures[0]``, else the AutoModel class for the config."""
+HEAD_AUTOS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModelForPreTraining")
+
+
+def model_class(config: Any, directory: Any = None) -> Any:
+    """The transformers class named by ``config.architectures[0]``; else the AutoModel class for the config — or,
+    when the checkpoint in ``directory`` stores its keys under the base model's prefix (``model.layers.0…``, as a
+    head model saves them), the first head class (causal LM, seq2seq, masked LM, pre-training) that has one."""
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel._model_mapping[type(config)]
+    base = transformers.AutoModel._model_mapping[type(config)]
+    prefix = getattr(base, "base_model_prefix", "")
+    if directory is not None and prefix:
+        from .checkpoint import open_checkpoint
+
+        try:
+            keys = open_checkpoint(directory).tensors
+        except PeltError:
+            keys = {}
+        if any(k.startswith(prefix + ".") for k in keys):
+            for auto in HEAD_AUTOS:
+                try:
+                    return getattr(transformers, auto)._model_mapping[type(config)]
+                except KeyError:
+                    continue
+    return base
 
 
 def skeleton(directory: Any) -> Any:
@@ -72,7 +92,7 @@ def skeleton(directory: Any) -> Any:
         config = transformers.AutoConfig.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory}: cannot read config.json ({e})") from None
-    cls = model_class(config)
+    cls = model_class(config, directory)
     with torch.device("meta"):
         return cls(config)
 

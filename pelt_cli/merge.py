@@ -42,6 +42,7 @@ from pelt_cli.checkpoint import (
     TensorInfo,
     TensorReader,
     TensorSpec,
+    cached_fingerprint,
     fingerprint,
     open_checkpoint,
     plan_shards,
@@ -49,6 +50,7 @@ from pelt_cli.checkpoint import (
     shard_names,
     structure_fingerprint,
     tensor_bytes,
+    tensor_digest,
 )
 from pelt_cli.errors import CheckpointError, OutputExistsError, PeltError, UsageError
 
@@ -111,7 +113,7 @@ def fold_tensor(t: Any, ops: list[_Op]) -> Any:
     """Apply folds to one tensor in fp32, in hook order (input scales last: pre-hooks run first). Returns fp32."""
     from pelt_cli.methods.ia3 import fold_input_scale, fold_output_scale
 
-    w = t.float()  # the tensor read is ours alone: in-place updates are safe
+    w = t.float()  # fp32, ours alone (a copy, or the caller's workspace): in-place updates are safe
     for op in ops:
         if op.kind == "bias":
             w = w * op.l.float()  # (W x + b) ⊙ l → b' = l ⊙ b
@@ -126,22 +128,100 @@ def fold_tensor(t: Any, ops: list[_Op]) -> Any:
 
 
 def _add_lora(w: Any, op: _Op) -> Any:
-    from pelt_cli.methods.lora import lora_delta_weight
-
-    delta = lora_delta_weight(op.a, op.b, op.scale)  # ΔW = (α/r) · B A, (width, in), fp32
-    if op.transposed:
-        delta = delta.t()  # Conv1D stores (in, out): W' = W + ΔWᵀ
-    if op.slices is None:
-        return w.add_(delta)
+    """``W' = W + (α/r)·B A`` in place (``addmm_``: no (out, in) temporary); Conv1D (in, out): ``W' += (α/r)·Aᵀ Bᵀ``."""
+    a, b = op.a.float(), op.b.float()
+    rows = op.slices or [(0, w.shape[1] if op.transposed else w.shape[0])]
     offset = 0
-    for start, end in op.slices:  # fused QKV: only the selected output rows (Conv1D: columns) change
-        n = end - start
+    for start, end in rows:  # fused QKV: only the selected output rows (Conv1D: columns) change
+        bs = b[offset:offset + end - start]
         if op.transposed:
-            w[:, start:end] += delta[:, offset:offset + n]
+            w[:, start:end].addmm_(a.t(), bs.t(), alpha=op.scale)
         else:
-            w[start:end] += delta[offset:offset + n]
-        offset += n
+            w[start:end].addmm_(bs, a, alpha=op.scale)
+        offset += end - start
     return w
+
+
+class _Workspace:
+    """Reused fp32 and output buffers for folding, so streaming a checkpoint does not fault in fresh pages per
+    tensor: the source bytes are decoded into an fp32 buffer, folded in place, and cast into an output buffer."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.f32 = torch.empty(0, dtype=torch.float32)
+        self.out = bytearray(0)
+
+    def fold(self, data: Any, info: TensorInfo, ops: list[_Op], spec: TensorSpec) -> memoryview:
+        """The output bytes of one tensor: ``data`` (its stored bytes) folded by ``ops``, cast to ``spec.dtype``."""
+        import torch
+
+        from pelt_cli.checkpoint import torch_dtype
+
+        n = info.numel
+        if not n:
+            return memoryview(b"")
+        if self.f32.numel() < n:
+            self.f32 = torch.empty(n, dtype=torch.float32)
+        src = torch.frombuffer(data, dtype=torch_dtype(info.dtype), count=n).view(info.shape)
+        w = self.f32[:n].view(info.shape)
+        w.copy_(src)
+        w = fold_tensor(w, ops)
+        if spec.dtype == "F32" and w.is_contiguous():
+            return tensor_bytes(w)
+        if len(self.out) < spec.nbytes:
+            self.out = bytearray(spec.nbytes)
+        out = torch.frombuffer(self.out, dtype=torch_dtype(spec.dtype), count=n).view(info.shape)
+        out.copy_(w)
+        return memoryview(self.out)[: spec.nbytes]
+
+
+def _stream(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, str], disk_ops: dict[str, list[_Op]],
+            need: set[str], w: ShardedWriter, report: MergeReport, src_digests: dict[str, str] | None,
+            out_digests: dict[str, str] | None) -> None:
+    """Write every output tensor, in a two-stage pipeline on two cores.
+
+    A worker thread reads (and hashes, and folds) tensor i+1 into one of two buffer slots while this thread writes
+    tensor i from the other (``pread``/``pwrite``, hashing and torch ops release the GIL). Tensors nobody needs to
+    look at (untouched, same dtype, nothing to hash) are copied inside the kernel instead.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = max((ckpt.tensors[n].nbytes for n in need), default=0)
+    slots = [(bytearray(size), _Workspace()) for _ in range(2)]
+
+    def prepare(i: int, reader: TensorReader) -> tuple[Any, str | None, bool]:
+        spec = specs[i]
+        src = source[spec.name]
+        if src not in need:
+            return None, None, False
+        buf, work = slots[i % 2]
+        data: Any = reader.read_bytes(src, into=buf)
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest() if src_digests is not None else None
+        todo = disk_ops.get(spec.name)
+        if todo or spec.dtype != ckpt.tensors[src].dtype:
+            data = work.fold(data, ckpt.tensors[src], todo or [], spec)
+        return data, digest, bool(todo)
+
+    with ThreadPoolExecutor(1) as pool, TensorReader(ckpt) as ahead, TensorReader(ckpt) as here:
+        pending = pool.submit(prepare, 0, ahead) if specs else None
+        for i, spec in enumerate(specs):
+            assert pending is not None
+            data, digest, folded = pending.result()
+            # slot (i+1) % 2 last held tensor i-1, already written: the worker may refill it now
+            pending = pool.submit(prepare, i + 1, ahead) if i + 1 < len(specs) else None
+            src = source[spec.name]
+            if data is None:  # untouched and nothing to hash: a kernel-side copy, like cp
+                w.copy_range(spec.name, *here.locate(src)[:2])
+            else:
+                w.write_bytes(spec.name, data)
+                if digest is not None:
+                    src_digests[src] = digest
+                if out_digests is not None:
+                    out_digests[spec.name] = hashlib.blake2b(data, digest_size=16).hexdigest()
+            report.tensors_folded += folded
+            report.tensors_written += 1
+            report.bytes_written += spec.nbytes
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -458,7 +538,7 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             ``freeze_gates``, or a tie that cannot be undone.
         CheckpointError: a wrong base, or a run that does not match its recipe.
     """
-    from pelt_cli.checkpoint import read_header, torch_dtype
+    from pelt_cli.checkpoint import read_header
 
     t0 = time.monotonic()
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -482,8 +562,13 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     means = _gate_means(run_dir, fold, gate_stats)
     clean_stale_temps(out)
     ckpt = open_checkpoint(base_path)
+    fp_known = None
     if check_fingerprint:
-        _fingerprint_ok(ckpt, meta, base_path)
+        if structure_fingerprint(ckpt) != meta["base"].get("structure"):
+            _fingerprint_ok(ckpt, meta, base_path)  # raises: other tensor names, dtypes or shapes
+        fp_known = cached_fingerprint(ckpt)
+        if fp_known is not None:
+            _fingerprint_ok(ckpt, meta, base_path)
     recipe = run_recipe(meta, str(run_dir / RUN_FILE))
     model, km, rows = meta_model(ckpt.directory, recipe, head)
     if [(r.site, r.method) for r in rows] != [(i["site"], i["method"]) for i in insertions]:
@@ -507,27 +592,24 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     report = MergeReport(out=str(out), folded=folded, unmerged=unmerged,
                          approximate=bool(means), untied=untied, shards=len(shards))
     specs = [s for shard in shards for s in shard]
-    writer = ShardedWriter(out, specs, None, metadata=ckpt.metadata, overwrite=force)
-    writer.shards, writer.names = shards, names  # keep the base layout (ShardedWriter plans by size only)
+    writer = ShardedWriter(out, specs, None, metadata=ckpt.metadata, overwrite=force, layout=(shards, names))
+    # The base must be the run's base. A fingerprint cached for these exact files (pelt apply computed it) is
+    # checked now; otherwise each tensor is hashed as it streams by and the result is checked before the commit.
+    hash_inline = check_fingerprint and fp_known is None
+    src_digests: dict[str, str] = {}
     digests: dict[str, str] = {}
-    with writer as w, TensorReader(ckpt) as reader:
-        for spec in specs:
-            src = source[spec.name]
-            todo = disk_ops.get(spec.name)
-            if not todo and spec.dtype == ckpt.tensors[src].dtype:
-                data: Any = reader.read_bytes(src)  # untouched: raw bytes, never decoded
-                w.write_bytes(spec.name, data)
-            else:
-                t = reader.read(src)
-                t = (fold_tensor(t, todo) if todo else t).to(torch_dtype(spec.dtype)).contiguous()
-                w.write(spec.name, t)
-                data = tensor_bytes(t)
-                report.tensors_folded += bool(todo)
-            if rest_plan is not None:
-                digests[spec.name] = hashlib.blake2b(data, digest_size=16).hexdigest()
-            report.tensors_written += 1
-            report.bytes_written += spec.nbytes
-            del data
+    need = {source[s.name] for s in specs if hash_inline or rest_plan is not None or disk_ops.get(s.name)
+            or s.dtype != ckpt.tensors[source[s.name]].dtype}
+    with writer as w:
+        _stream(ckpt, specs, source, disk_ops, need, w, report, src_digests if hash_inline else None,
+                digests if rest_plan is not None else None)
+        if hash_inline:
+            got = fingerprint(ckpt, {**{n: tensor_digest(i) for n, i in ckpt.tensors.items() if n not in src_digests},
+                                     **src_digests})
+            if got != meta["base"].get("fingerprint"):
+                raise CheckpointError(f"{base_path}: not the base this run was made on (its fingerprint {got} differs "
+                                      f"from {meta['base'].get('fingerprint')}); nothing was written",
+                                      hint="pass the right base (--base), or override the check if you are sure")
         for p in _side_files(ckpt.directory):
             w.copy_file(p)
         if config == ckpt.config:

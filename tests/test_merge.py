@@ -306,3 +306,17 @@ def test_sample_inputs_for_configs(tiny_dir: Path) -> None:
             assert int(x[key].max()) < cfg.get_text_config().vocab_size
         if fam == "qwen2_audio":
             assert not (x[key] == cfg.audio_token_index).any()
+
+
+def test_head_checkpoint_without_architectures(tiny_dir: Path, tmp_path: Path) -> None:
+    """A causal-LM checkpoint whose config.json lacks ``architectures`` is still read as the head model."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir / "llama", base)
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg.pop("architectures")
+    (base / "config.json").write_text(json.dumps(cfg))
+    run = make_run(rc.load("lora"), base, tmp_path / "run")
+    assert json.loads((run / "run.json").read_text())["base"]["model_class"] == "LlamaForCausalLM"
+    rep = merge_run(run, tmp_path / "merged")
+    assert rep.tensors_folded == 4
+    assert verify_merge(run, tmp_path / "merged") <= 1e-5
