@@ -182,8 +182,9 @@ def _stream(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, str], d
     """Write every output tensor, in a two-stage pipeline on two cores.
 
     A worker thread reads (and hashes, and folds) tensor i+1 into one of two buffer slots while this thread writes
-    tensor i from the other (``pread``/``pwrite``, hashing and torch ops release the GIL). Tensors nobody needs to
-    look at (untouched, same dtype, nothing to hash) are copied inside the kernel instead.
+    tensor i from the other (``pread``/``pwrite``, hashing and torch ops release the GIL). Untouched tensors (same
+    dtype, no fold) are copied inside the kernel instead, and hashed in chunks when a digest is wanted, so the
+    buffers are sized by the largest *folded* tensor.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -193,8 +194,9 @@ def _stream(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, str], d
     def prepare(i: int, reader: TensorReader) -> tuple[Any, str | None, bool]:
         spec = specs[i]
         src = source[spec.name]
-        if src not in need:
-            return None, None, False
+        if src not in need:  # copied by the kernel; hashed here in 16 MiB chunks if a digest is wanted
+            wanted = src_digests is not None or out_digests is not None
+            return None, tensor_digest(ckpt.tensors[src]) if wanted else None, False
         buf, work = slots[i % 2]
         data: Any = reader.read_bytes(src, into=buf)
         digest = hashlib.blake2b(data, digest_size=16).hexdigest() if src_digests is not None else None
@@ -211,14 +213,16 @@ def _stream(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, str], d
             # slot (i+1) % 2 last held tensor i-1, already written: the worker may refill it now
             pending = pool.submit(prepare, i + 1, ahead) if i + 1 < len(specs) else None
             src = source[spec.name]
-            if data is None:  # untouched and nothing to hash: a kernel-side copy, like cp
+            if data is None:  # untouched: a kernel-side copy, like cp (output bytes = source bytes)
                 w.copy_range(spec.name, *here.locate(src)[:2])
+                if out_digests is not None:
+                    out_digests[spec.name] = digest
             else:
                 w.write_bytes(spec.name, data)
-                if digest is not None:
-                    src_digests[src] = digest
                 if out_digests is not None:
                     out_digests[spec.name] = hashlib.blake2b(data, digest_size=16).hexdigest()
+            if digest is not None and src_digests is not None:
+                src_digests[src] = digest
             report.tensors_folded += folded
             report.tensors_written += 1
             report.bytes_written += spec.nbytes
@@ -598,8 +602,7 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     hash_inline = check_fingerprint and fp_known is None
     src_digests: dict[str, str] = {}
     digests: dict[str, str] = {}
-    need = {source[s.name] for s in specs if hash_inline or rest_plan is not None or disk_ops.get(s.name)
-            or s.dtype != ckpt.tensors[source[s.name]].dtype}
+    need = {source[s.name] for s in specs if disk_ops.get(s.name) or s.dtype != ckpt.tensors[source[s.name]].dtype}
     with writer as w:
         _stream(ckpt, specs, source, disk_ops, need, w, report, src_digests if hash_inline else None,
                 digests if rest_plan is not None else None)
