@@ -71,7 +71,7 @@ import transformers  # noqa: E402
 
 from pelt_cli import recipe as rc  # noqa: E402
 from pelt_cli import surgery  # noqa: E402
-from pelt_cli.apply import insert_recipe  # noqa: E402
+from pelt_cli.insert import insert_recipe  # noqa: E402
 
 ROUNDS = 7
 WARMUP = 2
@@ -308,13 +308,55 @@ def print_profile(p: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: --rounds, --profile, --malloc-tuned."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default {ROUNDS})")
     ap.add_argument("--profile", action="store_true", help="also profile pelt UniPELT against the base")
     ap.add_argument("--malloc-tuned", action="store_true",
                     help="mallopt: no mmap/trim churn of freed activations (diagnostic; default is glibc's default)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def print_checks(checks: list[dict]) -> None:
+    """The shape/identity checks made before randomising."""
+    print("\nchecks before randomising (pelt: shape == base, and lora/adapter/ia3/unipelt w/o prefix == base "
+          f"within {IDENTITY_TOL:g}; peft rows for information):")
+    for c in checks:
+        what = (f"identity max|diff| {c['max_abs_diff']:.2e}" if c["identity_expected"]
+                else f"not an identity at init (max|diff| {c['max_abs_diff']:.2e})")
+        tag = "PASS" if c["ok"] else "FAIL"
+        print(f"  {c['variant']:<25} {c['insertions']:3d} insertions  shape {tuple(c['shape'])}  {what}   "
+              f"{tag}{' (info)' if c.get('info_only') else ''}")
+
+
+def summarise(times: dict[str, list], faults: dict[str, list]) -> dict[str, Any]:
+    """Medians (ms), ratios to the base (of medians, and the median of per-round ratios), page faults, verdict."""
+    med = {n: 1e3 * statistics.median(ts) for n, ts in times.items()}
+    paired = {n: statistics.median(t / b for t, b in zip(ts, times["base"], strict=True)) for n, ts in times.items()}
+    ratio = {n: med[n] / med["base"] for n in med}
+    flt = {n: int(statistics.median(f)) for n, f in faults.items()}
+    return {"med": med, "paired": paired, "ratio": ratio, "flt": flt, "goal_ok": ratio[GOAL_VARIANT] <= GOAL}
+
+
+def print_timings(models: dict[str, torch.nn.Module], s: dict[str, Any], rounds: int, load_start: tuple,
+                  load_end: tuple) -> None:
+    """The latency table, page faults and the goal line."""
+    med, ratio = s["med"], s["ratio"]
+    print(f"\n{WARMUP} warm-up calls each, then {rounds} interleaved rounds; medians (load average 1/5/15 min: "
+          f"{' '.join(f'{x:.2f}' for x in load_start)} at start, {' '.join(f'{x:.2f}' for x in load_end)} after "
+          "timing; about 2 is this script alone)\n")
+    print(f"| {'variant':<25} | {'median ms':>9} | {'ratio to base':>13} | paper overhead |")
+    print(f"|{'-' * 27}|{'-' * 11}|{'-' * 15}|{'-' * 16}|")
+    for n in models:
+        print(f"| {n:<25} | {med[n]:9.1f} | {ratio[n]:12.3f}x | {PAPER[n]:<14} |")
+    print("\ninfo: minor page faults per forward (median): " + ", ".join(f"{n} {v}" for n, v in s["flt"].items()))
+    print(f"\nunmerged UniPELT <= {GOAL:.2f}x base: {ratio[GOAL_VARIANT]:.3f}x "
+          f"(median of per-round ratios {s['paired'][GOAL_VARIANT]:.3f}x)   {'PASS' if s['goal_ok'] else 'MISS'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     malloc = "default"
     if args.malloc_tuned:
         malloc = "tuned (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB)" if tune_malloc() else "default (failed)"
@@ -330,33 +372,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}; malloc {malloc}")
 
     models, checks = build(base, batch)
-    print("\nchecks before randomising (pelt: shape == base, and lora/adapter/ia3/unipelt w/o prefix == base "
-          f"within {IDENTITY_TOL:g}; peft rows for information):")
-    for c in checks:
-        what = (f"identity max|diff| {c['max_abs_diff']:.2e}" if c["identity_expected"]
-                else f"not an identity at init (max|diff| {c['max_abs_diff']:.2e})")
-        tag = "PASS" if c["ok"] else "FAIL"
-        print(f"  {c['variant']:<25} {c['insertions']:3d} insertions  shape {tuple(c['shape'])}  {what}   "
-              f"{tag}{' (info)' if c.get('info_only') else ''}")
-
+    print_checks(checks)
     times, faults = measure(models, batch, args.rounds)
     load_end = os.getloadavg()
-    med = {n: 1e3 * statistics.median(ts) for n, ts in times.items()}
-    paired = {n: statistics.median(t / b for t, b in zip(ts, times["base"], strict=True)) for n, ts in times.items()}
-    ratio = {n: med[n] / med["base"] for n in med}
-
-    print(f"\n{WARMUP} warm-up calls each, then {args.rounds} interleaved rounds; medians (load average 1/5/15 min: "
-          f"{' '.join(f'{x:.2f}' for x in load_start)} at start, {' '.join(f'{x:.2f}' for x in load_end)} after "
-          "timing; about 2 is this script alone)\n")
-    print(f"| {'variant':<25} | {'median ms':>9} | {'ratio to base':>13} | paper overhead |")
-    print(f"|{'-' * 27}|{'-' * 11}|{'-' * 15}|{'-' * 16}|")
-    for n in models:
-        print(f"| {n:<25} | {med[n]:9.1f} | {ratio[n]:12.3f}x | {PAPER[n]:<14} |")
-    flt = {n: int(statistics.median(f)) for n, f in faults.items()}
-    print("\ninfo: minor page faults per forward (median): " + ", ".join(f"{n} {v}" for n, v in flt.items()))
-    goal_ok = ratio[GOAL_VARIANT] <= GOAL
-    print(f"\nunmerged UniPELT <= {GOAL:.2f}x base: {ratio[GOAL_VARIANT]:.3f}x "
-          f"(median of per-round ratios {paired[GOAL_VARIANT]:.3f}x)   {'PASS' if goal_ok else 'MISS'}")
+    s = summarise(times, faults)
+    print_timings(models, s, args.rounds, load_start, load_end)
     checks_ok = all(c["ok"] for c in checks if not c.get("info_only"))
     print(f"pelt variants' shape/identity checks: {'PASS' if checks_ok else 'FAIL'}")
 
@@ -370,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_start": [round(x, 2) for x in load_start], "load_avg_end": [round(x, 2) for x in load_end],
         "malloc": malloc, "batch": BATCH, "seq": SEQ, "threads": torch.get_num_threads(), "rounds": args.rounds,
         "warmup": WARMUP,
-        "median_ms": {n: round(v, 2) for n, v in med.items()},
-        "ratio_to_base": {n: round(v, 4) for n, v in ratio.items()},
-        "paired_ratio_median": {n: round(v, 4) for n, v in paired.items()},
+        "median_ms": {n: round(v, 2) for n, v in s["med"].items()},
+        "ratio_to_base": {n: round(v, 4) for n, v in s["ratio"].items()},
+        "paired_ratio_median": {n: round(v, 4) for n, v in s["paired"].items()},
         "times_ms": {n: [round(1e3 * t, 2) for t in ts] for n, ts in times.items()},
-        "minor_faults_median": flt,
+        "minor_faults_median": s["flt"],
         "paper_overhead": PAPER, "goal": {"variant": GOAL_VARIANT, "max_ratio": GOAL, "ratio": round(
-            ratio[GOAL_VARIANT], 4), "pass": goal_ok},
+            s["ratio"][GOAL_VARIANT], 4), "pass": s["goal_ok"]},
         "checks": checks, "checks_pass": checks_ok,
         **({"profile": {k: v for k, v in prof.items() if k != "ops_ms"}} if prof else {}),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

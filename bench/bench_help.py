@@ -92,7 +92,7 @@ def import_list() -> tuple[set[str], list[tuple[int, str]]]:
     for line in r.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        parts = line[len("import time:"):].split("|")
+        parts = line[len("import time:") :].split("|")
         if len(parts) != 3:
             continue
         raw = parts[2].rstrip()[1:]  # one space follows the bar; two more per nesting level
@@ -138,32 +138,40 @@ def main() -> int:
         label = f"info, with .pyc cache: {k}"
         print(f"{label:<56}{med_pyc[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{med_pyc[k] / med_pyc[BASE_K]:>8.2f}x")
     print(f"ratio pelt/baseline: {ratio:.2f}x   goal <= {GOAL_RATIO}x   {'PASS' if ratio_ok else 'MISS'}")
-    print(f"info: ratio with .pyc cache {ratio_pyc:.2f}x; pelt --help / minimal typer app --help = "
-          f"{pm / med[MINI_K]:.2f}x (pelt's own overhead on top of typer's rich help)")
-    print(f"modules imported by pelt --help: {len(mods)}; torch/transformers: "
-          f"{'absent  PASS' if heavy_ok else 'PRESENT  MISS: ' + ', '.join(heavy_found[:10])}")
+    print(
+        f"info: ratio with .pyc cache {ratio_pyc:.2f}x; pelt --help / minimal typer app --help = "
+        f"{pm / med[MINI_K]:.2f}x (pelt's own overhead on top of typer's rich help)"
+    )
+    print(
+        f"modules imported by pelt --help: {len(mods)}; torch/transformers: "
+        f"{'absent  PASS' if heavy_ok else 'PRESENT  MISS: ' + ', '.join(heavy_found[:10])}"
+    )
     print("slowest imports of pelt --help (cumulative ms, -X importtime, one run; indented = imported by the above):")
     for us, n in slow:
         print(f"  {us / 1000:8.1f}  {n}")
-    print(json.dumps({
-        "bench": "help",
-        "runs": RUNS,
-        "pelt_help_median_s": round(pm, 4),
-        "baseline_median_s": round(bm, 4),
-        "ratio": round(ratio, 3),
-        "goal_ratio": GOAL_RATIO,
-        "ratio_pass": ratio_ok,
-        "mini_typer_help_median_s": round(med[MINI_K], 4),
-        "typer_rich_utils_import_median_s": round(med[RU_K], 4),
-        "ratio_vs_mini_typer_app": round(pm / med[MINI_K], 3),
-        "pyc_pelt_help_median_s": round(med_pyc[PELT_K], 4),
-        "pyc_baseline_median_s": round(med_pyc[BASE_K], 4),
-        "pyc_ratio": round(ratio_pyc, 3),
-        "heavy_imports": heavy_found,
-        "no_heavy_imports_pass": heavy_ok,
-        "modules_imported": len(mods),
-        "slowest_imports_ms": {n.strip(): round(us / 1000, 1) for us, n in slow},
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "help",
+                "runs": RUNS,
+                "pelt_help_median_s": round(pm, 4),
+                "baseline_median_s": round(bm, 4),
+                "ratio": round(ratio, 3),
+                "goal_ratio": GOAL_RATIO,
+                "ratio_pass": ratio_ok,
+                "mini_typer_help_median_s": round(med[MINI_K], 4),
+                "typer_rich_utils_import_median_s": round(med[RU_K], 4),
+                "ratio_vs_mini_typer_app": round(pm / med[MINI_K], 3),
+                "pyc_pelt_help_median_s": round(med_pyc[PELT_K], 4),
+                "pyc_baseline_median_s": round(med_pyc[BASE_K], 4),
+                "pyc_ratio": round(ratio_pyc, 3),
+                "heavy_imports": heavy_found,
+                "no_heavy_imports_pass": heavy_ok,
+                "modules_imported": len(mods),
+                "slowest_imports_ms": {n.strip(): round(us / 1000, 1) for us, n in slow},
+            }
+        )
+    )
     return 0
 
 

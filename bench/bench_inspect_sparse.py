@@ -25,7 +25,7 @@ both):
   (``-X importtime``, one run).
   It also checks that pelt's ``total_params`` and the plain loop's sum equal the count computed from the layout,
   and, for information, times the in-process call ``pelt_cli.report.inspect_checkpoint(DIR)`` (imports done
-  beforehand, so import cost is excluded) and ``pelt_cli.checkpoint.open_checkpoint(DIR)`` alone.
+  beforehand, so import cost is excluded) and ``pelt_cli.io.checkpoint.open_checkpoint(DIR)`` alone.
 
 The last line of stdout is a JSON object with the numbers.
 """
@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -203,104 +204,141 @@ def slowest_imports(d: Path, n: int = 8) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)[:n]
 
 
-def main() -> int:
-    tmp_parent = Path(tempfile.gettempdir())
+def check_free_space(tmp_parent: Path) -> None:
+    """Print the free space under ``tmp_parent`` and stop when less than 100 MiB is left."""
     vfs = os.statvfs(tmp_parent)
     free = vfs.f_bavail * vfs.f_frsize
     print(f"free space on {tmp_parent}: {free / 1e9:.1f} GB (the sparse checkpoint needs well under 1 MB of it)")
     if free < 100 * 2**20:
         raise SystemExit(f"{tmp_parent}: less than 100 MiB free; not building the checkpoint")
 
-    with tempfile.TemporaryDirectory(prefix="pelt-bench-sparse-") as tmp:
-        d = Path(tmp) / "llama-sparse"
-        d.mkdir()
-        check_sparse_support(Path(tmp))
-        facts = build(d)
-        print(f"built {d}: {facts['shards']} shards, {facts['tensors']} tensors, {facts['params']:,} params, "
-              f"{facts['apparent_bytes'] / 1e9:.2f} GB apparent, {facts['allocated_bytes'] / 1e6:.2f} MB allocated")
-        if facts["allocated_bytes"] > 64 * 2**20:  # type: ignore[operator]
-            raise SystemExit("shards are not sparse; stopping")
 
-        pelt_cmd = [PELT, "inspect", str(d), "--summary", "--format", "json"]
-        plain_cmd = [PYTHON, "-c", PLAIN_LOOP, str(d)]
-        _, pelt_out = run_out(pelt_cmd)  # the correctness check
-        _, plain_out = run_out(plain_cmd)
-        report = json.loads(pelt_out)
-        pelt_params = report["total_params"]
-        plain_params = int(plain_out.strip())
-        params_ok = pelt_params == plain_params == facts["params"]
+def build_checked(tmp: Path) -> tuple[Path, dict[str, object]]:
+    """Build the sparse checkpoint under ``tmp`` (after the sparse-file probe); stop if it is not sparse."""
+    d = tmp / "llama-sparse"
+    d.mkdir()
+    check_sparse_support(tmp)
+    facts = build(d)
+    print(f"built {d}: {facts['shards']} shards, {facts['tensors']} tensors, {facts['params']:,} params, "
+          f"{facts['apparent_bytes'] / 1e9:.2f} GB apparent, {facts['allocated_bytes'] / 1e6:.2f} MB allocated")
+    if facts["allocated_bytes"] > 64 * 2**20:  # type: ignore[operator]
+        raise SystemExit("shards are not sparse; stopping")
+    return d, facts
 
-        times = measure({A_K: pelt_cmd, B_K: plain_cmd, C_K: [PYTHON, "-c", "import typer"]})
-        pyc_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        pyc_env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
-        run_out(pelt_cmd, pyc_env)  # fill the cache before measure()'s own warm-up
-        times_pyc = measure({A_K: pelt_cmd, B_K: plain_cmd}, pyc_env)
-        slow = slowest_imports(d)
 
-        # in-process, imports excluded
-        from pelt_cli.checkpoint import open_checkpoint
-        from pelt_cli.report import inspect_checkpoint
+def count_params(pelt_cmd: list[str], plain_cmd: list[str]) -> tuple[int, int]:
+    """``total_params`` from pelt's JSON and the plain loop's sum (the correctness check)."""
+    _, pelt_out = run_out(pelt_cmd)
+    _, plain_out = run_out(plain_cmd)
+    return json.loads(pelt_out)["total_params"], int(plain_out.strip())
 
+
+def time_in_process(d: Path) -> tuple[list[float], list[float]]:
+    """Seconds of ``inspect_checkpoint(d)`` and ``open_checkpoint(d)`` in this process, imports excluded."""
+    from pelt_cli.io.checkpoint import open_checkpoint
+    from pelt_cli.report import inspect_checkpoint
+
+    inspect_checkpoint(d)
+    lib_t: list[float] = []
+    open_t: list[float] = []
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
         inspect_checkpoint(d)
-        lib_t: list[float] = []
-        open_t: list[float] = []
-        for _ in range(RUNS):
-            t0 = time.perf_counter()
-            inspect_checkpoint(d)
-            lib_t.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            open_checkpoint(d)
-            open_t.append(time.perf_counter() - t0)
-        shutil.rmtree(d)
-    # TemporaryDirectory removed the rest; make sure
-    assert not Path(tmp).exists()
+        lib_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        open_checkpoint(d)
+        open_t.append(time.perf_counter() - t0)
+    return lib_t, open_t
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_pyc = {k: statistics.median(v) for k, v in times_pyc.items()}
+
+def run_bench(tmp: Path) -> dict[str, object]:
+    """Build the checkpoint in ``tmp``, check the counts and time every command; the raw results."""
+    d, facts = build_checked(tmp)
+    pelt_cmd = [PELT, "inspect", str(d), "--summary", "--format", "json"]
+    plain_cmd = [PYTHON, "-c", PLAIN_LOOP, str(d)]
+    pelt_params, plain_params = count_params(pelt_cmd, plain_cmd)
+    times = measure({A_K: pelt_cmd, B_K: plain_cmd, C_K: [PYTHON, "-c", "import typer"]})
+    pyc_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    pyc_env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    run_out(pelt_cmd, pyc_env)  # fill the cache before measure()'s own warm-up
+    times_pyc = measure({A_K: pelt_cmd, B_K: plain_cmd}, pyc_env)
+    slow = slowest_imports(d)
+    lib_t, open_t = time_in_process(d)
+    shutil.rmtree(d)
+    return {"facts": facts, "pelt_params": pelt_params, "plain_params": plain_params, "times": times,
+            "times_pyc": times_pyc, "slow": slow, "lib_t": lib_t, "open_t": open_t}
+
+
+def summarise(r: dict[str, Any]) -> dict[str, Any]:
+    """Medians, ratios and verdicts of :func:`run_bench`'s results."""
+    med = {k: statistics.median(v) for k, v in r["times"].items()}
+    med_pyc = {k: statistics.median(v) for k, v in r["times_pyc"].items()}
     pm, bm = med[A_K], med[B_K]
-    lm, om = statistics.median(lib_t), statistics.median(open_t)
-    ratio = pm / bm
-    ratio_pyc = med_pyc[A_K] / med_pyc[B_K]
-    ratio_ok, abs_ok = ratio <= GOAL_RATIO, pm <= GOAL_ABS_S
-    print(f"\ninspect --summary on {facts['apparent_bytes'] / 1e9:.1f} GB / {facts['shards']} shards "  # type: ignore[operator]
+    return {"med": med, "med_pyc": med_pyc, "pm": pm, "bm": bm, "ratio": pm / bm,
+            "ratio_pyc": med_pyc[A_K] / med_pyc[B_K], "lm": statistics.median(r["lib_t"]),
+            "om": statistics.median(r["open_t"]), "ratio_ok": pm / bm <= GOAL_RATIO, "abs_ok": pm <= GOAL_ABS_S,
+            "params_ok": r["pelt_params"] == r["plain_params"] == r["facts"]["params"]}
+
+
+def print_table(r: dict[str, Any], s: dict[str, Any]) -> None:
+    """The human-readable report: timings table, PASS/MISS lines and the slowest imports."""
+    facts = r["facts"]
+    print(f"\ninspect --summary on {facts['apparent_bytes'] / 1e9:.1f} GB / {facts['shards']} shards "
           f"({RUNS} runs each, interleaved, medians)")
     print(f"{'what':<72}{'median s':>10}{'min s':>9}{'max s':>9}")
-    rows = [(k, v) for k, v in times.items()]
-    rows += [(f"info, with .pyc cache: {k}", v) for k, v in times_pyc.items()]
-    rows += [("info: inspect_checkpoint(DIR) in-process", lib_t), ("info: open_checkpoint(DIR) in-process", open_t)]
+    rows = list(r["times"].items())
+    rows += [(f"info, with .pyc cache: {k}", v) for k, v in r["times_pyc"].items()]
+    rows += [("info: inspect_checkpoint(DIR) in-process", r["lib_t"]),
+             ("info: open_checkpoint(DIR) in-process", r["open_t"])]
     for label, ts in rows:
         print(f"{label:<72}{statistics.median(ts):>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}")
-    print(f"ratio pelt/plain: {ratio:.2f}x   goal <= {GOAL_RATIO}x   {'PASS' if ratio_ok else 'MISS'}")
-    print(f"pelt absolute:    {pm:.3f} s   goal <= {GOAL_ABS_S} s   {'PASS' if abs_ok else 'MISS'}")
-    print(f"total_params: pelt {pelt_params:,}  plain loop {plain_params:,}  layout {facts['params']:,}   "
-          f"{'PASS' if params_ok else 'MISS'}")
-    print(f"info: ratio with .pyc cache {ratio_pyc:.2f}x; pelt minus plain loop = {pm - bm:.3f} s of which the "
-          f"in-process work is {lm:.3f} s; python -c 'import typer' alone takes {med[C_K]:.3f} s")
+    print(f"ratio pelt/plain: {s['ratio']:.2f}x   goal <= {GOAL_RATIO}x   {'PASS' if s['ratio_ok'] else 'MISS'}")
+    print(f"pelt absolute:    {s['pm']:.3f} s   goal <= {GOAL_ABS_S} s   {'PASS' if s['abs_ok'] else 'MISS'}")
+    print(f"total_params: pelt {r['pelt_params']:,}  plain loop {r['plain_params']:,}  layout {facts['params']:,}   "
+          f"{'PASS' if s['params_ok'] else 'MISS'}")
+    print(f"info: ratio with .pyc cache {s['ratio_pyc']:.2f}x; pelt minus plain loop = {s['pm'] - s['bm']:.3f} s of "
+          f"which the in-process work is {s['lm']:.3f} s; python -c 'import typer' alone takes {s['med'][C_K]:.3f} s")
     print("slowest imports of pelt inspect (cumulative ms, -X importtime, one run; indented = imported by the above):")
-    for us, n in slow:
+    for us, n in r["slow"]:
         print(f"  {us / 1000:8.1f}  {n}")
-    print(json.dumps({
+
+
+def result_json(r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    """The last line's JSON object."""
+    return {
         "bench": "inspect_sparse",
         "runs": RUNS,
-        **facts,
-        "pelt_median_s": round(pm, 4),
-        "plain_loop_median_s": round(bm, 4),
-        "ratio": round(ratio, 3),
+        **r["facts"],
+        "pelt_median_s": round(s["pm"], 4),
+        "plain_loop_median_s": round(s["bm"], 4),
+        "ratio": round(s["ratio"], 3),
         "goal_ratio": GOAL_RATIO,
         "goal_abs_s": GOAL_ABS_S,
-        "ratio_pass": ratio_ok,
-        "abs_pass": abs_ok,
-        "import_typer_median_s": round(med[C_K], 4),
-        "pyc_pelt_median_s": round(med_pyc[A_K], 4),
-        "pyc_plain_loop_median_s": round(med_pyc[B_K], 4),
-        "pyc_ratio": round(ratio_pyc, 3),
-        "slowest_imports_ms": {n.strip(): round(us / 1000, 1) for us, n in slow},
-        "inspect_checkpoint_inproc_median_s": round(lm, 5),
-        "open_checkpoint_inproc_median_s": round(om, 5),
-        "pelt_total_params": pelt_params,
-        "plain_total_params": plain_params,
-        "params_pass": params_ok,
-    }))
+        "ratio_pass": s["ratio_ok"],
+        "abs_pass": s["abs_ok"],
+        "import_typer_median_s": round(s["med"][C_K], 4),
+        "pyc_pelt_median_s": round(s["med_pyc"][A_K], 4),
+        "pyc_plain_loop_median_s": round(s["med_pyc"][B_K], 4),
+        "pyc_ratio": round(s["ratio_pyc"], 3),
+        "slowest_imports_ms": {n.strip(): round(us / 1000, 1) for us, n in r["slow"]},
+        "inspect_checkpoint_inproc_median_s": round(s["lm"], 5),
+        "open_checkpoint_inproc_median_s": round(s["om"], 5),
+        "pelt_total_params": r["pelt_params"],
+        "plain_total_params": r["plain_params"],
+        "params_pass": s["params_ok"],
+    }
+
+
+def main() -> int:
+    tmp_parent = Path(tempfile.gettempdir())
+    check_free_space(tmp_parent)
+    with tempfile.TemporaryDirectory(prefix="pelt-bench-sparse-") as tmp:
+        results = run_bench(Path(tmp))
+    # TemporaryDirectory removed the rest; make sure
+    assert not Path(tmp).exists()
+    summary = summarise(results)
+    print_table(results, summary)
+    print(json.dumps(result_json(results, summary)))
     return 0
 
 

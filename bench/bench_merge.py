@@ -231,7 +231,7 @@ def checkpoint_bytes(d: Path) -> int:
 
 
 def largest_tensor(d: Path) -> int:
-    from pelt_cli.checkpoint import open_checkpoint
+    from pelt_cli.io.checkpoint import open_checkpoint
 
     return max(i.nbytes for i in open_checkpoint(d).tensors.values())
 
@@ -240,8 +240,8 @@ def largest_tensor(d: Path) -> int:
 
 def child_pelt_setup(a: dict[str, Any]) -> dict[str, Any]:
     """merge_run's work before streaming (imports, recipe, meta skeleton with the recipe inserted, adapter)."""
-    from pelt_cli.apply import read_run
     from pelt_cli.merge import meta_model, read_adapter, run_recipe
+    from pelt_cli.run import read_run
 
     meta = read_run(a["run"])
     model, _, _ = meta_model(meta["base"]["path"], run_recipe(meta, a["run"]), meta.get("head"))
@@ -424,7 +424,22 @@ def compare(base: Path, run: Path, got: dict[str, dict[str, Any]], layers: int) 
     return rows
 
 
-def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int) -> dict[str, Any]:
+METHODS = [PELT, PELT_NOFP, PELT_HALF, PEFT, CP]
+Results = dict[str, list[dict[str, Any]]]
+
+
+def med(res: Results, m: str, k: str) -> float:
+    """Median of field ``k`` over method ``m``'s rounds."""
+    return statistics.median(x[k] for x in res[m])
+
+
+def mx(res: Results, m: str, k: str) -> float:
+    """Largest field ``k`` over method ``m``'s rounds."""
+    return max(x[k] for x in res[m])
+
+
+def prepare_checkpoints(work: Path, dims: dict[str, int], size_gb: float) -> dict[str, Any]:
+    """Build (or reuse) the full and the half checkpoint with their runs, warm them; facts about them."""
     layers = layers_for(size_gb, dims)
     half_layers = max(1, layers // 2)
     print(f"== 1. merge: LLaMA-shaped BF16 checkpoint, hidden {dims['hidden']}, intermediate {dims['inter']}, "
@@ -436,7 +451,7 @@ def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int)
         print(f"  cached in {work}")
     size, size_h = checkpoint_bytes(full / "base"), checkpoint_bytes(half / "base")
     big = largest_tensor(full / "base")
-    from pelt_cli.checkpoint import open_checkpoint
+    from pelt_cli.io.checkpoint import open_checkpoint
 
     n_tensors = len(open_checkpoint(full / "base").tensors)
     n_shards = len(list((full / "base").glob("*.safetensors")))
@@ -444,87 +459,99 @@ def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int)
           f"half: {size_h / GB:.2f} GB ({size_h / size:.2f}x)")
     for d in (full, half):
         warm(d / "base")
+    return {"layers": layers, "half_layers": half_layers, "full": full, "half": half, "size": size,
+            "size_h": size_h, "big": big, "n_tensors": n_tensors, "n_shards": n_shards}
+
+
+def merge_once(m: str, ck: dict[str, Any], out: Path) -> tuple[dict[str, Any], float, int]:
+    """One timed merge (or peft merge, or cp) into ``out``: (child's extra facts, wall s, peak RSS)."""
+    full, half = ck["full"], ck["half"]
+    if m == CP:
+        log = Path(tempfile.mkstemp(prefix="bench-merge-cp-")[1])
+        wall, rss, _ = spawn(["cp", "-r", str(full / "base"), str(out)], log)
+        return {}, wall, rss
+    if m == PEFT:
+        return run_child_measured("peft", {"base": str(full / "base"), "peft": str(full / "peft"), "out": str(out)})
+    run = (half if m == PELT_HALF else full) / "run"
+    return run_child_measured("pelt", {"run": str(run), "out": str(out), "check": m != PELT_NOFP})
+
+
+def time_merges(work: Path, ck: dict[str, Any], rounds: int) -> tuple[Results, dict[str, dict[str, Any]]]:
+    """``rounds`` interleaved rounds of every method; per-round records and round 1's check tensors."""
     out_root = work / "out"
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir()
-    methods = [PELT, PELT_NOFP, PELT_HALF, PEFT, CP]
-    res: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    res: Results = {m: [] for m in METHODS}
     got: dict[str, dict[str, Any]] = {}
     print(f"  {rounds} round(s), interleaved; base files read once into the page cache before timing "
           f"(hot cache: no root to drop it); load before: {load_str()}", flush=True)
     for r in range(rounds):
-        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+        for m in METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]:
             out = out_root / f"{m.split()[0].strip(',')}-{r}"
             load = load_str()
-            extra: dict[str, Any] = {}
-            if m == CP:
-                log = Path(tempfile.mkstemp(prefix="bench-merge-cp-")[1])
-                wall, rss, _ = spawn(["cp", "-r", str(full / "base"), str(out)], log)
-            elif m == PEFT:
-                extra, wall, rss = run_child_measured("peft", {"base": str(full / "base"), "peft": str(full / "peft"),
-                                                               "out": str(out)})
-            else:
-                run = (half if m == PELT_HALF else full) / "run"
-                extra, wall, rss = run_child_measured("pelt", {"run": str(run), "out": str(out),
-                                                               "check": m != PELT_NOFP})
+            extra, wall, rss = merge_once(m, ck, out)
             fs = fsync_tree(out)
-            nbytes = size_h if m == PELT_HALF else size
+            nbytes = ck["size_h"] if m == PELT_HALF else ck["size"]
             res[m].append({"wall": wall + fs, "fsync": fs, "rss": rss, "gbps": nbytes / (wall + fs) / GB,
                            "load": load, **extra})
             print(f"  round {r + 1} {m:<28} {wall + fs:7.2f} s (fsync {fs:5.2f})  RSS {rss / MB:7.0f} MB  "
                   f"load {load}", flush=True)
             if r == 0 and m in (PELT, PEFT):
-                got[m] = grab(out, check_tensors(layers))
+                got[m] = grab(out, check_tensors(ck["layers"]))
             shutil.rmtree(out)
     shutil.rmtree(out_root, ignore_errors=True)
-    setup_rss = [run_child_measured("pelt_setup", {"run": str(full / "run")})[2] for _ in range(2)]
+    return res, got
 
-    def med(m: str, k: str) -> float:
-        return statistics.median(x[k] for x in res[m])
 
-    def mx(m: str, k: str) -> float:
-        return max(x[k] for x in res[m])
-
+def print_merge_table(res: Results, base_rss: float) -> None:
+    """Wall, fsync, GB/s and RSS per method, then where peft's and pelt's time goes."""
     print(f"\n  {'method':<30}{'wall s':>8}{'fsync s':>9}{'GB/s':>7}{'RSS MB max':>12}{'median':>8}{'runs s':>22}"
           f"{'runs RSS MB':>20}")
-    for m in methods:
+    for m in METHODS:
         runs = " ".join(f"{x['wall']:.1f}" for x in res[m])
         runs_rss = " ".join(f"{x['rss'] / MB:.0f}" for x in res[m])
-        print(f"  {m:<30}{med(m, 'wall'):>8.2f}{med(m, 'fsync'):>9.2f}{med(m, 'gbps'):>7.2f}"
-              f"{mx(m, 'rss') / MB:>12.0f}{med(m, 'rss') / MB:>8.0f}{runs:>22}{runs_rss:>20}")
-    base_rss = max(setup_rss)
+        print(f"  {m:<30}{med(res, m, 'wall'):>8.2f}{med(res, m, 'fsync'):>9.2f}{med(res, m, 'gbps'):>7.2f}"
+              f"{mx(res, m, 'rss') / MB:>12.0f}{med(res, m, 'rss') / MB:>8.0f}{runs:>22}{runs_rss:>20}")
     print(f"  info: peak RSS of merge_run's set-up alone (imports, recipe, meta skeleton, adapter; no tensor read): "
           f"{base_rss / MB:.0f} MB")
     pe = res[PEFT]
     print(f"  peft split (median s): import {statistics.median(x['import_s'] for x in pe):.1f}, from_pretrained "
           f"{statistics.median(x['load_s'] for x in pe):.1f}, PeftModel + merge_and_unload "
           f"{statistics.median(x['merge_s'] for x in pe):.1f}, save_pretrained "
-          f"{statistics.median(x['save_s'] for x in pe):.1f}, + fsync {med(PEFT, 'fsync'):.1f}; model dtype "
+          f"{statistics.median(x['save_s'] for x in pe):.1f}, + fsync {med(res, PEFT, 'fsync'):.1f}; model dtype "
           f"{pe[0]['dtype']}")
     pl = res[PELT]
     print(f"  pelt split (median s): start + import pelt_cli.merge {statistics.median(x['import_s'] for x in pl):.2f}, "
           f"merge_run {statistics.median(x['work_s'] for x in pl):.2f} (incl. torch import, fingerprint, fsync); "
           f"{pl[0]['folded']} of {pl[0]['written']} tensors folded")
 
-    ratio_peft = med(PEFT, "wall") / med(PELT, "wall")
-    ratio_cp = med(PELT, "gbps") / med(CP, "gbps")
-    rss, rss_med, rss_h = mx(PELT, "rss"), med(PELT, "rss"), med(PELT_HALF, "rss")
+
+def merge_goals(res: Results, ck: dict[str, Any], base_rss: float) -> dict[str, tuple[bool, str]]:
+    """The speed and memory goals: verdict and report line each."""
+    size, size_h, big = ck["size"], ck["size_h"], ck["big"]
+    ratio_peft = med(res, PEFT, "wall") / med(res, PELT, "wall")
+    ratio_cp = med(res, PELT, "gbps") / med(res, CP, "gbps")
+    rss, rss_med, rss_h = mx(res, PELT, "rss"), med(res, PELT, "rss"), med(res, PELT_HALF, "rss")
     bound = 3 * big + GOAL_RSS_OVERHEAD
     flat = rss_med / rss_h - 1
-    goals = {
+    peft_rss = mx(res, PEFT, "rss")
+    return {
         "peft_over_pelt": (ratio_peft >= GOAL_PEFT, f"peft wall / pelt wall: {ratio_peft:.2f}x   goal >= {GOAL_PEFT}x"),
         "pelt_over_cp": (ratio_cp >= GOAL_CP, f"pelt GB/s / cp GB/s: {ratio_cp:.2f}x   goal >= {GOAL_CP}x   "
                                               f"(info: without the fingerprint check "
-                                              f"{med(PELT_NOFP, 'gbps') / med(CP, 'gbps'):.2f}x)"),
+                                              f"{med(res, PELT_NOFP, 'gbps') / med(res, CP, 'gbps'):.2f}x)"),
         "rss_bound": (rss <= bound, f"pelt peak RSS {rss / MB:.0f} MB   goal <= 3 x {big / MB:.0f} MB + 300 MB "
-                                    f"= {bound / MB:.0f} MB   (peft: {mx(PEFT, 'rss') / MB:.0f} MB, "
-                                    f"{mx(PEFT, 'rss') / rss:.1f}x pelt; above the set-up alone: "
+                                    f"= {bound / MB:.0f} MB   (peft: {peft_rss / MB:.0f} MB, "
+                                    f"{peft_rss / rss:.1f}x pelt; above the set-up alone: "
                                     f"{(rss - base_rss) / MB:.0f} MB = {(rss - base_rss) / big:.1f} x largest tensor)"),
         "rss_flat": (abs(flat) <= GOAL_FLAT, f"pelt peak RSS full / half checkpoint, medians: {rss_med / MB:.0f} / "
                                              f"{rss_h / MB:.0f} MB ({flat:+.1%}) for {size / size_h:.2f}x the bytes"
                                              f"   goal within {GOAL_FLAT:.0%}"),
     }
-    rows = compare(full / "base", full / "run", got, layers)
+
+
+def print_correctness(rows: list[dict[str, Any]]) -> None:
+    """Per checked tensor: pelt vs peft, vs the fp32 reference, vs the base, in ulps."""
     print(f"\n  correctness (round 1; ulp = 2^-7 x max|W| of the base tensor; ref = bf16(W + {ALPHA // RANK} B A) "
           "in fp32)")
     print(f"  {'tensor':<42}{'pelt-peft':>11}{'pelt-ref':>10}{'peft-ref':>10}{'pelt-base':>11}{'ulp':>10}")
@@ -532,37 +559,58 @@ def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int)
         print(f"  {row['tensor']:<42}{row['pelt_vs_peft']:>11.2e}{row['pelt_vs_ref']:>10.2e}"
               f"{row['peft_vs_ref']:>10.2e}{row['pelt_vs_base']:>11.2e}{row['ulp']:>10.2e}  "
               f"{'folded' if row['folded'] else 'untouched'}")
+
+
+def merge_result(res: Results, ck: dict[str, Any], rounds: int, base_rss: float, rows: list[dict[str, Any]],
+                 goals: dict[str, tuple[bool, str]]) -> dict[str, Any]:
+    """Section 1's part of the JSON line."""
+    rss_med, rss_h = med(res, PELT, "rss"), med(res, PELT_HALF, "rss")
+    return {
+        "layers": ck["layers"], "half_layers": ck["half_layers"], "bytes": ck["size"], "half_bytes": ck["size_h"],
+        "largest_tensor": ck["big"], "tensors": ck["n_tensors"], "shards": ck["n_shards"], "dtype": "bfloat16",
+        "rounds": rounds,
+        "median_wall_s": {m: round(med(res, m, "wall"), 3) for m in METHODS},
+        "median_fsync_s": {m: round(med(res, m, "fsync"), 3) for m in METHODS},
+        "median_gb_per_s": {m: round(med(res, m, "gbps"), 3) for m in METHODS},
+        "peak_rss_mb": {m: round(mx(res, m, "rss") / MB, 1) for m in METHODS},
+        "median_peak_rss_mb": {m: round(med(res, m, "rss") / MB, 1) for m in METHODS},
+        "runs_rss_mb": {m: [round(x["rss"] / MB, 1) for x in res[m]] for m in METHODS},
+        "setup_only_rss_mb": round(base_rss / MB, 1),
+        "runs_s": {m: [round(x["wall"], 3) for x in res[m]] for m in METHODS},
+        "loads": {m: [x["load"] for x in res[m]] for m in METHODS},
+        "ratio_peft_over_pelt": round(med(res, PEFT, "wall") / med(res, PELT, "wall"), 3),
+        "ratio_pelt_over_cp": round(med(res, PELT, "gbps") / med(res, CP, "gbps"), 3),
+        "rss_bound_mb": round((3 * ck["big"] + GOAL_RSS_OVERHEAD) / MB, 1),
+        "rss_full_over_half_median": round(rss_med / rss_h, 4),
+        "correctness": [{k: v for k, v in r.items() if k != "dtypes"} for r in rows],
+        "goals": {k: ok for k, (ok, _) in goals.items()},
+    }
+
+
+def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int) -> dict[str, Any]:
+    """Section 1: merge_run against peft and cp on a LLaMA-shaped checkpoint; prints and returns the results."""
+    ck = prepare_checkpoints(work, dims, size_gb)
+    res, got = time_merges(work, ck, rounds)
+    base_rss = max(run_child_measured("pelt_setup", {"run": str(ck["full"] / "run")})[2] for _ in range(2))
+    print_merge_table(res, base_rss)
+    goals = merge_goals(res, ck, base_rss)
+    rows = compare(ck["full"] / "base", ck["full"] / "run", got, ck["layers"])
+    print_correctness(rows)
     goals["correct"] = (all(r["ok"] for r in rows), "merged tensors: folded ones within 2 ulps of peft and of the "
                                                     "fp32 reference, untouched ones bit-identical to the base")
     print()
     for ok, line in goals.values():
         print(f"  {line}   {'PASS' if ok else 'MISS'}")
-    return {
-        "layers": layers, "half_layers": half_layers, "bytes": size, "half_bytes": size_h, "largest_tensor": big,
-        "tensors": n_tensors, "shards": n_shards, "dtype": "bfloat16", "rounds": rounds,
-        "median_wall_s": {m: round(med(m, "wall"), 3) for m in methods},
-        "median_fsync_s": {m: round(med(m, "fsync"), 3) for m in methods},
-        "median_gb_per_s": {m: round(med(m, "gbps"), 3) for m in methods},
-        "peak_rss_mb": {m: round(mx(m, "rss") / MB, 1) for m in methods},
-        "median_peak_rss_mb": {m: round(med(m, "rss") / MB, 1) for m in methods},
-        "runs_rss_mb": {m: [round(x["rss"] / MB, 1) for x in res[m]] for m in methods},
-        "setup_only_rss_mb": round(base_rss / MB, 1),
-        "runs_s": {m: [round(x["wall"], 3) for x in res[m]] for m in methods},
-        "loads": {m: [x["load"] for x in res[m]] for m in methods},
-        "ratio_peft_over_pelt": round(ratio_peft, 3), "ratio_pelt_over_cp": round(ratio_cp, 3),
-        "rss_bound_mb": round(bound / MB, 1), "rss_full_over_half_median": round(rss_med / rss_h, 4),
-        "correctness": [{k: v for k, v in r.items() if k != "dtypes"} for r in rows],
-        "goals": {k: ok for k, (ok, _) in goals.items()},
-    }
+    return merge_result(res, ck, rounds, base_rss, rows, goals)
 
 
 # ---------------------------------------------------------------------------------------------------- sections 2, 3
 
 def trained_bytes(run: Path) -> tuple[int, int, int]:
     """(bytes of the run's inserted parameters, bytes of all its tensors, adapter.safetensors file size)."""
-    from pelt_cli.apply import read_run
-    from pelt_cli.checkpoint import open_checkpoint
+    from pelt_cli.io.checkpoint import open_checkpoint
     from pelt_cli.merge import meta_model, run_recipe
+    from pelt_cli.run import read_run
     from pelt_cli.surgery import is_inserted
 
     meta = read_run(run)
@@ -573,25 +621,11 @@ def trained_bytes(run: Path) -> tuple[int, int, int]:
             (run / "adapter.safetensors").stat().st_size)
 
 
-def section_minilm(work: Path, rounds: int) -> dict[str, Any]:
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    os.environ.update(CHILD_ENV)
-    import transformers
-
+def minilm_runs(d: Path, base: Path) -> dict[str, Path]:
+    """Runs of recipes lora and unipelt on MiniLM (B randomised), and a copy of unipelt with every tensor perturbed."""
     from pelt_cli import recipe as rc
     from pelt_cli.apply import apply
-    from pelt_cli.bundle import BUNDLE_FILE, MANIFEST_FILE, export_bundle
-    from pelt_cli.merge import merge_run, verify_merge
-    from pelt_cli.report import resolve_model
 
-    transformers.logging.set_verbosity_error()
-    base = resolve_model("minilm")
-    d = work / "minilm"
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    out: dict[str, Any] = {}
     runs = {}
     for i, name in enumerate(("lora", "unipelt")):
         runs[name] = apply(rc.load(name), base, d / f"run-{name}")
@@ -599,9 +633,15 @@ def section_minilm(work: Path, rounds: int) -> dict[str, Any]:
     runs["unipelt-trained"] = d / "run-unipelt-trained"
     shutil.copytree(runs["unipelt"], runs["unipelt-trained"])
     randomise_b(runs["unipelt-trained"], seed=12, others=True)
-    rep = merge_run(runs["lora"], d / "merged")
-    vdiff = verify_merge(runs["lora"], d / "merged")
+    return runs
 
+
+def section_latency(d: Path, base: Path, lora_run: Path, rounds: int) -> dict[str, Any]:
+    """Section 2: merge the LoRA run, then time MiniLM's forward, base against merged (and a control)."""
+    from pelt_cli.merge import merge_run, verify_merge
+
+    rep = merge_run(lora_run, d / "merged")
+    vdiff = verify_merge(lora_run, d / "merged")
     print(f"\n== 2. latency after merge: all-MiniLM-L6-v2 + recipe lora (B ~ N(0, {B_STD}²)), merged with merge_run "
           f"({rep.tensors_folded} tensors folded); verify_merge max |Δ| {vdiff:.2e} (goal <= 1e-4: "
           f"{'PASS' if vdiff <= 1e-4 else 'MISS'}); load before: {load_str()}", flush=True)
@@ -621,36 +661,63 @@ def section_minilm(work: Path, rounds: int) -> dict[str, Any]:
     print(f"  merged / base: {mm / mb:.3f}x (median of per-round ratios {per_round:.3f}x; the control, the same base "
           f"loaded twice: {mc / mb:.3f}x)   goal <= {GOAL_LATENCY}x   {'PASS' if lat_ok else 'MISS'}   "
           f"load after: {load_str()}")
-    out["latency"] = {"base_ms": round(mb * 1e3, 2), "merged_ms": round(mm * 1e3, 2), "ratio": round(mm / mb, 4),
-                      "per_round_ratio": round(per_round, 4), "control_ms": round(mc * 1e3, 2),
-                      "control_ratio": round(mc / mb, 4), "rounds": rounds, "verify_merge_max_abs": vdiff,
-                      "goal": GOAL_LATENCY, "pass": lat_ok}
+    return {"base_ms": round(mb * 1e3, 2), "merged_ms": round(mm * 1e3, 2), "ratio": round(mm / mb, 4),
+            "per_round_ratio": round(per_round, 4), "control_ms": round(mc * 1e3, 2),
+            "control_ratio": round(mc / mb, 4), "rounds": rounds, "verify_merge_max_abs": vdiff,
+            "goal": GOAL_LATENCY, "pass": lat_ok}
 
+
+def bundle_sizes(d: Path, name: str, run: Path) -> dict[str, Any]:
+    """Export one run as a bundle directory and as a tar stream; sizes against its trained tensors (one row)."""
+    from pelt_cli.bundle import BUNDLE_FILE, MANIFEST_FILE, export_bundle
+
+    manifest = export_bundle(run, d / f"bundle-{name}")
+    st = (d / f"bundle-{name}" / BUNDLE_FILE).stat().st_size
+    mf = (d / f"bundle-{name}" / MANIFEST_FILE).stat().st_size
+    buf = io.BytesIO()
+    export_bundle(run, "-", stream=buf)
+    trained, all_bytes, adapter_file = trained_bytes(run)
+    by_ref = sum(1 for t in manifest["tensors"] if t["stored"] == "base")
+    ratio = st / trained
+    print(f"  {name:<16}{len(manifest['tensors']):>8}{trained:>11}{st:>13}{ratio:>8.4f}{mf:>12}{by_ref:>8}"
+          f"{len(buf.getvalue()):>10}{adapter_file:>14}")
+    return {"tensors": len(manifest["tensors"]), "trained_bytes": trained, "all_run_tensor_bytes": all_bytes,
+            "bundle_safetensors_bytes": st, "manifest_bytes": mf, "tar_bytes": len(buf.getvalue()), "by_ref": by_ref,
+            "adapter_file_bytes": adapter_file, "ratio": round(ratio, 5), "pass": ratio <= GOAL_BUNDLE}
+
+
+def section_bundles(d: Path, runs: dict[str, Path]) -> dict[str, Any]:
+    """Section 3: bundle sizes of every run, and the goal line of each."""
     print("\n== 3. bundle size vs the trained tensors (export_bundle of MiniLM runs; B randomised, and in "
           "unipelt-trained every tensor perturbed)")
     print(f"  {'run':<16}{'tensors':>8}{'trained B':>11}{'bundle.st B':>13}{'ratio':>8}{'manifest B':>12}"
           f"{'by ref':>8}{'tar B':>10}{'adapter.st B':>14}")
-    out["bundles"] = {}
-    for name, run in runs.items():
-        manifest = export_bundle(run, d / f"bundle-{name}")
-        st = (d / f"bundle-{name}" / BUNDLE_FILE).stat().st_size
-        mf = (d / f"bundle-{name}" / MANIFEST_FILE).stat().st_size
-        buf = io.BytesIO()
-        export_bundle(run, "-", stream=buf)
-        trained, all_bytes, adapter_file = trained_bytes(run)
-        by_ref = sum(1 for t in manifest["tensors"] if t["stored"] == "base")
-        ratio = st / trained
-        print(f"  {name:<16}{len(manifest['tensors']):>8}{trained:>11}{st:>13}{ratio:>8.4f}{mf:>12}{by_ref:>8}"
-              f"{len(buf.getvalue()):>10}{adapter_file:>14}")
-        out["bundles"][name] = {"tensors": len(manifest["tensors"]), "trained_bytes": trained,
-                                "all_run_tensor_bytes": all_bytes, "bundle_safetensors_bytes": st,
-                                "manifest_bytes": mf, "tar_bytes": len(buf.getvalue()), "by_ref": by_ref,
-                                "adapter_file_bytes": adapter_file, "ratio": round(ratio, 5),
-                                "pass": ratio <= GOAL_BUNDLE}
-    for name, b in out["bundles"].items():
+    bundles = {name: bundle_sizes(d, name, run) for name, run in runs.items()}
+    for name, b in bundles.items():
         print(f"  {name}: bundle.safetensors / trained bytes {b['ratio']:.4f}x (+ manifest {b['manifest_bytes']} B, "
               f"{b['manifest_bytes'] / b['trained_bytes']:.1%} of the trained bytes)   goal <= {GOAL_BUNDLE}x   "
               f"{'PASS' if b['pass'] else 'MISS'}")
+    return bundles
+
+
+def section_minilm(work: Path, rounds: int) -> dict[str, Any]:
+    """Sections 2 and 3 on the real MiniLM: latency after merge, and bundle sizes."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.update(CHILD_ENV)
+    import transformers
+
+    from pelt_cli.report import resolve_model
+
+    transformers.logging.set_verbosity_error()
+    base = resolve_model("minilm")
+    d = work / "minilm"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    runs = minilm_runs(d, base)
+    out: dict[str, Any] = {"latency": section_latency(d, base, runs["lora"], rounds)}
+    out["bundles"] = section_bundles(d, runs)
     return out
 
 

@@ -44,8 +44,9 @@ import torch  # noqa: E402
 
 from pelt_cli import heads, surgery  # noqa: E402
 from pelt_cli import recipe as rc  # noqa: E402
-from pelt_cli.apply import apply, load_base, load_run  # noqa: E402
+from pelt_cli.apply import apply  # noqa: E402
 from pelt_cli.report import resolve_model  # noqa: E402
+from pelt_cli.run import load_base, load_run  # noqa: E402
 
 HEAD = {"task": "text-classification", "labels": ["negative", "positive"], "hidden": 384, "dropout": 0.1}
 LR = 2e-3

@@ -12,7 +12,7 @@ bench/out too if it created it and it is empty) four ways, each durable on retur
   (a) ``safetensors.torch.save_file(tensors, path)`` followed by ``os.fsync`` of the file (timed too);
   (b) pelt's ``ShardedWriter(out_dir, specs, max_shard_size=None)`` + ``w.write(name, tensor)`` for each tensor
       (writes into a temporary sibling directory, fsyncs, renames into place, fsyncs the parent directory);
-  (b') pelt's single-file ``pelt_cli.checkpoint.save_file(tensors, path)`` (temporary name, fsync, rename);
+  (b') pelt's single-file ``pelt_cli.io.writer.save_file(tensors, path)`` (temporary name, fsync, rename);
   (c) ``dd if=/dev/zero of=FILE bs=16M count=64 conv=fsync``: what the disk can take, for reference.
 One untimed warm-up write, then 3 rounds, each round running every method once (interleaved, the order rotated
 by one each round so that no method always goes first); each output is deleted (untimed) before the next
@@ -43,8 +43,9 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
-from pelt_cli.checkpoint import ShardedWriter, TensorSpec, safetensors_dtype
-from pelt_cli.checkpoint import save_file as pelt_save_file
+from pelt_cli.io.header import TensorSpec, safetensors_dtype
+from pelt_cli.io.writer import ShardedWriter
+from pelt_cli.io.writer import save_file as pelt_save_file
 
 OUT = Path(__file__).resolve().parent / "out"
 ROUNDS = 3
@@ -126,6 +127,102 @@ def verify(tensors: dict[str, torch.Tensor], path: Path) -> tuple[bool, str]:
     return True, f"{len(tensors)} tensors bit-identical"
 
 
+def write_once(key: str, tensors: dict[str, torch.Tensor], dest: Path) -> tuple[float, float, Path]:
+    """One timed write with method ``key``: (write s, fsync/commit s, the output file)."""
+    if key == ST:
+        return run_st(tensors, dest.with_suffix(".safetensors"))
+    if key == SW:
+        return run_sharded(tensors, dest)
+    if key == PS:
+        return run_pelt_save(tensors, dest.with_suffix(".safetensors"))
+    return run_dd(dest.with_suffix(".bin"))
+
+
+def run_rounds(tensors: dict[str, torch.Tensor], work: Path) -> tuple[dict[str, list[tuple[float, float, int]]],
+                                                                      Path, Path]:
+    """ROUNDS interleaved rounds of every method; the results and the last round's two pelt outputs."""
+    methods = [ST, SW, PS, DD]
+    results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in methods}
+    for r in range(ROUNDS):
+        for key in methods[r % 4:] + methods[: r % 4]:  # rotate the order so no method is always first
+            dest = work / f"{key[1:key.index(')')].replace(chr(39), 'p')}-{r}"
+            w, f, path = write_once(key, tensors, dest)
+            size = path.stat().st_size
+            results[key].append((w, f, size))
+            last_round = r == ROUNDS - 1  # keep the last round's pelt outputs for verify()
+            if last_round and key == SW:
+                sw_path = path
+            elif last_round and key == PS:
+                ps_path = path
+            else:
+                remove(path.parent if key == SW else path)
+    return results, sw_path, ps_path
+
+
+def print_table(results: dict[str, list[tuple[float, float, int]]], med: dict[str, float]) -> None:
+    """MB/s, total, write and fsync seconds of every method, and the ratios."""
+    ratio, ratio_ps = med[SW] / med[ST], med[PS] / med[ST]
+    print(f"{'method':<42}{'MB/s':>8}{'total s':>9}{'write s':>9}{'fsync s':>9}{'runs MB/s':>24}")
+    for k, rs in results.items():
+        tot = statistics.median(w + f for w, f, _ in rs)
+        wr = statistics.median(w for w, _, _ in rs)
+        fs = statistics.median(f for _, f, _ in rs)
+        split = f"{wr:>9.2f}{fs:>9.2f}" if k in (ST, SW) else f"{'-':>9}{'-':>9}"
+        runs = " ".join(f"{size / (w + f) / 1e6:.0f}" for w, f, size in rs)
+        print(f"{k:<42}{med[k]:>8.0f}{tot:>9.2f}{split}{runs:>24}")
+    print(f"ratio pelt ShardedWriter / safetensors save_file: {ratio:.2f}x   goal >= {GOAL_RATIO}x   "
+          f"{'PASS' if ratio >= GOAL_RATIO else 'MISS'}")
+    print(f"info: pelt save_file / safetensors save_file: {ratio_ps:.2f}x;  "
+          f"ShardedWriter / dd: {med[SW] / med[DD]:.2f}x;  safetensors save_file / dd: {med[ST] / med[DD]:.2f}x")
+
+
+def result_json(results: dict[str, list[tuple[float, float, int]]], med: dict[str, float], data_bytes: int,
+                ok_sw: bool, ok_ps: bool) -> dict[str, object]:
+    """The last line's JSON object."""
+    ratio = med[SW] / med[ST]
+    return {
+        "bench": "writer",
+        "rounds": ROUNDS,
+        "bytes": data_bytes,
+        "mb_per_s": {
+            "safetensors_save_file_fsync": round(med[ST], 1),
+            "pelt_sharded_writer": round(med[SW], 1),
+            "pelt_save_file": round(med[PS], 1),
+            "dd_conv_fsync": round(med[DD], 1),
+        },
+        "runs_s": {k.split(" ", 1)[1]: [round(w + f, 3) for w, f, _ in rs] for k, rs in results.items()},
+        "ratio_sharded_writer_vs_save_file": round(ratio, 3),
+        "ratio_pelt_save_file_vs_save_file": round(med[PS] / med[ST], 3),
+        "goal_ratio": GOAL_RATIO,
+        "ratio_pass": ratio >= GOAL_RATIO,
+        "bit_identical_sharded_writer": ok_sw,
+        "bit_identical_pelt_save_file": ok_ps,
+    }
+
+
+def bench(work: Path) -> None:
+    """Warm up, run the rounds in ``work``, print the table, verify both pelt outputs and print the JSON."""
+    vfs = os.statvfs(work)
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < 4 * 2**30:
+        raise SystemExit(f"{OUT}: only {free / 2**30:.1f} GiB free, need 4 GiB")
+    tensors = make_tensors()
+    data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"writing {len(tensors)} tensors, {data_bytes / 2**30:.2f} GiB, to {work} "
+          f"({ROUNDS} rounds, interleaved, fsync in every method)")
+    # untimed warm-up: the first large write of a process pays for faulting in page-cache pages
+    _, _, p = run_pelt_save(tensors, work / "warmup.safetensors")
+    p.unlink()
+    results, sw_path, ps_path = run_rounds(tensors, work)
+    med = {k: statistics.median(size / (w + f) / 1e6 for w, f, size in rs) for k, rs in results.items()}
+    print_table(results, med)
+    ok_sw, msg_sw = verify(tensors, sw_path)
+    ok_ps, msg_ps = verify(tensors, ps_path)
+    for what, ok_v, msg in (("ShardedWriter", ok_sw, msg_sw), ("pelt save_file", ok_ps, msg_ps)):
+        print(f"reload {what} output with safetensors.torch.load_file: {msg}   {'PASS' if ok_v else 'MISS'}")
+    print(json.dumps(result_json(results, med, data_bytes, ok_sw, ok_ps)))
+
+
 def main() -> int:
     global ROUNDS
     if "--rounds" in sys.argv:
@@ -135,84 +232,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-writer-", dir=OUT))
     try:
-        vfs = os.statvfs(work)
-        free = vfs.f_bavail * vfs.f_frsize
-        if free < 4 * 2**30:
-            raise SystemExit(f"{OUT}: only {free / 2**30:.1f} GiB free, need 4 GiB")
-        tensors = make_tensors()
-        data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        print(f"writing {len(tensors)} tensors, {data_bytes / 2**30:.2f} GiB, to {work} "
-              f"({ROUNDS} rounds, interleaved, fsync in every method)")
-
-        # untimed warm-up: the first large write of a process pays for faulting in page-cache pages
-        _, _, p = run_pelt_save(tensors, work / "warmup.safetensors")
-        p.unlink()
-        methods = [ST, SW, PS, DD]
-        results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in methods}
-        for r in range(ROUNDS):
-            for key in methods[r % 4:] + methods[: r % 4]:  # rotate the order so no method is always first
-                dest = work / f"{key[1:key.index(')')].replace(chr(39), 'p')}-{r}"
-                if key == ST:
-                    w, f, path = run_st(tensors, dest.with_suffix(".safetensors"))
-                elif key == SW:
-                    w, f, path = run_sharded(tensors, dest)
-                elif key == PS:
-                    w, f, path = run_pelt_save(tensors, dest.with_suffix(".safetensors"))
-                else:
-                    w, f, path = run_dd(dest.with_suffix(".bin"))
-                size = path.stat().st_size
-                results[key].append((w, f, size))
-                last_round = r == ROUNDS - 1  # keep the last round's pelt outputs for verify()
-                if last_round and key == SW:
-                    sw_path = path
-                elif last_round and key == PS:
-                    ps_path = path
-                else:
-                    remove(path.parent if key == SW else path)
-
-        def mbps(key: str) -> float:
-            return statistics.median(size / (w + f) / 1e6 for w, f, size in results[key])
-
-        med = {k: mbps(k) for k in results}
-        ratio = med[SW] / med[ST]
-        ratio_ps = med[PS] / med[ST]
-        ok = ratio >= GOAL_RATIO
-
-        print(f"{'method':<42}{'MB/s':>8}{'total s':>9}{'write s':>9}{'fsync s':>9}{'runs MB/s':>24}")
-        for k, rs in results.items():
-            tot = statistics.median(w + f for w, f, _ in rs)
-            wr = statistics.median(w for w, _, _ in rs)
-            fs = statistics.median(f for _, f, _ in rs)
-            split = f"{wr:>9.2f}{fs:>9.2f}" if k in (ST, SW) else f"{'-':>9}{'-':>9}"
-            runs = " ".join(f"{size / (w + f) / 1e6:.0f}" for w, f, size in rs)
-            print(f"{k:<42}{med[k]:>8.0f}{tot:>9.2f}{split}{runs:>24}")
-        print(f"ratio pelt ShardedWriter / safetensors save_file: {ratio:.2f}x   goal >= {GOAL_RATIO}x   "
-              f"{'PASS' if ok else 'MISS'}")
-        print(f"info: pelt save_file / safetensors save_file: {ratio_ps:.2f}x;  "
-              f"ShardedWriter / dd: {med[SW] / med[DD]:.2f}x;  safetensors save_file / dd: {med[ST] / med[DD]:.2f}x")
-
-        ok_sw, msg_sw = verify(tensors, sw_path)
-        ok_ps, msg_ps = verify(tensors, ps_path)
-        for what, ok_v, msg in (("ShardedWriter", ok_sw, msg_sw), ("pelt save_file", ok_ps, msg_ps)):
-            print(f"reload {what} output with safetensors.torch.load_file: {msg}   {'PASS' if ok_v else 'MISS'}")
-        print(json.dumps({
-            "bench": "writer",
-            "rounds": ROUNDS,
-            "bytes": data_bytes,
-            "mb_per_s": {
-                "safetensors_save_file_fsync": round(med[ST], 1),
-                "pelt_sharded_writer": round(med[SW], 1),
-                "pelt_save_file": round(med[PS], 1),
-                "dd_conv_fsync": round(med[DD], 1),
-            },
-            "runs_s": {k.split(" ", 1)[1]: [round(w + f, 3) for w, f, _ in rs] for k, rs in results.items()},
-            "ratio_sharded_writer_vs_save_file": round(ratio, 3),
-            "ratio_pelt_save_file_vs_save_file": round(ratio_ps, 3),
-            "goal_ratio": GOAL_RATIO,
-            "ratio_pass": ok,
-            "bit_identical_sharded_writer": ok_sw,
-            "bit_identical_pelt_save_file": ok_ps,
-        }))
+        bench(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if created:

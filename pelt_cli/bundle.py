@@ -19,53 +19,31 @@ import json
 import os
 import tarfile
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pelt_cli import __version__
-from pelt_cli.apply import ADAPTER_FILE, RECIPE_FILE, RUN_FILE, RUN_FORMAT, atomic_dir, read_run
-from pelt_cli.checkpoint import (
-    TensorReader,
-    fingerprint,
-    open_checkpoint,
-    save_file,
-    structure_fingerprint,
-    tensor_digest,
-)
-from pelt_cli.errors import CheckpointError, OutputExistsError, PeltError, UsageError
-from pelt_cli.merge import GATES_FILE, clean_stale_temps, expected_state, meta_model
+from pelt_cli.errors import BaseMismatch, CheckpointError, UsageError
+from pelt_cli.io.atomic import atomic_dir, prepare_out
+from pelt_cli.io.checkpoint import open_checkpoint
+from pelt_cli.io.fingerprint import tensor_digest
+from pelt_cli.io.reader import TensorReader
+from pelt_cli.io.writer import save_file
+from pelt_cli.recipe import Recipe
+from pelt_cli.run import ADAPTER_FILE, GATES_FILE, Base, PlanRow, Run, check_state, now
 
 BUNDLE_FILE = "bundle.safetensors"
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = 1
 
 
-class BaseMismatch(PeltError):
-    """A bundle or adapter offered to a base other than the one it was made on."""
-
-    exit_code = 2
-
-
-class ExportRefused(PeltError):
-    """A run that the requested format cannot represent."""
-
-    exit_code = 2
-
-
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists", hint="choose another -o path or pass --force")
-    clean_stale_temps(out)
-
-
 # ---------------------------------------------------------------------------------------------------- bundles
 
-def _base_refs(meta: dict, adapter: Any, digests: dict[str, str]) -> dict[str, str]:
+def _base_refs(run: Run, adapter: Any, digests: dict[str, str]) -> dict[str, str]:
     """Run tensor → base tensor with the same bytes. Only same dtype+shape base tensors are hashed."""
     try:
-        base = open_checkpoint(meta["base"]["path"])
+        base = run.base(check=False).ckpt
     except CheckpointError:
         return {}  # base not here: keep everything (the bundle is then self-contained)
     kinds = {(i.dtype, i.shape) for i in adapter.tensors.values()}
@@ -77,9 +55,8 @@ def _base_refs(meta: dict, adapter: Any, digests: dict[str, str]) -> dict[str, s
     return {n: by_digest[d] for n, d in digests.items() if d in by_digest}
 
 
-def _manifest(meta: dict, run_dir: Path, adapter: Any, digests: dict[str, str], refs: dict[str, str]) -> dict:
-    gates = run_dir / GATES_FILE
-    b = meta["base"]
+def _manifest(run: Run, adapter: Any, digests: dict[str, str], refs: dict[str, str]) -> dict:
+    b = run.meta.base
     tensors = []
     for name in sorted(adapter.tensors):
         info = adapter.tensors[name]
@@ -91,12 +68,11 @@ def _manifest(meta: dict, run_dir: Path, adapter: Any, digests: dict[str, str], 
         tensors.append(row)
     return {
         "format": "pelt-bundle", "format_version": BUNDLE_FORMAT, "pelt_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"fingerprint": b["fingerprint"], "structure": b["structure"], "path_hint": b["path"],
-                 "family": b.get("family"), "model_class": b.get("model_class"), "params": b.get("params")},
-        "recipe": meta["recipe"], "new_params": meta.get("new_params"), "insertions": meta["insertions"],
-        "head": meta.get("head"),
-        "gates": json.loads(gates.read_text(encoding="utf-8")) if gates.is_file() else None,
+        "created": now(),
+        "base": {"fingerprint": b.fingerprint, "structure": b.structure, "path_hint": b.path,
+                 "family": b.family, "model_class": b.model_class, "params": b.params},
+        "recipe": run.meta.recipe, "new_params": run.meta.new_params,
+        "insertions": [asdict(r) for r in run.insertions], "head": run.head, "gates": run.gates(),
         "tensors": tensors,
     }
 
@@ -116,18 +92,17 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     Returns:
         The manifest.
     """
-    run_dir = Path(run_dir)
-    meta = read_run(run_dir)
-    adapter = open_checkpoint(run_dir / ADAPTER_FILE)
+    run = Run.open(run_dir)
+    adapter = open_checkpoint(run.path(ADAPTER_FILE))
     digests = {n: tensor_digest(i) for n, i in adapter.tensors.items()}
-    refs = _base_refs(meta, adapter, digests)
-    manifest = _manifest(meta, run_dir, adapter, digests, refs)
+    refs = _base_refs(run, adapter, digests)
+    manifest = _manifest(run, adapter, digests, refs)
     files = [MANIFEST_FILE, BUNDLE_FILE]
     peft_files = None
     if peft:
         from pelt_cli.peft_format import PEFT_CONFIG, PEFT_WEIGHTS, peft_adapter, write_peft
 
-        peft_files = peft_adapter(run_dir)  # refuses before anything is written
+        peft_files = peft_adapter(run)  # refuses before anything is written
         files += [PEFT_CONFIG, PEFT_WEIGHTS]
 
     def fill(d: Path) -> None:
@@ -153,7 +128,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
                         tar.addfile(info, f)
         return manifest
     out = Path(out)
-    _prepare_out(out, force)
+    prepare_out(out, force)
     with atomic_dir(out, force) as tmp:
         fill(tmp)
     return manifest
@@ -169,9 +144,30 @@ def _open_bundle(path: Path, scratch: Path) -> Path:
         for member in tar.getmembers():
             if member.name in (MANIFEST_FILE, BUNDLE_FILE) and member.isfile():
                 src = tar.extractfile(member)
-                assert src is not None
+                if src is None:
+                    raise CheckpointError(f"{path}: cannot read {member.name} from the tar")
                 (scratch / member.name).write_bytes(src.read())
     return scratch
+
+
+def _read_manifest(bdir: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((bdir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{bdir}: no readable {MANIFEST_FILE} ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "pelt-bundle" or not isinstance(
+            manifest.get("format_version", 99), int) or manifest.get("format_version", 99) > BUNDLE_FORMAT:
+        got = manifest if not isinstance(manifest, dict) else (manifest.get("format"), manifest.get("format_version"))
+        raise CheckpointError(f"{bdir}: not a pelt bundle this version understands (format {got})")
+    return manifest
+
+
+def _check_base(base: Base, manifest: dict[str, Any], model: Any, force: bool) -> None:
+    want = manifest["base"]
+    if base.fingerprint() != want["fingerprint"] and not force:
+        raise BaseMismatch(f"{model}: fingerprint {base.fingerprint()} differs from the bundle's base "
+                           f"{want['fingerprint']} (exported from {want.get('path_hint')})",
+                           hint="pass the base the bundle was exported from, or --force to use this one anyway")
 
 
 def apply_bundle(bundle_dir: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -189,56 +185,28 @@ def apply_bundle(bundle_dir: str | os.PathLike[str], model: str | os.PathLike[st
             takes from the base has other content there (always).
         CheckpointError: a corrupt bundle (checksum mismatch) or one that does not fit the base's structure.
     """
-    import yaml
-
-    from pelt_cli.recipe import dump, loads
-    from pelt_cli.sites import detect_family
-    from pelt_cli.surgery import freeze_base
-
     out = Path(out)
-    _prepare_out(out, force)
+    prepare_out(out, force)
+    base = Base.open(model)
     with tempfile.TemporaryDirectory(prefix="pelt-bundle-") as scratch:
         bdir = _open_bundle(Path(bundle_dir), Path(scratch))
-        try:
-            manifest = json.loads((bdir / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{bdir}: no readable {MANIFEST_FILE} ({e})") from None
-        if manifest.get("format") != "pelt-bundle" or manifest.get("format_version", 99) > BUNDLE_FORMAT:
-            raise CheckpointError(f"{bdir}: not a pelt bundle this version understands "
-                                  f"(format {manifest.get('format')} v{manifest.get('format_version')})")
-        ckpt = open_checkpoint(model)
-        fp, st = fingerprint(ckpt), structure_fingerprint(ckpt)
-        want = manifest["base"]
-        if fp != want["fingerprint"] and not force:
-            raise BaseMismatch(f"{model}: fingerprint {fp} differs from the bundle's base {want['fingerprint']} "
-                               f"(exported from {want.get('path_hint')})",
-                               hint="pass the base the bundle was exported from, or --force to use this one anyway")
-        state = _bundle_tensors(bdir, manifest, ckpt)
-    recipe = loads(yaml.safe_dump(manifest["recipe"], sort_keys=False), str(Path(bundle_dir) / MANIFEST_FILE))
-    skel, _, rows = meta_model(ckpt.directory, recipe, manifest.get("head"))
-    if [(r.site, r.method) for r in rows] != [(i["site"], i["method"]) for i in manifest["insertions"]]:
-        raise CheckpointError(f"{model}: the bundle's recipe inserts other modules on this base than it recorded")
-    if expected_state(skel) != {n: tuple(t.shape) for n, t in state.items()}:
-        raise CheckpointError(f"{model}: the bundle's tensors do not fit this base's layers (names or shapes)")
-    trainable, _ = freeze_base(skel)
-    run = {
-        "format": RUN_FORMAT, "pelt_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"path": str(Path(ckpt.root).resolve()), "fingerprint": fp, "structure": st,
-                 "family": detect_family(ckpt), "model_class": type(skel).__name__, "params": ckpt.total_params},
-        "recipe": recipe.to_dict(), "new_params": trainable,
-        "insertions": [asdict(r) for r in rows],
-        "from_bundle": {"base_fingerprint": want["fingerprint"], "created": manifest.get("created")},
-    }
-    if manifest.get("head"):
-        run["head"] = manifest["head"]
-    with atomic_dir(out, force) as tmp:
-        save_file(state, tmp / ADAPTER_FILE, metadata={"pelt_run_format": str(RUN_FORMAT)})
-        (tmp / RECIPE_FILE).write_text("# rebuilt from a pelt bundle\n" + dump(recipe), encoding="utf-8")
-        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-        if manifest.get("gates"):
-            (tmp / GATES_FILE).write_text(json.dumps(manifest["gates"], indent=2) + "\n", encoding="utf-8")
-    return out
+        manifest = _read_manifest(bdir)
+        _check_base(base, manifest, model, force)
+        state = _bundle_tensors(bdir, manifest, base.ckpt)
+    recipe = Recipe.from_dict(manifest["recipe"], str(Path(bundle_dir) / MANIFEST_FILE))
+    run = Run.create(base, recipe, [PlanRow.from_dict(r) for r in manifest["insertions"]], "", 0,
+                     from_bundle={"base_fingerprint": manifest["base"]["fingerprint"],
+                                  "created": manifest.get("created")})
+    run.meta.head = manifest.get("head")
+    skel, rows = run.skeleton(base)
+    run.check_rows(rows, base)
+    check_state(state, skel, Path(bundle_dir))
+    from pelt_cli.surgery import freeze_base
+
+    run.meta.new_params, _ = freeze_base(skel)
+    run.meta.base.model_class, run.meta.insertions = type(skel).__name__, rows
+    gates = {GATES_FILE: json.dumps(manifest["gates"], indent=2) + "\n"} if manifest.get("gates") else {}
+    return run.write(out, state, force=force, note="rebuilt from a pelt bundle", files=gates)
 
 
 def _bundle_tensors(bdir: Path, manifest: dict, ckpt: Any) -> dict[str, Any]:

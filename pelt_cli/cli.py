@@ -1,12 +1,21 @@
-"""The ``pelt`` command line: parse, call the library, print. torch and transformers load inside commands only."""
+"""The ``pelt`` command line: parse, call the library, print. torch and transformers load inside commands only.
+
+Each command is a thin function: resolve its arguments, call one library function, hand the result to
+:mod:`pelt_cli.console`. Arguments and options used by several commands are declared once, as ``Annotated`` aliases
+(``RunArg``, ``ModelArg``, ``ForceOpt``, ``FormatOpt``, ``OutOpt``, …); choices are enums. :func:`main` maps errors to
+one line on stderr and an exit code, and treats a closed stdout (``pelt … | head``) as success.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
+from dataclasses import fields
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,8 +24,11 @@ try:  # typer >= 0.2x vendors its own click
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as _cx
 
-from . import __version__
-from .errors import PeltError, RecipeError, UsageError
+from pelt_cli import __version__, console
+from pelt_cli.errors import PeltError, RecipeError, UsageError
+
+if TYPE_CHECKING:
+    from pelt_cli.train import TrainConfig
 
 app = typer.Typer(
     name="pelt",
@@ -28,6 +40,8 @@ app = typer.Typer(
     # Rich help panels on a terminal; plain click help in a pipe (and 2× faster: rich is not imported).
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
 )
+
+# ------------------------------------------------------------------------------------------------ choices
 
 
 class Format(str, Enum):
@@ -47,27 +61,74 @@ class Shell(str, Enum):
     fish = "fish"
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"pelt {__version__}")
-        raise typer.Exit()
+class Per(str, Enum):
+    """Groups for ``pelt prune --keep-top-k``."""
+
+    method = "method"
+    layer = "layer"
 
 
-@app.callback()
-def main_callback(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logs on stderr.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
-) -> None:
-    """pelt: PEFT model surgery from the shell."""
-    os.environ["PELT_VERBOSITY"] = "0" if quiet else str(1 + verbose)
+class FreezeGates(str, Enum):
+    """How ``pelt merge`` folds gated LoRA."""
+
+    mean = "mean"
+
+
+class Dtype(str, Enum):
+    """Output dtypes of ``pelt merge`` (the names :data:`pelt_cli.merge.DTYPE_CODES` accepts)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp64 = "fp64"
+    half = "half"
+    float_ = "float"
+
+
+class Task(str, Enum):
+    """Training tasks (:data:`pelt_cli.data.TASKS`)."""
+
+    text_classification = "text-classification"
+    pair_classification = "pair-classification"
+    causal_lm = "causal-lm"
+    audio_classification = "audio-classification"
+    domain_matching = "domain-matching"
+
+
+class Schedule(str, Enum):
+    """Learning-rate schedules after warm-up."""
+
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class GateSparsity(str, Enum):
+    """Sparsity terms on the gates."""
+
+    none = "none"
+    entropy = "entropy"
+    l1 = "l1"
+
+
+class Device(str, Enum):
+    """Where ``pelt train`` runs."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# ------------------------------------------------------------------------------------------------ completion
 
 
 def complete_model(incomplete: str) -> list[str]:
     """Complete MODEL: short names, then paths."""
-    from .report import SHORT_NAMES
+    from pelt_cli.report import SHORT_NAMES
 
     names = [n for n in SHORT_NAMES if n.startswith(incomplete)]
     base = Path(incomplete).expanduser()
@@ -83,6 +144,123 @@ def complete_model(incomplete: str) -> list[str]:
     return names
 
 
+def complete_recipe(incomplete: str) -> list[str]:
+    """Complete RECIPE: bundled names, then .yaml paths."""
+    from pelt_cli.bundled import bundled
+
+    names = [n for n in bundled() if n.startswith(incomplete)]
+    return names + [p for p in complete_model(incomplete) if p.endswith((".yaml", ".yml", "/"))]
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+# Declared once, used by name in the commands' signatures.
+
+RunArg = Annotated[
+    str,
+    typer.Argument(
+        help="Run directory from pelt apply, or - to read it from stdin.",
+        show_default=False,
+        autocompletion=complete_model,
+    ),
+]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Base checkpoint: directory, .safetensors file, short name (minilm), or - to read the path from stdin.",
+        autocompletion=complete_model,
+        show_default=False,
+    ),
+]
+RecipeArg = Annotated[
+    str,
+    typer.Argument(
+        help="A recipe file or a bundled recipe name (pelt recipes ls).",
+        show_default=False,
+        autocompletion=complete_recipe,
+    ),
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Recipe overrides: KEY=VALUE (YAML value) or ~KEY to delete, e.g. inserts.0.params.rank=16.",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Directory to write (must not exist, unless --force).",
+        show_default=False,
+        rich_help_panel="Output",
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel="Dangerous")]
+FormatOpt = Annotated[
+    Format | None,
+    typer.Option(
+        "--format",
+        help="Output format [default: table on a terminal, tsv in a pipe].",
+        rich_help_panel="Output",
+        show_default=False,
+    ),
+]
+
+
+def _opt(panel: str | None, help: str, *decls: str) -> Any:
+    """An option in a help panel; its name defaults to the parameter's (``batch_size`` → ``--batch-size``)."""
+    return typer.Option(*decls, help=help, rich_help_panel=panel)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pelt {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[
+    bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+]
+VerboseOpt = Annotated[
+    int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr (-vv: also transformers' logs).")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr: no progress, no info lines.")
+]
+
+
+@app.callback()
+def main_callback(version: VersionOpt = False, verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
+    """pelt: PEFT model surgery from the shell."""
+    console.set_verbosity(console.QUIET if quiet else console.NORMAL + verbose)
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+InspectArg = Annotated[
+    str,
+    typer.Argument(
+        help="A checkpoint directory, a .safetensors file, a short name (minilm), "
+        "a run directory, or - to read the path from stdin.",
+        autocompletion=complete_model,
+        show_default=False,
+    ),
+]
+SummaryOpt = Annotated[bool, _opt("Output", "Totals per dtype, role, block and layer.", "--summary", "-s")]
+FilterOpt = Annotated[
+    list[str] | None,
+    _opt("Input", "Keep tensors whose name (glob, {a,b}) or role matches; repeatable.", "--filter", "-f"),
+]
+ExcludeOpt = Annotated[
+    list[str] | None, _opt("Input", "Drop tensors whose name or role matches; repeatable.", "--exclude", "-x")
+]
+DepthOpt = Annotated[int | None, _opt("Output", "Roll tensors up to their first N name segments.", "--depth", "-d")]
+SortOpt = Annotated[str | None, _opt("Output", "KEY[:desc], KEY in name, params, bytes, role, layer, dtype.", "--sort")]
+LimitOpt = Annotated[int | None, _opt("Output", "Show the first N rows.", "--limit", "-n")]
+JsonOpt = Annotated[bool, _opt("Output", "Same as --format json.", "--json")]
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  pelt inspect minilm --summary\n\n"
@@ -91,83 +269,49 @@ def complete_model(incomplete: str) -> list[str]:
     "Exit codes: 0 ok (also when stdout closes early, e.g. '| head'); 1 runtime failure; 2 bad input.",
 )
 def inspect(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="A checkpoint directory, a .safetensors file, a short name (minilm), or - to read the path "
-            "from stdin.",
-            autocompletion=complete_model,
-            show_default=False,
-        ),
-    ],
-    summary: Annotated[
-        bool, typer.Option("--summary", "-s", help="Totals per dtype, role, block and layer.", rich_help_panel="Output")
-    ] = False,
-    include: Annotated[
-        list[str] | None,
-        typer.Option("--filter", "-f", help="Keep tensors whose name (glob, {a,b}) or role matches; repeatable.",
-                     rich_help_panel="Input"),
-    ] = None,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option("--exclude", "-x", help="Drop tensors whose name or role matches; repeatable.",
-                     rich_help_panel="Input"),
-    ] = None,
-    depth: Annotated[
-        int | None,
-        typer.Option("--depth", "-d", help="Roll tensors up to their first N name segments.", rich_help_panel="Output"),
-    ] = None,
-    sort: Annotated[
-        str | None,
-        typer.Option("--sort", help="KEY[:desc], KEY in name, params, bytes, role, layer, dtype.",
-                     rich_help_panel="Output"),
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", "-n", help="Show the first N rows.", rich_help_panel="Output")
-    ] = None,
-    fmt: Annotated[
-        Format | None,
-        typer.Option("--format", help="Output format [default: table on a terminal, tsv in a pipe].",
-                     rich_help_panel="Output", show_default=False),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.", rich_help_panel="Output")] = False,
+    model: InspectArg,
+    summary: SummaryOpt = False,
+    include: FilterOpt = None,
+    exclude: ExcludeOpt = None,
+    depth: DepthOpt = None,
+    sort: SortOpt = None,
+    limit: LimitOpt = None,
+    fmt: FormatOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show a checkpoint's tensors with role, layer, dtype, shape, params and bytes, read from headers only."""
-    from . import console
-    from .report import inspect_checkpoint, resolve_model
+    from pelt_cli.report import inspect_checkpoint
 
-    path = resolve_model(model)
-    chosen = "json" if as_json else (fmt.value if fmt else console.default_format())
+    path = _path(model)
+    chosen = _format(Format.json if as_json else fmt)
     if (path / "run.json").is_file():
-        from .apply import run_report
+        from pelt_cli.apply import run_report
 
-        with console.closed_pipe_ok():
-            console.emit_run(run_report(path), chosen)
+        console.emit_run(run_report(path), chosen)
         return
     report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
     if report["family"] is None:
         console.info(f"note: {path}: model family not recognised, roles are 'unknown'")
-    with console.closed_pipe_ok():
-        console.emit_inspect(report, chosen, summary)
+    console.emit_inspect(report, chosen, summary)
 
 
-OverridesArg = Annotated[
-    list[str] | None,
-    typer.Argument(help="Recipe overrides: KEY=VALUE (YAML value) or ~KEY to delete, e.g. inserts.0.params.rank=16.",
-                   show_default=False),
+# ------------------------------------------------------------------------------------------------ apply, validate
+
+RunOutOpt = Annotated[
+    Path | None,
+    _opt("Output", "Run directory to write (must not exist) [default: runs/RECIPE-TIMESTAMP].", "--out", "-o"),
 ]
-RecipeArg = Annotated[
-    str, typer.Argument(help="A recipe file or a bundled recipe name (pelt recipes ls).", show_default=False,
-                        autocompletion=lambda incomplete: complete_recipe(incomplete)),
+PlanOpt = Annotated[
+    bool, _opt("Output", "Print the plan (sites, new parameters) and write nothing.", "--dry-run", "-n")
 ]
-
-
-def complete_recipe(incomplete: str) -> list[str]:
-    """Complete RECIPE: bundled names, then .yaml paths."""
-    from .bundled import bundled
-
-    names = [n for n in bundled() if n.startswith(incomplete)]
-    return names + [p for p in complete_model(incomplete) if p.endswith((".yaml", ".yml", "/"))]
+CheckModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Also check the recipe against this checkpoint (headers and config; no weights are loaded).",
+        autocompletion=complete_model,
+        show_default=False,
+    ),
+]
 
 
 @app.command(
@@ -179,52 +323,33 @@ def complete_recipe(incomplete: str) -> list[str]:
 )
 def apply(
     recipe: RecipeArg,
-    model: Annotated[str, typer.Argument(help="Base checkpoint: directory, .safetensors file, short name, or -.",
-                                         autocompletion=complete_model, show_default=False)],
+    model: ModelArg,
     overrides: OverridesArg = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write (must not exist) "
-                                             "[default: runs/RECIPE-TIMESTAMP].", rich_help_panel="Output")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan (sites, new parameters) and "
-                                          "write nothing.", rich_help_panel="Output")] = False,
-    fmt: Annotated[Format | None, typer.Option("--format", help="Plan format for --dry-run [default: table on a "
-                                               "terminal, tsv in a pipe].", rich_help_panel="Output",
-                                               show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.",
-                                        rich_help_panel="Dangerous")] = False,
+    out: RunOutOpt = None,
+    dry_run: PlanOpt = False,
+    fmt: FormatOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Insert PEFT modules where a recipe says and write a run directory that references the base."""
-    from . import console
-    from .apply import apply as do_apply
-    from .apply import plan
-    from .recipe import load
-    from .report import resolve_model
+    from pelt_cli.apply import apply as do_apply
+    from pelt_cli.apply import plan
+    from pelt_cli.recipe import load
 
-    base = resolve_model(model)
+    base = _path(model)
     rec = load(recipe, overrides or [])
     if dry_run:
-        with console.closed_pipe_ok():
-            console.emit_plan(plan(rec, base).to_dict(), fmt.value if fmt else console.default_format())
+        console.emit_plan(plan(rec, base).to_dict(), _format(fmt))
         return
-    run_dir = do_apply(rec, base, out or default_run_dir(rec.name), force=force)
-    console.info(f"wrote {run_dir}")
-    with console.closed_pipe_ok():
-        print(run_dir)
+    _wrote(do_apply(rec, base, out or default_run_dir(rec.name), force=force))
 
 
-@app.command(epilog="Examples:\n\n  pelt validate recipes/unipelt.yaml\n\n  pelt validate lora ./llama "
-             "inserts.0.params.rank=64")
-def validate(
-    recipe: RecipeArg,
-    model: Annotated[str | None, typer.Argument(help="Also check the recipe against this checkpoint (headers and "
-                                                "config; no weights are loaded).", autocompletion=complete_model,
-                                                show_default=False)] = None,
-    overrides: OverridesArg = None,
-) -> None:
+@app.command(
+    epilog="Examples:\n\n  pelt validate recipes/unipelt.yaml\n\n  pelt validate lora ./llama inserts.0.params.rank=64"
+)
+def validate(recipe: RecipeArg, model: CheckModelArg = None, overrides: OverridesArg = None) -> None:
     """Check a recipe: schema, types and ranges, and, given a MODEL, that every target matches and fits."""
-    from . import console
-    from .apply import plan
-    from .recipe import load
-    from .report import resolve_model
+    from pelt_cli.apply import plan
+    from pelt_cli.recipe import load
 
     if model is not None and "=" in model:
         overrides, model = [model, *(overrides or [])], None
@@ -232,72 +357,70 @@ def validate(
     if model is None:
         console.info(f"ok: {rec.source}: {len(rec.inserts)} insert(s) valid")
         return
-    p = plan(rec, resolve_model(model))
-    console.info(f"ok: {rec.source} on {p.base}: {len(p.rows)} site(s), {p.new_params:,} new parameters "
-                 f"({100 * p.new_params / max(p.base_params, 1):.3f}% of {p.base_params:,})")
+    p = plan(rec, _path(model))
+    share = 100 * p.new_params / max(p.base_params, 1)
+    console.info(
+        f"ok: {rec.source} on {p.base}: {len(p.rows)} site(s), {p.new_params:,} new parameters "
+        f"({share:.3f}% of {p.base_params:,})"
+    )
 
+
+# ------------------------------------------------------------------------------------------------ recipes
 
 recipes_app = typer.Typer(help="Bundled recipes: list, show, copy.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+DestArg = Annotated[Path, typer.Argument(help="Destination file or directory.", show_default=False)]
 
 
 @recipes_app.command("ls")
-def recipes_ls() -> None:
+def recipes_ls(fmt: FormatOpt = None) -> None:
     """List the bundled recipes with their descriptions."""
-    from . import console
-    from .bundled import bundled, description
+    from pelt_cli.bundled import bundled, description
 
-    with console.closed_pipe_ok():
-        for name, path in bundled().items():
-            print(f"{name}\t{description(path)}")
+    console.emit_recipes({name: description(path) for name, path in bundled().items()}, _format(fmt))
 
 
 @recipes_app.command("cat")
 def recipes_cat(name: RecipeArg) -> None:
     """Print a bundled recipe."""
-    from . import console
-    from .bundled import find_recipe
+    from pelt_cli.bundled import find_recipe
 
-    with console.closed_pipe_ok():
-        sys.stdout.write(find_recipe(name).read_text(encoding="utf-8"))
+    sys.stdout.write(find_recipe(name).read_text(encoding="utf-8"))
 
 
 @recipes_app.command("cp")
-def recipes_cp(
-    name: RecipeArg,
-    dest: Annotated[Path, typer.Argument(help="Destination file or directory.", show_default=False)],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
-) -> None:
+def recipes_cp(name: RecipeArg, dest: DestArg, force: ForceOpt = False) -> None:
     """Copy a bundled recipe to edit it."""
-    from .bundled import find_recipe
-    from .errors import OutputExistsError
+    from pelt_cli.bundled import find_recipe
+    from pelt_cli.errors import OutputExistsError
+    from pelt_cli.io.atomic import write_text_atomic
 
     src = find_recipe(name)
     target = dest / src.name if dest.is_dir() else dest
     if target.exists() and not force:
         raise OutputExistsError(f"{target}: already exists", hint="pass --force to overwrite")
-    tmp = target.with_name(f".{target.name}.pelt-tmp")
-    tmp.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, src.read_text(encoding="utf-8"))
     print(target)
 
 
-def default_run_dir(name: str) -> Path:
-    """``runs/NAME-YYYYmmdd-HHMMSS`` (with a counter if that exists): where ``pelt apply`` writes without -o."""
-    import time
+# ------------------------------------------------------------------------------------------------ train
 
-    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = stem, 1
-    while out.exists():
-        n += 1
-        out = stem.with_name(f"{stem.name}-{n}")
-    return out
-
-
-def _run_arg(value: str) -> Path:
-    from .report import resolve_model
-
-    return resolve_model(value)
+TRAINING, GATES, INPUT = "Training", "Gates", "Input"
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Training data: JSONL, CSV or TSV, or a built-in dataset (vader).",
+        rich_help_panel=INPUT,
+        show_default=False,
+    ),
+]
+EvalOpt = Annotated[
+    str | None, _opt(INPUT, "Eval data (default: the built-in eval split, else --eval-fraction of --data).", "--eval")
+]
+TokenizerOpt = Annotated[str | None, _opt(INPUT, "Tokenizer directory if the base has none.")]
+ResumeOpt = Annotated[bool, _opt(TRAINING, "Continue from the last epoch checkpoint.", "--resume")]
+TrainQuietOpt = Annotated[bool, _opt("Output", "No progress on stderr (the same as pelt -q).", "--quiet", "-q")]
 
 
 @app.command(
@@ -309,116 +432,99 @@ def _run_arg(value: str) -> Path:
     "its last good checkpoint); 2 bad data, run or option; 130 interrupted.",
 )
 def train(
-    run: Annotated[str, typer.Argument(help="Run directory from pelt apply, or - to read it from stdin.",
-                                       show_default=False, autocompletion=complete_model)],
-    data: Annotated[str, typer.Option("--data", help="Training data: JSONL, CSV or TSV, or a built-in dataset "
-                                      "(vader).", rich_help_panel="Input", show_default=False)],
-    eval_data: Annotated[str | None, typer.Option("--eval", help="Eval data (default: the built-in eval split, "
-                                                  "else --eval-fraction of --data).", rich_help_panel="Input")] = None,
-    task: Annotated[str | None, typer.Option("--task", help="text-classification, pair-classification, causal-lm, "
-                                             "audio-classification or domain-matching (default: from the columns).",
-                                             rich_help_panel="Input")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer directory if the base has none.",
-                                                  rich_help_panel="Input")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs.", rich_help_panel="Training")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", rich_help_panel="Training")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of the inserted modules.",
-                                      rich_help_panel="Training")] = 1e-3,
-    gate_lr: Annotated[float | None, typer.Option("--gate-lr", help="Learning rate of gates [default: --lr].",
-                                                  rich_help_panel="Training")] = None,
-    scale_lr: Annotated[float, typer.Option("--scale-lr", help="Learning rate of the domain adapter's scale.",
-                                            rich_help_panel="Training")] = 1e-3,
-    schedule: Annotated[str, typer.Option("--schedule", help="linear, cosine or constant (after warm-up).",
-                                          rich_help_panel="Training")] = "linear",
-    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a step count.",
-                                          rich_help_panel="Training")] = 0.06,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.",
-                                            rich_help_panel="Training")] = 1,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping (0: off).",
-                                                 rich_help_panel="Training")] = 1.0,
-    patience: Annotated[int, typer.Option("--patience", help="Early stopping patience in epochs (0: off).",
-                                          rich_help_panel="Training")] = 3,
-    gate_warmup: Annotated[int, typer.Option("--gate-warmup", help="Steps with gates frozen.",
-                                             rich_help_panel="Gates")] = 0,
-    gate_sparsity: Annotated[str, typer.Option("--gate-sparsity", help="none, entropy or l1.",
-                                               rich_help_panel="Gates")] = "none",
-    gate_lambda: Annotated[float, typer.Option("--gate-lambda", help="Weight λ of the sparsity term.",
-                                               rich_help_panel="Gates")] = 0.01,
-    gate_temperature: Annotated[float | None, typer.Option("--gate-temperature", help="Override the gates' T.",
-                                                           rich_help_panel="Gates")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.",
-                                                  rich_help_panel="Training")] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Also evaluate every N optimizer steps (0: only "
-                                            "at epoch ends).", rich_help_panel="Training")] = 0,
-    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of --data held out when there is "
-                                                 "no --eval.", rich_help_panel="Input")] = 0.1,
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate token sequences to this length.",
-                                            rich_help_panel="Input")] = 128,
-    head_lr: Annotated[float | None, typer.Option("--head-lr", help="Learning rate of the task head [default: "
-                                                  "--lr].", rich_help_panel="Training")] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on the domain "
-                                                "adapter's scale).", rich_help_panel="Training")] = 0.01,
-    seed: Annotated[int, typer.Option("--seed", rich_help_panel="Training")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.",
-                                        rich_help_panel="Memory/Performance")] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last epoch checkpoint.",
-                                         rich_help_panel="Training")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.", rich_help_panel="Output")]
-    = False,
+    run: RunArg,
+    data: DataOpt,
+    eval_data: EvalOpt = None,
+    tokenizer: TokenizerOpt = None,
+    resume: ResumeOpt = False,
+    quiet: TrainQuietOpt = False,
+    # The training settings: each parameter below is the pelt_cli.train.TrainConfig field of the same name.
+    task: Annotated[Task | None, _opt(INPUT, "The task [default: from the data's columns].")] = None,
+    eval_fraction: Annotated[float, _opt(INPUT, "Share of --data held out when there is no --eval.")] = 0.1,
+    max_length: Annotated[int, _opt(INPUT, "Truncate token sequences to this length.")] = 128,
+    epochs: Annotated[int, _opt(TRAINING, "Epochs.")] = 3,
+    batch_size: Annotated[int, _opt(TRAINING, "Batch size.", "--batch-size", "-b")] = 32,
+    lr: Annotated[float, _opt(TRAINING, "Learning rate of the inserted modules.")] = 1e-3,
+    gate_lr: Annotated[float | None, _opt(TRAINING, "Learning rate of gates [default: --lr].")] = None,
+    scale_lr: Annotated[float, _opt(TRAINING, "Learning rate of the domain adapter's scale.")] = 1e-3,
+    head_lr: Annotated[float | None, _opt(TRAINING, "Learning rate of the task head [default: --lr].")] = None,
+    weight_decay: Annotated[float, _opt(TRAINING, "AdamW weight decay (not on the domain adapter's scale).")] = 0.01,
+    schedule: Annotated[Schedule, _opt(TRAINING, "Learning-rate schedule after warm-up.")] = Schedule.linear,
+    warmup: Annotated[float, _opt(TRAINING, "Warm-up: a fraction of the steps (<1) or a step count.")] = 0.06,
+    grad_accum: Annotated[int, _opt(TRAINING, "Gradient accumulation steps.")] = 1,
+    max_grad_norm: Annotated[float, _opt(TRAINING, "Gradient clipping (0: off).")] = 1.0,
+    patience: Annotated[int, _opt(TRAINING, "Early stopping patience in epochs (0: off).")] = 3,
+    max_steps: Annotated[int | None, _opt(TRAINING, "Stop after N optimizer steps.")] = None,
+    eval_every: Annotated[int, _opt(TRAINING, "Also evaluate every N optimizer steps (0: only at epoch ends).")] = 0,
+    seed: Annotated[int, _opt(TRAINING, "Random seed.")] = 0,
+    gate_warmup: Annotated[int, _opt(GATES, "Steps with gates frozen.")] = 0,
+    gate_sparsity: Annotated[GateSparsity, _opt(GATES, "Sparsity term on the gates.")] = GateSparsity.none,
+    gate_lambda: Annotated[float, _opt(GATES, "Weight λ of the sparsity term.")] = 0.01,
+    gate_temperature: Annotated[float | None, _opt(GATES, "Override the gates' T.")] = None,
+    device: Annotated[Device, _opt("Memory/Performance", "Where to train.")] = Device.auto,
 ) -> None:
     """Train only what was inserted (plus a task head where needed); evaluate each epoch; record every gate."""
-    from . import console
-    from .train import TrainConfig, train_run
+    cfg = train_config(locals())
+    from pelt_cli.train import train_run
 
-    run_dir = _run_arg(run)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gate_lr=gate_lr, scale_lr=scale_lr,
-                      schedule=schedule, warmup=warmup, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-                      patience=patience, gate_warmup=gate_warmup, gate_sparsity=gate_sparsity,
-                      gate_lambda=gate_lambda, gate_temperature=gate_temperature, max_steps=max_steps, seed=seed,
-                      task=task, device=device, eval_every=eval_every, eval_fraction=eval_fraction,
-                      max_length=max_length, head_lr=head_lr, weight_decay=weight_decay)
-    progress = console.TrainProgress(quiet=quiet)
+    if quiet:
+        console.set_verbosity(console.QUIET)
+    run_dir = _path(run)
+    console.detail("settings: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    progress = console.TrainProgress()
     try:
         train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress)
     finally:
         progress.close()
     if int(os.environ.get("RANK", "0")) == 0:
-        with console.closed_pipe_ok():
-            print(run_dir)
+        print(run_dir)
 
 
-@app.command(epilog="Examples:\n\n  pelt gates runs/u\n\n  pelt gates runs/u --format json | jq .layers\n\n"
-             "  pelt gates runs/u --png gates.png   (needs matplotlib)")
-def gates(
-    run: Annotated[str, typer.Argument(help="Run directory, or - to read it from stdin.", show_default=False,
-                                       autocompletion=complete_model)],
-    fmt: Annotated[Format | None, typer.Option("--format", help="table, json, jsonl or tsv.",
-                                               rich_help_panel="Output", show_default=False)] = None,
-    png: Annotated[Path | None, typer.Option("--png", help="Also write a heatmap (layers × modules) to this PNG.",
-                                             rich_help_panel="Output")] = None,
-) -> None:
+# ------------------------------------------------------------------------------------------------ gates, prune
+
+PngOpt = Annotated[Path | None, _opt("Output", "Also write a heatmap (layers × modules) to this PNG.", "--png")]
+
+
+@app.command(
+    epilog="Examples:\n\n  pelt gates runs/u\n\n  pelt gates runs/u --format json | jq .layers\n\n"
+    "  pelt gates runs/u --png gates.png   (needs matplotlib: pip install 'pelt[plot]')"
+)
+def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
     """Show each gate's mean, std, min and max per layer after training, with a bar per gate."""
-    from . import console
-    from . import gates as gatestats
-    from .errors import CheckpointError
+    from pelt_cli import gates as gatestats
+    from pelt_cli.errors import CheckpointError
 
-    run_dir = _run_arg(run)
+    run_dir = _path(run)
     doc = gatestats.read(run_dir)
     if doc is None:
-        raise CheckpointError(f"{run_dir}: no gate statistics (gates.json)",
-                              hint="pelt train writes them for runs with gated modules (unipelt, domain)")
+        raise CheckpointError(
+            f"{run_dir}: no gate statistics (gates.json)",
+            hint="pelt train writes them for runs with gated modules (unipelt, domain)",
+        )
     if png is not None:
         gatestats.heatmap(doc, png)
         console.info(f"wrote {png}")
-    with console.closed_pipe_ok():
-        console.emit_gates(doc, gatestats.rows(doc), fmt.value if fmt else console.default_format())
+    console.emit_gates(doc, gatestats.rows(doc), _format(fmt))
 
 
-class Per(str, Enum):
-    """Groups for --keep-top-k."""
-
-    method = "method"
-    layer = "layer"
+PruneOutOpt = Annotated[
+    Path | None, _opt("Output", "Write the pruned run here [default: prune RUN in place, atomically].", "--out", "-o")
+]
+ThresholdOpt = Annotated[
+    float | None, _opt(None, "Prune modules whose mean gate is below θ [default: 0.05].", "--threshold", "-t")
+]
+KeepTopKOpt = Annotated[
+    int | None, _opt(None, "Keep only the K modules with the highest mean gate.", "--keep-top-k", "-k")
+]
+PerOpt = Annotated[Per | None, _opt(None, "With --keep-top-k: K per method or per layer [default: K in all].", "--per")]
+EvalDataOpt = Annotated[
+    str | None,
+    _opt(None, "Evaluate before and after on this data (a file, or a built-in dataset's eval split).", "--data"),
+]
+PruneDryRunOpt = Annotated[
+    bool, _opt("Output", "Print every gated module, its mean gate and the decision; write nothing.", "--dry-run", "-n")
+]
+RestoreOpt = Annotated[bool, typer.Option("--restore", help="Bring back every pruned module.")]
 
 
 @app.command(
@@ -430,48 +536,79 @@ class Per(str, Enum):
     "Prints the run directory on stdout. Exit codes: 0 ok; 1 runtime failure; 2 no gate statistics, bad option.",
 )
 def prune(
-    run: Annotated[str, typer.Argument(help="Trained run directory, or - to read it from stdin.", show_default=False,
-                                       autocompletion=complete_model)],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the pruned run here [default: prune RUN in "
-                                             "place, atomically].", rich_help_panel="Output")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Prune modules whose mean gate is "
-                                                    "below θ [default: 0.05].", show_default=False)] = None,
-    keep_top_k: Annotated[int | None, typer.Option("--keep-top-k", "-k", help="Keep only the K modules with the "
-                                                   "highest mean gate.", show_default=False)] = None,
-    per: Annotated[Per | None, typer.Option("--per", help="With --keep-top-k: K per method or per layer "
-                                            "[default: K in all].", show_default=False)] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Evaluate before and after on this data (a file, or a "
-                                             "built-in dataset's eval split).", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print every gated module, its mean gate and the "
-                                          "decision; write nothing.", rich_help_panel="Output")] = False,
-    restore: Annotated[bool, typer.Option("--restore", help="Bring back every pruned module.")] = False,
-    fmt: Annotated[Format | None, typer.Option("--format", help="Format of --dry-run's table.",
-                                               rich_help_panel="Output", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing -o directory.",
-                                        rich_help_panel="Dangerous")] = False,
+    run: RunArg,
+    out: PruneOutOpt = None,
+    threshold: ThresholdOpt = None,
+    keep_top_k: KeepTopKOpt = None,
+    per: PerOpt = None,
+    data: EvalDataOpt = None,
+    dry_run: PruneDryRunOpt = False,
+    restore: RestoreOpt = False,
+    fmt: FormatOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Remove the gated modules (UniPELT's LoRA/Prefix/Adapter per layer, domain adapters) whose gate is low."""
-    from . import console
-    from .prune import prune_run, restore_run
+    from pelt_cli.prune import prune_run
 
-    run_dir = _run_arg(run)
+    run_dir = _path(run)
     if restore:
         if threshold is not None or keep_top_k is not None or dry_run:
             raise UsageError("--restore takes no --threshold, --keep-top-k or --dry-run")
-        rep = restore_run(run_dir, out, force=force).to_dict()
-        console.info(f"restored {len(rep['units'])} module(s), {-rep['pruned_params']:,} parameters → {rep['out']}")
-    else:
-        rep = prune_run(run_dir, out, threshold=threshold, keep_top_k=keep_top_k, per=per.value if per else None,
-                        dry_run=dry_run, data=data, force=force).to_dict()
-        if dry_run:
-            with console.closed_pipe_ok():
-                console.emit_prune(rep, fmt.value if fmt else console.default_format())
-            return
-        console.info(console.prune_summary(rep) + f" → {rep['out']}")
-        if rep["evaluation"]:
-            console.info(console.evaluation_change(rep["evaluation"]))
-    with console.closed_pipe_ok():
-        print(rep["out"])
+        print(_restore(run_dir, out, force))
+        return
+    rule = {"threshold": threshold, "keep_top_k": keep_top_k, "per": _value(per)}
+    rep = prune_run(run_dir, out, **rule, dry_run=dry_run, data=data, force=force).to_dict()
+    if dry_run:
+        console.emit_prune(rep, _format(fmt))
+        return
+    console.info(console.prune_summary(rep) + f" → {rep['out']}")
+    if rep["evaluation"]:
+        console.info(console.evaluation_change(rep["evaluation"]))
+    print(rep["out"])
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+DtypeOpt = Annotated[Dtype | None, _opt(None, "Output dtype [default: the base's].", "--dtype")]
+ShardSizeOpt = Annotated[
+    str | None, _opt(None, "Re-shard, e.g. 5GB or 500MB [default: keep the base's shards].", "--max-shard-size")
+]
+FreezeGatesOpt = Annotated[
+    FreezeGates | None,
+    _opt(
+        None,
+        "mean: fold UniPELT's gated LoRA with each gate at its eval mean (approximate; the error is printed).",
+        "--freeze-gates",
+    ),
+]
+GateDataOpt = Annotated[
+    str | None,
+    _opt(
+        None,
+        "With --freeze-gates mean: take the gate means from this data (a "
+        "file or a built-in dataset's eval split) instead of the run's gates.json.",
+        "--data",
+    ),
+]
+KeepUnmergedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-unmerged",
+        help="Write modules that cannot be folded (adapter, prefix, domain, head) as a run in OUT/pelt-rest.",
+    ),
+]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="Run base+modules and the merged model on sample inputs and print max |Δ|.")
+]
+BaseOpt = Annotated[Path | None, _opt(None, "Another location of the run's base.", "--base")]
+NoFingerprintOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-fingerprint-check",
+        help="Accept a base whose content differs from the run's.",
+        rich_help_panel="Dangerous",
+    ),
+]
 
 
 @app.command(
@@ -483,58 +620,75 @@ def prune(
     "wrong base, bad option.",
 )
 def merge(
-    run: Annotated[str, typer.Argument(help="Run directory, or - to read it from stdin.", show_default=False,
-                                       autocompletion=complete_model)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Merged checkpoint directory to write (must not exist).",
-                                      show_default=False, rich_help_panel="Output")],
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype: float32, bfloat16 or float16 "
-                                              "[default: the base's].", show_default=False)] = None,
-    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Re-shard, e.g. 5GB or 500MB "
-                                                       "[default: keep the base's shards].",
-                                                       show_default=False)] = None,
-    freeze_gates: Annotated[str | None, typer.Option("--freeze-gates", help="mean: fold UniPELT's gated LoRA with "
-                                                     "each gate at its eval mean (approximate; the error is "
-                                                     "printed).", show_default=False)] = None,
-    data: Annotated[str | None, typer.Option("--data", help="With --freeze-gates mean: take the gate means from "
-                                             "this data (a file or a built-in dataset's eval split) instead of "
-                                             "the run's gates.json.", show_default=False)] = None,
-    keep_unmerged: Annotated[bool, typer.Option("--keep-unmerged", help="Write modules that cannot be folded "
-                                                "(adapter, prefix, domain, head) as a run in OUT/pelt-rest.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Run base+modules and the merged model on sample inputs "
-                                         "and print max |Δ|.")] = False,
-    base: Annotated[Path | None, typer.Option("--base", help="Another location of the run's base.",
-                                              show_default=False)] = None,
-    no_fingerprint_check: Annotated[bool, typer.Option("--no-fingerprint-check", help="Accept a base whose content "
-                                                       "differs from the run's.", rich_help_panel="Dangerous")]
-    = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.",
-                                        rich_help_panel="Dangerous")] = False,
+    run: RunArg,
+    out: OutOpt,
+    dtype: DtypeOpt = None,
+    max_shard_size: ShardSizeOpt = None,
+    freeze_gates: FreezeGatesOpt = None,
+    data: GateDataOpt = None,
+    keep_unmerged: KeepUnmergedOpt = False,
+    verify: VerifyOpt = False,
+    base: BaseOpt = None,
+    no_fingerprint_check: NoFingerprintOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Fold LoRA and IA³ into the base weights, streaming, into a checkpoint plain transformers loads."""
-    from . import console
-    from .checkpoint import parse_size
-    from .merge import merge_run, verify_merge
+    from pelt_cli.io.writer import parse_size
+    from pelt_cli.merge import merge_run
 
-    run_dir = _run_arg(run)
+    run_dir = _path(run)
     size = parse_size(max_shard_size) if max_shard_size else None
-    stats = None
-    if data is not None:
-        if freeze_gates != "mean":
-            raise UsageError("--data gives gate means for --freeze-gates mean; pass both")
-        from .prune import measure_run
-
-        stats = measure_run(run_dir, data)[1]
-    rep = merge_run(run_dir, out, dtype=dtype, max_shard_size=size, freeze_gates=freeze_gates,
-                    keep_unmerged=keep_unmerged, force=force, base=base, check_fingerprint=not no_fingerprint_check,
-                    gate_stats=stats)
+    stats = _gate_stats(run_dir, data, freeze_gates)
+    rep = merge_run(
+        run_dir,
+        out,
+        dtype=_value(dtype),
+        max_shard_size=size,
+        freeze_gates=_value(freeze_gates),
+        keep_unmerged=keep_unmerged,
+        force=force,
+        base=base,
+        check_fingerprint=not no_fingerprint_check,
+        gate_stats=stats,
+    )
     console.info(console.merge_summary(rep.to_dict()))
     if verify or rep.approximate:
-        delta = verify_merge(run_dir, out)
-        what = "gates frozen at their means" if rep.approximate else "verify"
-        console.info(f"{what}: max |Δ| = {delta:.3g} between {run_dir} (base + modules) and {out}"
-                     f"{' (+ pelt-rest)' if rep.rest else ''} on sample inputs")
-    with console.closed_pipe_ok():
-        print(out)
+        _verify_merge(run_dir, out, approximate=rep.approximate, rest=bool(rep.rest))
+    print(out)
+
+
+# ------------------------------------------------------------------------------------------------ export, import
+
+BundleOutOpt = Annotated[str, _opt("Output", "Bundle directory to write, or - for a tar on stdout.", "--out", "-o")]
+PeftOpt = Annotated[
+    bool,
+    typer.Option(
+        "--peft",
+        help="Also write a PEFT adapter (adapter_config.json + "
+        "adapter_model.safetensors) for LoRA-only or IA³-only runs.",
+    ),
+]
+BundleArg = Annotated[Path, typer.Argument(help="Bundle directory or tar (from pelt export).", show_default=False)]
+MergeBundleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge", help="Write the merged model instead of a run (LoRA/IA³; other modules go to OUT/pelt-rest)."
+    ),
+]
+ForceBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Accept a base whose fingerprint differs (warns), and replace an existing output.",
+        rich_help_panel="Dangerous",
+    ),
+]
+AdapterArg = Annotated[
+    Path,
+    typer.Argument(
+        help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors).", show_default=False
+    ),
+]
 
 
 @app.command(
@@ -545,21 +699,11 @@ def merge(
     "Prints the bundle directory on stdout (with -o -, the tar stream). Exit codes: 0 ok; 1 runtime failure; 2 bad "
     "run or option.",
 )
-def export(
-    run: Annotated[str, typer.Argument(help="Run directory, or - to read it from stdin.", show_default=False,
-                                       autocompletion=complete_model)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Bundle directory to write, or - for a tar on stdout.",
-                                     show_default=False, rich_help_panel="Output")],
-    peft: Annotated[bool, typer.Option("--peft", help="Also write a PEFT adapter (adapter_config.json + "
-                                       "adapter_model.safetensors) for LoRA-only or IA³-only runs.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle directory.",
-                                        rich_help_panel="Dangerous")] = False,
-) -> None:
+def export(run: RunArg, out: BundleOutOpt, peft: PeftOpt = False, force: ForceOpt = False) -> None:
     """Write a diffed bundle: only the tensors that differ from the base, and a manifest with checksums."""
-    from . import console
-    from .bundle import export_bundle
+    from pelt_cli.bundle import export_bundle
 
-    run_dir = _run_arg(run)
+    run_dir = _path(run)
     if out == "-":
         if sys.stdout.isatty():
             raise UsageError("-o - writes a tar stream to stdout, which is a terminal", hint="pipe or redirect it")
@@ -568,8 +712,7 @@ def export(
         manifest = export_bundle(run_dir, out, force=force, peft=peft)
     console.info(console.bundle_summary(manifest, out))
     if out != "-":
-        with console.closed_pipe_ok():
-            print(out)
+        print(out)
 
 
 @app.command(
@@ -580,42 +723,22 @@ def export(
     "Exit codes: 0 ok; 1 runtime failure; 2 a base whose fingerprint differs (without --force), bad bundle.",
 )
 def apply_bundle_cmd(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory or tar (from pelt export).", show_default=False)],
-    model: Annotated[str, typer.Argument(help="Base checkpoint: directory, .safetensors file, short name, or -.",
-                                         autocompletion=complete_model, show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (or with --merge, merged checkpoint) to "
-                                      "write.", show_default=False, rich_help_panel="Output")],
-    merge_out: Annotated[bool, typer.Option("--merge", help="Write the merged model instead of a run (LoRA/IA³; "
-                                            "other modules go to OUT/pelt-rest).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Accept a base whose fingerprint differs (warns), and "
-                                        "replace an existing output.", rich_help_panel="Dangerous")] = False,
+    bundle: BundleArg, model: ModelArg, out: OutOpt, merge_out: MergeBundleOpt = False, force: ForceBaseOpt = False
 ) -> None:
     """Rebuild a run (or the merged model) from a bundle and its base; refuses a different base."""
-    import tempfile
+    from pelt_cli.bundle import apply_bundle
 
-    from . import console
-    from .apply import read_run
-    from .bundle import apply_bundle
-    from .report import resolve_model
-
-    base = resolve_model(model)
-    if not merge_out:
-        run_dir = apply_bundle(bundle, base, out, force=force)
-        meta = read_run(run_dir)
-        if meta["base"]["fingerprint"] != meta["from_bundle"]["base_fingerprint"]:
-            console.info(f"warning: {base} is not the base the bundle was exported from (--force); the run's "
-                         "outputs may differ from the exported run's")
-    else:
-        from .merge import merge_run
-
-        with tempfile.TemporaryDirectory(prefix="pelt-bundle-run-") as tmp:
-            run_dir = apply_bundle(bundle, base, Path(tmp) / "run", force=force)
-            rep = merge_run(run_dir, out, keep_unmerged=True, force=force)
-            console.info(console.merge_summary(rep.to_dict()))
-        run_dir = out
-    console.info(f"wrote {run_dir}")
-    with console.closed_pipe_ok():
-        print(run_dir)
+    base = _path(model)
+    if merge_out:
+        _wrote(_merged_bundle(bundle, base, out, force))
+        return
+    run_dir = apply_bundle(bundle, base, out, force=force)
+    if not _same_base_as_bundle(run_dir):
+        console.warning(
+            f"{base} is not the base the bundle was exported from (--force); the run's outputs may "
+            "differ from the exported run's"
+        )
+    _wrote(run_dir)
 
 
 @app.command(
@@ -623,89 +746,217 @@ def apply_bundle_cmd(
     epilog="Examples:\n\n  pelt import-peft ./my-lora ./llama -o runs/imported && pelt merge runs/imported -o m/\n\n"
     "Exit codes: 0 ok; 1 runtime failure; 2 an adapter pelt cannot express (DoRA, biases, modules_to_save, …).",
 )
-def import_peft_cmd(
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + "
-                                            "adapter_model.safetensors).", show_default=False)],
-    model: Annotated[str, typer.Argument(help="Its base checkpoint: directory, short name, or -.",
-                                         autocompletion=complete_model, show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.", show_default=False,
-                                      rich_help_panel="Output")],
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory.",
-                                        rich_help_panel="Dangerous")] = False,
-) -> None:
+def import_peft_cmd(adapter: AdapterArg, model: ModelArg, out: OutOpt, force: ForceOpt = False) -> None:
     """Bring an existing PEFT LoRA or IA³ adapter into a pelt run directory."""
-    from . import console
-    from .peft_format import import_peft
-    from .report import resolve_model
+    from pelt_cli.peft_format import import_peft
 
-    run_dir = import_peft(adapter, resolve_model(model), out, force=force)
-    console.info(f"wrote {run_dir}")
-    with console.closed_pipe_ok():
-        print(run_dir)
+    _wrote(import_peft(adapter, _path(model), out, force=force))
 
 
-@app.command(epilog="Examples:\n\n  pelt completion bash > ~/.local/share/bash-completion/completions/pelt\n\n"
-             "  pelt completion fish > ~/.config/fish/completions/pelt.fish")
-def completion(shell: Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]) -> None:
+ShellArg = Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]
+
+
+@app.command(
+    epilog="Examples:\n\n  pelt completion bash > ~/.local/share/bash-completion/completions/pelt\n\n"
+    "  pelt completion fish > ~/.config/fish/completions/pelt.fish"
+)
+def completion(shell: ShellArg) -> None:
     """Print the shell completion script (the same as the files in completions/)."""
     from typer._completion_shared import get_completion_script
 
-    from . import console
+    print(get_completion_script(prog_name="pelt", complete_var="_PELT_COMPLETE", shell=shell.value))
 
-    with console.closed_pipe_ok():
-        sys.stdout.write(get_completion_script(prog_name="pelt", complete_var="_PELT_COMPLETE", shell=shell.value))
-        sys.stdout.write("\n")
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _path(value: str) -> Path:
+    """A MODEL or RUN argument as a path (a short name or ``-`` resolved; shown with -v)."""
+    from pelt_cli.report import resolve_model
+
+    path = resolve_model(value)
+    if str(path) != str(Path(value)):
+        console.detail(f"{value} → {path}")
+    return path
+
+
+def _format(fmt: Format | None) -> str:
+    """``--format``'s value, or the default for where stdout goes."""
+    return fmt.value if fmt else console.default_format()
+
+
+def _value(choice: Enum | None) -> Any:
+    """An enum option's plain value (None stays None), for the library."""
+    return None if choice is None else choice.value
+
+
+def _wrote(path: Path) -> None:
+    """Log ``wrote PATH`` and print the path on stdout, for the next command in a pipe."""
+    console.info(f"wrote {path}")
+    print(path)
+
+
+def default_run_dir(name: str) -> Path:
+    """``runs/NAME-YYYYmmdd-HHMMSS`` (with a counter if that exists): where ``pelt apply`` writes without -o."""
+    stem = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():
+        n += 1
+        out = stem.with_name(f"{stem.name}-{n}")
+    return out
+
+
+def train_config(options: dict[str, Any]) -> TrainConfig:
+    """The :class:`~pelt_cli.train.TrainConfig` of ``pelt train``'s options: each field from the option of its name.
+
+    Args:
+        options: the command's parameters by name (enum choices are turned into their values).
+    """
+    from pelt_cli.train import TrainConfig
+
+    return TrainConfig(**{f.name: _plain(options[f.name]) for f in fields(TrainConfig)})
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _restore(run_dir: Path, out: Path | None, force: bool) -> str:
+    """``pelt prune --restore``: bring back every pruned module; returns the run directory written."""
+    from pelt_cli.prune import restore_run
+
+    rep = restore_run(run_dir, out, force=force).to_dict()
+    console.info(f"restored {len(rep['units'])} module(s), {-rep['pruned_params']:,} parameters → {rep['out']}")
+    return rep["out"]
+
+
+def _gate_stats(run_dir: Path, data: str | None, freeze_gates: FreezeGates | None) -> dict | None:
+    """``pelt merge --data``: the gate statistics measured on that data (None: use the run's gates.json)."""
+    if data is None:
+        return None
+    if freeze_gates is not FreezeGates.mean:
+        raise UsageError("--data gives gate means for --freeze-gates mean; pass both")
+    from pelt_cli.evaluate import measure_run
+
+    return measure_run(run_dir, data)[1]
+
+
+def _verify_merge(run_dir: Path, out: Path, approximate: bool, rest: bool) -> None:
+    """Log max |Δ| between the run (base + modules) and the merged checkpoint on sample inputs."""
+    from pelt_cli.merge import verify_merge
+
+    delta = verify_merge(run_dir, out)
+    what = "gates frozen at their means" if approximate else "verify"
+    console.info(
+        f"{what}: max |Δ| = {delta:.3g} between {run_dir} (base + modules) and {out}"
+        f"{' (+ pelt-rest)' if rest else ''} on sample inputs"
+    )
+
+
+def _merged_bundle(bundle: Path, base: Path, out: Path, force: bool) -> Path:
+    """``pelt apply-bundle --merge``: rebuild the run in a temporary directory, then merge it into ``out``."""
+    import tempfile
+
+    from pelt_cli.bundle import apply_bundle
+    from pelt_cli.merge import merge_run
+
+    with tempfile.TemporaryDirectory(prefix="pelt-bundle-run-") as tmp:
+        run_dir = apply_bundle(bundle, base, Path(tmp) / "run", force=force)
+        rep = merge_run(run_dir, out, keep_unmerged=True, force=force)
+    console.info(console.merge_summary(rep.to_dict()))
+    return out
+
+
+def _same_base_as_bundle(run_dir: Path) -> bool:
+    """Whether a run rebuilt from a bundle sits on the very base the bundle was exported from."""
+    from pelt_cli.run import read_run
+
+    meta = read_run(run_dir)
+    return meta["base"]["fingerprint"] == meta["from_bundle"]["base_fingerprint"]
+
+
+# ------------------------------------------------------------------------------------------------ entry point
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map errors to one line on stderr and an exit code.
 
     Exit codes: 0 ok (including a closed pipe on stdout), 1 runtime failure, 2 usage or bad input, 130 Ctrl-C.
+    Set ``PELT_DEBUG=1`` for the traceback of a pelt or OS error instead of its one line.
     """
-    from . import console
-
-    debug = os.environ.get("PELT_DEBUG") == "1"
+    started = time.perf_counter()
     try:
-        command = typer.main.get_command(app)
-        rv = command.main(args=argv, prog_name="pelt", standalone_mode=False)
+        rv = typer.main.get_command(app).main(args=argv, prog_name="pelt", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except RecipeError as e:
-        if debug:
+    except SystemExit as e:  # click ends a command whose stdout closed early with sys.exit(1)
+        if not _closed_pipe(e):
             raise
-        for problem in e.problems:
-            console.error(problem)
-        if e.hint:
-            console.info(f"hint: {e.hint}")
-        code = e.exit_code
-    except PeltError as e:
-        if debug:
-            raise
-        console.error(e.message, e.hint)
-        code = e.exit_code
-    except typer.Exit as e:
-        code = e.exit_code
-    except _cx.ClickException as e:
-        e.show()
-        code = e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        code = 130
+        code = _stdout_closed()
     except BrokenPipeError:
-        # stdout was closed early (e.g. `pelt inspect m | head`): not an error; silence the flush at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = 0
-    except OSError as e:
-        if debug:
+        code = _stdout_closed()
+    except (PeltError, OSError) as e:
+        if os.environ.get("PELT_DEBUG") == "1":
             raise
-        console.error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-        code = 1
+        code = _report(e)
+    except (_cx.ClickException, typer.Exit, typer.Abort, KeyboardInterrupt) as e:
+        code = _report(e)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_closed()
+    if code == 0:
+        console.detail(f"done in {time.perf_counter() - started:.2f} s")
     return code
+
+
+def _closed_pipe(e: BaseException) -> bool:
+    """Whether ``e`` comes from writing to a stdout whose reader has gone (``pelt … | head``)."""
+    while e is not None:
+        if isinstance(e, BrokenPipeError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _stdout_closed() -> int:
+    """Point stdout at /dev/null (what is left to flush, at exit too, goes nowhere) and return 0: not an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
+def _report(e: BaseException) -> int:
+    """Print a failure as pelt does (``error: …`` on stderr, a hint under it) and return its exit code."""
+    if isinstance(e, RecipeError):
+        console.error(*e.problems, hint=e.hint)
+        return e.exit_code
+    if isinstance(e, PeltError):
+        console.error(e.message, hint=e.hint)
+        return e.exit_code
+    if isinstance(e, OSError):
+        console.error(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
+        return 1
+    if isinstance(e, typer.Exit):
+        return e.exit_code
+    if isinstance(e, _cx.BadParameter) and _choice_error(e):
+        return e.exit_code
+    if isinstance(e, _cx.ClickException):
+        e.show()
+        return e.exit_code
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+def _choice_error(e: Any) -> bool:
+    """Show a value outside an enum's choices as ``error: --opt 'value': expected a, b or c``, as the library does."""
+    choices = getattr(getattr(e.param, "type", None), "choices", None)
+    found = re.match(r"(.+?) is not (one of )?", e.message)
+    if not choices or not found:
+        return False
+    name = e.param.opts[0] if e.param.param_type_name == "option" else e.param.human_readable_name.upper()
+    console.error(f"{name} {found.group(1)}: expected {console.one_of(str(_plain(c)) for c in choices)}")
+    return True
 
 
 def run() -> None:

@@ -1,15 +1,37 @@
-"""The only module that imports rich: tables, and error rendering. Data goes to stdout, everything else to stderr."""
+"""The only module that imports rich: messages, tables, progress. Data goes to stdout, everything else to stderr.
+
+Every command that prints data goes through :func:`emit_rows` (table, json, jsonl or tsv). Messages go through
+:func:`error`, :func:`warning`, :func:`info` and :func:`detail`, which honour the verbosity ``pelt -q`` / ``-v`` set
+with :func:`set_verbosity`: errors and warnings always print, info lines and progress need 1 (the default), detail
+needs 2 (``-v``); 3 (``-vv``) also lets transformers log.
+
+A reader that closes stdout early (``pelt … | head``) is handled once, in :func:`pelt_cli.cli.main`; a rich console
+on stdout re-raises the ``BrokenPipeError`` so that it gets there.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("table", "json", "jsonl", "tsv")
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_level = NORMAL
+
+
+def set_verbosity(level: int) -> None:
+    """Set how much goes to stderr (0 quiet … 3); also exported as ``PELT_VERBOSITY`` for the library."""
+    global _level
+    _level = level
+    os.environ["PELT_VERBOSITY"] = str(level)
+
+
+def verbosity() -> int:
+    """The level set by :func:`set_verbosity` (default 1)."""
+    return _level
 
 
 def default_format() -> str:
@@ -35,19 +57,47 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-@contextlib.contextmanager
-def closed_pipe_ok() -> Iterator[None]:
-    """Treat a reader that closes stdout early (``pelt … | head``) as success: stop writing, exit 0 quietly."""
-    try:
-        yield
-        sys.stdout.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+def one_of(choices: Iterable[str]) -> str:
+    """``["a", "b", "c"]`` → ``a, b or c``."""
+    items = list(choices)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+# --- messages on stderr
+
+
+def error(*messages: str, hint: str | None = None) -> None:
+    """Print ``error: message`` for each message (and an optional hint) on stderr, one line each, always."""
+    for message in messages:
+        print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def warning(message: str) -> None:
+    """``warning: message`` on stderr; printed even with ``pelt -q``."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def info(message: str) -> None:
+    """A log line on stderr, unless ``pelt -q``."""
+    if _level >= NORMAL:
+        print(message, file=sys.stderr)
+
+
+def detail(message: str) -> None:
+    """A log line on stderr only with ``pelt -v``."""
+    if _level >= VERBOSE:
+        print(message, file=sys.stderr)
+
+
+def write_json(doc: Any) -> None:
+    """Pretty JSON on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def _reraise_broken_pipe() -> None:
-    raise BrokenPipeError  # rich's default exits 1; a closed pipe is success (see closed_pipe_ok)
+    raise BrokenPipeError  # rich's default exits 1; a closed pipe is success (pelt_cli.cli.main)
 
 
 def _stdout_console() -> Any:
@@ -64,194 +114,285 @@ def _stderr_console() -> Any:
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
-def error(message: str, hint: str | None = None) -> None:
-    """Print ``error: message`` (and an optional hint) on stderr, one line each."""
-    print(f"error: {message}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
+# --- rows: the one output path for data
 
 
-def info(message: str) -> None:
-    """A log line on stderr."""
-    print(message, file=sys.stderr)
+def text(value: Any) -> str:
+    """A cell as tsv shows it: ``-`` for None, floats with 4 decimals, anything else as ``str``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
 
 
-def write_json(doc: Any) -> None:
-    """Pretty JSON on stdout."""
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+def _grouped(value: int) -> str:
+    return f"{value:,}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of :func:`emit_rows`.
+
+    Attributes:
+        key: the row's key.
+        cell: the cell text from the whole row (default: :func:`text` of ``row[key]``).
+        table: the cell text in a table, where it differs from tsv's.
+        header: the table's header (default: ``key``).
+        right: right-aligned in a table.
+        in_tsv: shown in tsv (False: table only).
+        in_table: shown in a table (False: tsv only).
+    """
+
+    key: str
+    cell: Callable[[dict[str, Any]], str] | None = None
+    table: Callable[[dict[str, Any]], str] | None = None
+    header: str | None = None
+    right: bool = False
+    in_tsv: bool = True
+    in_table: bool = True
+
+    def tsv_text(self, row: dict[str, Any]) -> str:
+        """The cell in tsv."""
+        return self.cell(row) if self.cell else text(row.get(self.key))
+
+    def table_text(self, row: dict[str, Any]) -> str:
+        """The cell in a table."""
+        return self.table(row) if self.table else self.tsv_text(row)
+
+
+def number(key: str, table: Callable[[int], str] = _grouped) -> Column:
+    """A right-aligned count: raw in tsv, ``22,713,216`` (or ``table(value)``) in a table."""
+    return Column(key, table=lambda r: table(r[key]), right=True)
+
+
+def emit_rows(
+    rows: list[dict[str, Any]],
+    columns: list[Column],
+    fmt: str,
+    *,
+    doc: Any = None,
+    title: str = "",
+    footer: str | None = None,
+    style: Callable[[dict[str, Any]], str | None] | None = None,
+) -> None:
+    """Print rows on stdout as a table, json, jsonl or tsv: the one output path of every command that prints data.
+
+    Args:
+        rows: one dict per row; jsonl writes each one whole.
+        columns: what tsv (with a header line) and the table show.
+        fmt: ``table``, ``json``, ``jsonl`` or ``tsv``.
+        doc: what json writes (default: the rows).
+        title: the table's title.
+        footer: a closing line: under the table, or on stderr after tsv (json and jsonl carry it in ``doc``).
+        style: a row's rich style in the table.
+    """
+    if fmt == "json":
+        write_json(rows if doc is None else doc)
+    elif fmt == "jsonl":
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "tsv":
+        shown = [c for c in columns if c.in_tsv]
+        sys.stdout.write("\t".join(c.key for c in shown) + "\n")
+        for r in rows:
+            sys.stdout.write("\t".join(c.tsv_text(r) for c in shown) + "\n")
+        if footer:
+            info(footer)
+    else:
+        _emit_table(rows, [c for c in columns if c.in_table], title, footer, style)
+
+
+def _emit_table(
+    rows: list[dict[str, Any]],
+    columns: list[Column],
+    title: str,
+    footer: str | None,
+    style: Callable[[dict[str, Any]], str | None] | None,
+) -> None:
+    from rich.table import Table
+
+    t = Table(title=title or None, title_justify="left")
+    for c in columns:
+        t.add_column(c.header or c.key, justify="right" if c.right else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*[c.table_text(r) for c in columns], style=style(r) if style else None)
+    con = _stdout_console()
+    con.print(t)
+    if footer:
+        con.print(footer)
 
 
 # --- inspect
 
-TENSOR_COLUMNS = ["name", "role", "layer", "block", "dtype", "shape", "params", "bytes", "shard"]
-MODULE_COLUMNS = ["name", "tensors", "roles", "dtypes", "params", "bytes"]
+
+def _shape(r: dict[str, Any]) -> str:
+    return "x".join(map(str, r["shape"])) if r.get("shape") is not None else "-"
 
 
-def _cell(row: dict[str, Any], col: str) -> str:
-    v = row.get(col)
-    if col == "shape":
-        return "x".join(map(str, v)) if v is not None else "-"
-    if col in ("roles", "dtypes"):
-        return ",".join(v) or "-"
-    if col == "shard" and v is None and row.get("tied_to"):
-        return f"tied→{row['tied_to']}"
-    return "-" if v is None else str(v)
+def _joined(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: ",".join(r[key]) or "-"
+
+
+def _shard(r: dict[str, Any]) -> str:
+    return f"tied→{r['tied_to']}" if r.get("shard") is None and r.get("tied_to") else text(r.get("shard"))
+
+
+TENSOR_COLUMNS = [
+    Column("name"),
+    Column("role"),
+    Column("layer", right=True),
+    Column("block"),
+    Column("dtype"),
+    Column("shape", _shape),
+    number("params"),
+    number("bytes", human_bytes),
+    Column("shard", _shard),
+]
+MODULE_COLUMNS = [
+    Column("name"),
+    Column("tensors", right=True),
+    Column("roles", _joined("roles")),
+    Column("dtypes", _joined("dtypes")),
+    number("params"),
+    number("bytes", human_bytes),
+]
 
 
 def emit_inspect(report: dict[str, Any], fmt: str, summary: bool) -> None:
-    """Print an inspect report in ``fmt`` (table, json, jsonl or tsv)."""
+    """Print an inspect report: its tensors (or modules, with ``--depth``), or with ``summary`` its totals."""
     rows_key = "modules" if "modules" in report else "tensors"
+    if summary:
+        _emit_summary(report, fmt, {k: v for k, v in report.items() if k != rows_key})
+        return
     rows = report[rows_key]
-    if fmt == "json":
-        doc = dict(report)
-        if summary:
-            doc.pop(rows_key)
-        write_json(doc)
-    elif fmt == "jsonl":
-        if summary:
-            for section, groups in report["summary"].items():
-                for key, agg in groups.items():
-                    sys.stdout.write(json.dumps({"section": section, "key": key, **agg}) + "\n")
-        else:
-            for r in rows:
-                sys.stdout.write(json.dumps(r) + "\n")
-    elif fmt == "tsv":
-        _emit_tsv(report, rows_key, rows, summary)
-    else:
-        _emit_table(report, rows_key, rows, summary)
-
-
-def _emit_tsv(report: dict[str, Any], rows_key: str, rows: list[dict[str, Any]], summary: bool) -> None:
-    out = sys.stdout
-    if summary:
-        out.write("section\tkey\ttensors\tparams\tbytes\n")
-        out.write(f"total\tall\t{report['total_tensors']}\t{report['total_params']}\t{report['total_bytes']}\n")
-        for section, groups in report["summary"].items():
-            for key, agg in groups.items():
-                out.write(f"{section.removeprefix('by_')}\t{key}\t{agg['tensors']}\t{agg['params']}\t{agg['bytes']}\n")
-        return
-    cols = MODULE_COLUMNS if rows_key == "modules" else TENSOR_COLUMNS
-    out.write("\t".join(cols) + "\n")
-    for r in rows:
-        out.write("\t".join(_cell(r, c) for c in cols) + "\n")
-
-
-def _emit_table(report: dict[str, Any], rows_key: str, rows: list[dict[str, Any]], summary: bool) -> None:
-    from rich.table import Table
-
-    con = _stdout_console()
-    fam = report["family"] or "unknown family"
-    title = (f"{report['path']}  ·  {fam}  ·  {human_count(report['total_params'])} params  ·  "
-             f"{human_bytes(report['total_bytes'])}  ·  {len(report['files'])} file(s)")
-    if summary:
-        con.print(title)
-        for section, groups in report["summary"].items():
-            t = Table(title=section.removeprefix("by_"), title_justify="left")
-            for c in (section.removeprefix("by_"), "tensors", "params", "bytes", "% params"):
-                t.add_column(c, justify="left" if c == section.removeprefix("by_") else "right")
-            total = max(report["selected"]["params"], 1)
-            for key, agg in groups.items():
-                t.add_row(key, str(agg["tensors"]), f"{agg['params']:,}", human_bytes(agg["bytes"]),
-                          f"{100 * agg['params'] / total:.2f}")
-            con.print(t)
-        return
-    cols = MODULE_COLUMNS if rows_key == "modules" else TENSOR_COLUMNS
-    t = Table(title=title, title_justify="left")
-    for c in cols:
-        t.add_column(c, justify="right" if c in ("params", "bytes", "layer", "tensors") else "left",
-                     overflow="fold")
-    for r in rows:
-        cells = [_cell(r, c) for c in cols]
-        if "params" in cols:
-            cells[cols.index("params")] = f"{r['params']:,}"
-        if "bytes" in cols:
-            cells[cols.index("bytes")] = human_bytes(r["bytes"])
-        t.add_row(*cells)
-    con.print(t)
-    sel = report["selected"]
-    _stderr_console().print(
-        f"{len(rows)} row(s); selected {sel['params']:,} of {report['total_params']:,} params "
-        f"({human_bytes(sel['bytes'])})"
+    emit_rows(
+        rows, MODULE_COLUMNS if rows_key == "modules" else TENSOR_COLUMNS, fmt, doc=report, title=_inspect_title(report)
     )
+    if fmt == "table":
+        sel = report["selected"]
+        info(
+            f"{len(rows)} row(s); selected {sel['params']:,} of {report['total_params']:,} params "
+            f"({human_bytes(sel['bytes'])})"
+        )
+
+
+def _inspect_title(report: dict[str, Any]) -> str:
+    return (
+        f"{report['path']}  ·  {report['family'] or 'unknown family'}  ·  "
+        f"{human_count(report['total_params'])} params  ·  {human_bytes(report['total_bytes'])}  ·  "
+        f"{len(report['files'])} file(s)"
+    )
+
+
+def _section(r: dict[str, Any]) -> str:
+    return r["section"].removeprefix("by_")
+
+
+SUMMARY_COLUMNS = [Column("section", _section), Column("key"), Column("tensors"), Column("params"), Column("bytes")]
+
+
+def _emit_summary(report: dict[str, Any], fmt: str, doc: dict[str, Any]) -> None:
+    """The totals: a ``total`` row, then one row per dtype, role, block and layer (a table per section)."""
+    sections = report["summary"]
+    if fmt != "table":
+        total = {
+            "section": "total",
+            "key": "all",
+            "tensors": report["total_tensors"],
+            "params": report["total_params"],
+            "bytes": report["total_bytes"],
+        }
+        rows = [total] + [
+            {"section": s, "key": k, **agg} for s, groups in sections.items() for k, agg in groups.items()
+        ]
+        emit_rows(rows, SUMMARY_COLUMNS, fmt, doc=doc)
+        return
+    _stdout_console().print(_inspect_title(report))
+    selected = max(report["selected"]["params"], 1)
+    percent = Column("percent", lambda r: f"{100 * r['params'] / selected:.2f}", header="% params", right=True)
+    for section, groups in sections.items():
+        name = section.removeprefix("by_")
+        cols = [
+            Column("key", header=name),
+            Column("tensors", right=True),
+            number("params"),
+            number("bytes", human_bytes),
+            percent,
+        ]
+        emit_rows([{"key": k, **agg} for k, agg in groups.items()], cols, fmt, title=name)
 
 
 # --- apply plans and runs
 
-PLAN_COLUMNS = ["site", "role", "layer", "block", "method", "new_params"]
+PLAN_COLUMNS = [
+    Column("site", lambda r: text(r["disk_site"])),
+    Column("role"),
+    Column("layer", right=True),
+    Column("block"),
+    Column("method"),
+    number("new_params"),
+]
 
 
 def emit_plan(plan: dict[str, Any], fmt: str) -> None:
-    """Print an apply plan: one row per insertion, then the totals (table/tsv) or the whole plan (json/jsonl)."""
-    rows = plan["insertions"]
-    if fmt == "json":
-        write_json(plan)
-        return
-    if fmt == "jsonl":
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-        return
-    shown = [{**r, "site": r["disk_site"]} for r in rows]
-    footer = (f"{plan['new_params']:,} new parameters = {plan['percent_of_base']:.3f}% of {plan['base_params']:,} "
-              f"({plan['recipe']} on {plan['family'] or 'unknown family'} {plan['model_class']})")
-    if fmt == "tsv":
-        sys.stdout.write("\t".join(PLAN_COLUMNS) + "\n")
-        for r in shown:
-            sys.stdout.write("\t".join("-" if r[c] is None else str(r[c]) for c in PLAN_COLUMNS) + "\n")
-        info(footer)
-        return
-    from rich.table import Table
-
-    t = Table(title=f"plan: {plan['recipe']} → {plan['base']}", title_justify="left")
-    for c in PLAN_COLUMNS:
-        t.add_column(c, justify="right" if c in ("layer", "new_params") else "left", overflow="fold")
-    for r in shown:
-        t.add_row(*[f"{r[c]:,}" if c == "new_params" else ("-" if r[c] is None else str(r[c])) for c in PLAN_COLUMNS])
-    con = _stdout_console()
-    con.print(t)
-    con.print(footer)
+    """Print an apply plan: one row per insertion and the totals (json: the whole plan)."""
+    footer = (
+        f"{plan['new_params']:,} new parameters = {plan['percent_of_base']:.3f}% of {plan['base_params']:,} "
+        f"({plan['recipe']} on {plan['family'] or 'unknown family'} {plan['model_class']})"
+    )
+    emit_rows(
+        plan["insertions"], PLAN_COLUMNS, fmt, doc=plan, title=f"plan: {plan['recipe']} → {plan['base']}", footer=footer
+    )
 
 
-RUN_COLUMNS = ["name", "method", "site", "role", "dtype", "shape", "params", "trainable"]
+RUN_COLUMNS = [
+    Column("name"),
+    Column("method"),
+    Column("site"),
+    Column("role"),
+    Column("dtype"),
+    Column("shape", _shape),
+    number("params"),
+    Column("trainable"),
+]
 
 
 def emit_run(report: dict[str, Any], fmt: str) -> None:
     """Print ``pelt inspect RUN``: the inserted tensors, their sites and trainability."""
-    rows = report["tensors"]
-    if fmt == "json":
-        write_json(report)
-        return
-    if fmt == "jsonl":
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-        return
-    footer = (f"{report['new_params']:,} inserted parameters ({report['percent_of_base']:.3f}% of the base "
-              f"{report['base']['path']}), all trainable; base frozen")
-    if fmt == "tsv":
-        sys.stdout.write("\t".join(RUN_COLUMNS) + "\n")
-        for r in rows:
-            sys.stdout.write("\t".join(_cell(r, c) for c in RUN_COLUMNS) + "\n")
-        info(footer)
-        return
-    from rich.table import Table
+    footer = (
+        f"{report['new_params']:,} inserted parameters ({report['percent_of_base']:.3f}% of the base "
+        f"{report['base']['path']}), all trainable; base frozen"
+    )
+    emit_rows(
+        report["tensors"],
+        RUN_COLUMNS,
+        fmt,
+        doc=report,
+        title=f"run {report['run']} · recipe {report['recipe']}",
+        footer=footer,
+    )
 
-    t = Table(title=f"run {report['run']} · recipe {report['recipe']}", title_justify="left")
-    for c in RUN_COLUMNS:
-        t.add_column(c, justify="right" if c == "params" else "left", overflow="fold")
-    for r in rows:
-        t.add_row(*[f"{r[c]:,}" if c == "params" else _cell(r, c) for c in RUN_COLUMNS])
-    con = _stdout_console()
-    con.print(t)
-    con.print(footer)
+
+# --- recipes
+
+
+def emit_recipes(recipes: dict[str, str], fmt: str) -> None:
+    """``pelt recipes ls``: each bundled recipe's name and description."""
+    rows = [{"name": name, "description": desc} for name, desc in recipes.items()]
+    emit_rows(rows, [Column("name"), Column("description")], fmt, title="bundled recipes")
 
 
 # --- training progress and gate tables
 
 
 class TrainProgress:
-    """Renders ``pelt train`` events on stderr: a rich progress bar on a terminal, plain lines otherwise."""
+    """Renders ``pelt train`` events on stderr: a rich progress bar on a terminal, plain lines otherwise.
+
+    Silent with ``quiet`` or ``pelt -q``.
+    """
 
     def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
+        self.quiet = quiet or _level < NORMAL
         self.tty = sys.stderr.isatty()
         self.bar: Any = None
         self.task: Any = None
@@ -259,6 +400,8 @@ class TrainProgress:
 
     def __call__(self, e: dict[str, Any]) -> None:
         """Handle one event from :func:`pelt_cli.train.train_run`."""
+        if self.quiet:
+            return
         kind = e["kind"]
         if kind == "start":
             self._start(e)
@@ -268,31 +411,34 @@ class TrainProgress:
             self._eval(e)
         elif kind == "end":
             self.close()
-            if not self.quiet:
-                info(f"best {e['metric']} {e['best']:.4f} at epoch {e['best_epoch']}")
+            info(f"best {e['metric']} {e['best']:.4f} at epoch {e['best_epoch']}")
 
     def _start(self, e: dict[str, Any]) -> None:
-        if self.quiet:
-            return
         bal = e.get("balance")
         extra = ""
         if bal:
             counts = ", ".join(f"{k} {v}" for k, v in bal["counts"].items())
             extra = f"; classes: {counts} (imbalance {bal['imbalance']:.2f}×)"
-        info(f"{e['task']}: {e['train_rows']} train / {e['eval_rows']} eval rows{extra}; "
-             f"training {e['trainable']:,} of {e['total']:,} parameters ({100 * e['trainable'] / e['total']:.3f}%)")
+        info(
+            f"{e['task']}: {e['train_rows']} train / {e['eval_rows']} eval rows{extra}; "
+            f"training {e['trainable']:,} of {e['total']:,} parameters ({100 * e['trainable'] / e['total']:.3f}%)"
+        )
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                                console=_stderr_console(), transient=False)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=_stderr_console(),
+                transient=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task("train", total=e["total_steps"], status="")
 
     def _step(self, e: dict[str, Any]) -> None:
-        if self.quiet:
-            return
         status = f"epoch {e['epoch']} loss {e['loss']:.4f} lr {e['lr']:.2e} {e['rate']:.1f} it/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=e["step"], status=status)
@@ -304,14 +450,12 @@ class TrainProgress:
                 info(f"step {e['step']}/{e['total_steps']} {status}")
 
     def _eval(self, e: dict[str, Any]) -> None:
-        if self.quiet:
-            return
         skip = {"kind", "gates", "epoch", "step", "seconds", "partial"}
-        text = " ".join(f"{k} {v:.4f}" for k, v in e.items() if k not in skip and isinstance(v, float))
+        values = " ".join(f"{k} {v:.4f}" for k, v in e.items() if k not in skip and isinstance(v, float))
         if e.get("partial"):
-            line = f"step {e['step']} (epoch {e['epoch']}): {text}"
+            line = f"step {e['step']} (epoch {e['epoch']}): {values}"
         else:
-            line = f"epoch {e['epoch']}: {text} ({e['seconds']:.0f} s)"
+            line = f"epoch {e['epoch']}: {values} ({e['seconds']:.0f} s)"
         if self.bar is not None:
             self.bar.console.print(line)
         else:
@@ -322,44 +466,6 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-
-
-GATE_COLUMNS = ["site", "layer", "module", "mean", "std", "min", "max"]
-
-
-def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width: int = 20) -> None:
-    """Print gate statistics: a table plus one bar per gate (table), or json/jsonl/tsv rows."""
-    if fmt == "json":
-        write_json(doc)
-        return
-    if fmt == "jsonl":
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-        return
-    if fmt == "tsv":
-        sys.stdout.write("\t".join(GATE_COLUMNS) + "\n")
-        for r in rows:
-            sys.stdout.write("\t".join(_num(r.get(c)) for c in GATE_COLUMNS) + "\n")
-        return
-    from rich.table import Table
-
-    short, suffix = short_sites([r["site"] for r in rows if r["site"] != "domain"])
-    count = next((r.get("count") for r in rows if r.get("count")), None)
-    title = f"gates after epoch {doc.get('epoch', '?')}" + (f" over {count:,} eval sequences" if count else "")
-    t = Table(title=title + (f"; sites *{suffix}" if suffix else ""), title_justify="left")
-    cols = ["site", "module", "mean", "std", "min", "max"]
-    for c in cols + ["mean gate"]:
-        t.add_column(c, justify="left" if c in ("site", "module", "mean gate") else "right")
-    for r in rows:
-        mean = r.get("mean")
-        bar = "█" * round(width * mean) if isinstance(mean, float) and mean == mean else ""
-        t.add_row(short.get(r["site"], r["site"]), *[_num(r.get(c)) for c in cols[1:]], f"{bar:<{width}}|")
-    con = _stdout_console()
-    con.print(t)
-    if "domain" in doc:
-        d = doc["domain"]
-        state = {True: "healthy (0.3–0.7)", False: "outside the healthy band 0.3–0.7", None: "no data"}[d["healthy"]]
-        con.print(f"domain adapter: mean gate {_num(d['gate']['mean'])} — {state}; scale {d['scale']:.4f}")
 
 
 def short_sites(sites: list[str]) -> tuple[dict[str, str], str]:
@@ -375,39 +481,66 @@ def short_sites(sites: list[str]) -> tuple[dict[str, str], str]:
     return {".".join(p): ".".join(p[:-n]) for p in parts}, "." + ".".join(parts[0][-n:])
 
 
-PRUNE_COLUMNS = ["site", "layer", "module", "mean", "params", "decision"]
+def _short_site(short: dict[str, str]) -> Column:
+    return Column("site", table=lambda r: short.get(r["site"], r["site"]))
+
+
+def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width: int = 20) -> None:
+    """Print gate statistics: a table with one bar per gate, or json (the whole ``doc``), jsonl or tsv rows."""
+    short, suffix = short_sites([r["site"] for r in rows if r["site"] != "domain"])
+    count = next((r.get("count") for r in rows if r.get("count")), None)
+    title = f"gates after epoch {doc.get('epoch', '?')}" + (f" over {count:,} eval sequences" if count else "")
+
+    def bar(r: dict[str, Any]) -> str:
+        mean = r.get("mean")
+        blocks = "█" * round(width * mean) if isinstance(mean, float) and mean == mean else ""  # NaN: no bar
+        return f"{blocks:<{width}}|"
+
+    cols = [
+        _short_site(short),
+        Column("layer", in_table=False),
+        Column("module"),
+        *[Column(k, right=True) for k in ("mean", "std", "min", "max")],
+        Column("mean gate", bar, in_tsv=False),
+    ]
+    emit_rows(
+        rows, cols, fmt, doc=doc, title=title + (f"; sites *{suffix}" if suffix else ""), footer=_domain_line(doc)
+    )
+
+
+def _domain_line(doc: dict[str, Any]) -> str | None:
+    if "domain" not in doc:
+        return None
+    d = doc["domain"]
+    state = {True: "healthy (0.3–0.7)", False: "outside the healthy band 0.3–0.7", None: "no data"}[d["healthy"]]
+    return f"domain adapter: mean gate {text(d['gate']['mean'])} — {state}; scale {d['scale']:.4f}"
+
+
+PRUNE_STYLE = {"prune": "bold red", "pruned": "dim", "restore": "green"}
 
 
 def emit_prune(report: dict[str, Any], fmt: str) -> None:
     """``pelt prune --dry-run``: every gated module, its mean gate and the decision."""
     rows = [{**u, "site": u["disk_site"]} for u in report["units"]]
-    if fmt == "json":
-        write_json(report)
-        return
-    if fmt == "jsonl":
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-        return
-    if fmt == "tsv":
-        sys.stdout.write("\t".join(PRUNE_COLUMNS) + "\n")
-        for r in rows:
-            sys.stdout.write("\t".join(_num(r.get(c)) for c in PRUNE_COLUMNS) + "\n")
-        return
-    from rich.table import Table
-
     short, suffix = short_sites([r["site"] for r in rows])
     rule = ", ".join(f"{k}={v}" for k, v in report["rule"].items())
-    t = Table(title=f"prune ({rule})" + (f"; sites *{suffix}" if suffix else ""), title_justify="left")
-    for c in PRUNE_COLUMNS:
-        t.add_column(c, justify="right" if c in ("layer", "mean", "params") else "left")
-    style = {"prune": "bold red", "pruned": "dim", "restore": "green"}
-    for r in rows:
-        cells = [short.get(r["site"], r["site"]), _num(r["layer"]), r["module"], _num(r["mean"]),
-                 f"{r['params']:,}", r["decision"]]
-        t.add_row(*cells, style=style.get(r["decision"]))
-    con = _stdout_console()
-    con.print(t)
-    con.print(prune_summary(report))
+    cols = [
+        _short_site(short),
+        Column("layer", right=True),
+        Column("module"),
+        Column("mean", right=True),
+        number("params"),
+        Column("decision"),
+    ]
+    emit_rows(
+        rows,
+        cols,
+        fmt,
+        doc=report,
+        title=f"prune ({rule})" + (f"; sites *{suffix}" if suffix else ""),
+        footer=prune_summary(report),
+        style=lambda r: PRUNE_STYLE.get(r["decision"]),
+    )
 
 
 def prune_summary(report: dict[str, Any]) -> str:
@@ -416,8 +549,10 @@ def prune_summary(report: dict[str, Any]) -> str:
     live = sum(u["decision"] != "pruned" for u in report["units"])
     before, gone = report["params_before"], report["pruned_params"]
     verb = "would prune" if report["dry_run"] else "pruned"
-    return (f"{verb} {n} of {live} gated modules: {gone:,} of {before:,} inserted parameters "
-            f"({100 * gone / max(before, 1):.1f}%)")
+    return (
+        f"{verb} {n} of {live} gated modules: {gone:,} of {before:,} inserted parameters "
+        f"({100 * gone / max(before, 1):.1f}%)"
+    )
 
 
 def evaluation_change(ev: dict[str, Any]) -> str:
@@ -427,19 +562,26 @@ def evaluation_change(ev: dict[str, Any]) -> str:
     for k in ("accuracy", "f1", "perplexity", "feature_mse", "eval_loss"):
         if k in a and k in b:
             d = b[k] - a[k]
-            parts.append(f"{k} {a[k]:.4f} → {b[k]:.4f} ({d * 100:+.2f} points)" if k in ("accuracy", "f1")
-                         else f"{k} {a[k]:.4f} → {b[k]:.4f}")
+            parts.append(
+                f"{k} {a[k]:.4f} → {b[k]:.4f} ({d * 100:+.2f} points)"
+                if k in ("accuracy", "f1")
+                else f"{k} {a[k]:.4f} → {b[k]:.4f}"
+            )
     if a.get("seconds") and b.get("seconds") is not None:
-        parts.append(f"eval time on {a['rows']:,} rows {a['seconds']:.2f} s → {b['seconds']:.2f} s "
-                     f"({100 * (b['seconds'] / a['seconds'] - 1):+.1f}%)")
+        parts.append(
+            f"eval time on {a['rows']:,} rows {a['seconds']:.2f} s → {b['seconds']:.2f} s "
+            f"({100 * (b['seconds'] / a['seconds'] - 1):+.1f}%)"
+        )
     return "; ".join(parts)
 
 
 def merge_summary(rep: dict[str, Any]) -> str:
     """One line about what ``pelt merge`` wrote."""
     rss = f", peak RSS {human_bytes(rep['peak_rss_bytes'])}" if rep.get("peak_rss_bytes") else ""
-    line = (f"merged {rep['out']}: {rep['tensors_written']:,} tensors ({rep['tensors_folded']:,} folded) in "
-            f"{rep['shards']} shard(s), {human_bytes(rep['bytes_written'])} in {rep['seconds']:.1f} s{rss}")
+    line = (
+        f"merged {rep['out']}: {rep['tensors_written']:,} tensors ({rep['tensors_folded']:,} folded) in "
+        f"{rep['shards']} shard(s), {human_bytes(rep['bytes_written'])} in {rep['seconds']:.1f} s{rss}"
+    )
     if rep.get("untied"):
         line += f"; untied {', '.join(rep['untied'])}"
     if rep.get("rest"):
@@ -453,13 +595,6 @@ def bundle_summary(manifest: dict[str, Any], out: str) -> str:
     stored = [t for t in rows if t.get("stored", "bundle") == "bundle"]
     nbytes = sum(int(t.get("nbytes", 0)) for t in stored)
     where = "stdout (tar)" if out == "-" else out
-    return (f"bundle {where}: {len(stored):,} tensors, {human_bytes(nbytes)}"
-            + (f"; {len(rows) - len(stored)} taken from the base by checksum" if len(rows) > len(stored) else ""))
-
-
-def _num(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+    return f"bundle {where}: {len(stored):,} tensors, {human_bytes(nbytes)}" + (
+        f"; {len(rows) - len(stored)} taken from the base by checksum" if len(rows) > len(stored) else ""
+    )

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pelt_cli.errors import PeltError
+from pelt_cli.errors import DataError
+from pelt_cli.io.atomic import write_bytes_atomic
 
 TASKS = ("text-classification", "pair-classification", "causal-lm", "audio-classification", "domain-matching")
 COLUMNS = {
@@ -42,12 +43,6 @@ BUILTIN_DATASETS = {
     "vader": "word sentiment (positive/negative) from the VADER lexicon of the PyPI package vadersentiment 3.3.2",
 }
 _INFER_ORDER = ("pair-classification", "domain-matching", "audio-classification", "text-classification", "causal-lm")
-
-
-class DataError(PeltError):
-    """A data file that is missing, malformed or does not fit the task; the message names file:line and column."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -453,12 +448,6 @@ def _cache_root(cache_dir: str | Path | None) -> Path:
     return Path(base) / "pelt" / "data"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 _VADER_WORD = re.compile(r"[a-z]{2,}(?:['-][a-z]+)*")  # letters, inner hyphen/apostrophe; drops "x-d"-style emoticons
 
 
@@ -518,12 +507,12 @@ def builtin_dataset(name: str, cache_dir: str | Path | None = None) -> tuple[Pat
         have = hashlib.sha256(paths[0].read_bytes() + b"\0" + paths[1].read_bytes()).hexdigest()
         if have == digest:
             if not readme.is_file():
-                _write_atomic(readme, text.encode())
+                write_bytes_atomic(readme, text.encode())
             return paths
     out.mkdir(parents=True, exist_ok=True)
     for p, blob in zip(paths, blobs, strict=True):
-        _write_atomic(p, blob)
-    _write_atomic(readme, text.encode())
+        write_bytes_atomic(p, blob)
+    write_bytes_atomic(readme, text.encode())
     return paths
 
 
@@ -540,83 +529,3 @@ def resolve_data(arg: str) -> tuple[Path, Path | None]:
         return builtin_dataset(arg)
     raise DataError(f"{arg}: DATA path does not exist; known built-in datasets: {', '.join(BUILTIN_DATASETS)}")
 
-
-def _envelope(rng: Any, n: int, sr: int, short: bool) -> Any:
-    """A smooth random on/off envelope with slow amplitude wobble."""
-    import numpy as np
-
-    env = np.zeros(n)
-    length = int(n * rng.uniform(0.1, 0.35) if short else n * rng.uniform(0.4, 0.9))
-    start = int(rng.integers(0, n - length + 1))
-    env[start:start + length] = np.sin(np.linspace(0, np.pi, length)) ** rng.uniform(0.3, 1.5)
-    t = np.arange(n) / sr
-    return env * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 4) * t + rng.uniform(0, 2 * np.pi)))
-
-
-def _reference(rng: Any, n: int, sr: int) -> Any:
-    """A "microphone" signal: 1–3 tones (150–3000 Hz) under an envelope (70%), else 1–3 noise bursts."""
-    import numpy as np
-
-    t = np.arange(n) / sr
-    if rng.random() < 0.7:
-        y = sum(rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(150, 3000) * t + rng.uniform(0, 6.3))
-                for _ in range(int(rng.integers(1, 4))))
-        y = y * _envelope(rng, n, sr, short=False)
-    else:
-        y = sum(rng.standard_normal(n) * _envelope(rng, n, sr, short=True) for _ in range(int(rng.integers(1, 4))))
-    return 0.5 * y / max(float(np.abs(y).max()), 1e-9)
-
-
-def synth_audio_pairs(out_dir: str | Path, n: int, seed: int = 0, seconds: float = 2.0, sr: int = 16000) -> Path:
-    """Write ``n`` (source, reference) WAV pairs of the same content and a ``manifest.jsonl`` of relative paths.
-
-    The reference ("microphone") is tones or noise bursts; the source ("laser vibrometer") is the same signal
-    through a 300–1500 Hz band-pass (4th-order Butterworth, zero-phase) with a gain of 0.3–0.7 and broadband noise
-    (σ 0.01–0.03). Pair ``i`` depends only on (seed, i). 16-bit PCM. Returns the manifest path.
-    """
-    import numpy as np
-    import soundfile as sf
-    from scipy.signal import butter, sosfiltfilt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sos = butter(4, [300, 1500], btype="bandpass", fs=sr, output="sos")
-    samples = int(round(seconds * sr))
-    lines = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        ref = _reference(rng, samples, sr)
-        band = sosfiltfilt(sos, ref)
-        src = rng.uniform(0.3, 0.7) * 0.5 * band / max(float(np.abs(band).max()), 1e-9)
-        src = np.clip(src + rng.uniform(0.01, 0.03) * rng.standard_normal(samples), -1, 1)
-        names = (f"src_{i:04d}.wav", f"ref_{i:04d}.wav")
-        for name, y in zip(names, (src, ref), strict=True):
-            sf.write(out / name, y.astype(np.float32), sr, subtype="PCM_16")
-        lines.append(json.dumps({"source": names[0], "reference": names[1]}) + "\n")
-    manifest = out / "manifest.jsonl"
-    _write_atomic(manifest, "".join(lines).encode())
-    return manifest
-
-
-def synth_audio_classes(out_dir: str | Path, n_per_class: int, seed: int = 0, seconds: float = 1.0,
-                        sr: int = 16000) -> Path:
-    """Write low (150–400 Hz) and high (2000–4000 Hz) tone WAVs and a ``manifest.jsonl`` of ``{audio, label}``."""
-    import numpy as np
-    import soundfile as sf
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = int(round(seconds * sr))
-    t = np.arange(samples) / sr
-    lines = []
-    for c, (label, lo, hi) in enumerate((("low", 150, 400), ("high", 2000, 4000))):
-        for i in range(n_per_class):
-            rng = np.random.default_rng([seed, c, i])
-            y = np.sin(2 * np.pi * rng.uniform(lo, hi) * t) * _envelope(rng, samples, sr, short=False)
-            y = 0.5 * y / max(float(np.abs(y).max()), 1e-9) + 0.01 * rng.standard_normal(samples)
-            name = f"{label}_{i:04d}.wav"
-            sf.write(out / name, np.clip(y, -1, 1).astype(np.float32), sr, subtype="PCM_16")
-            lines.append(json.dumps({"audio": name, "label": label}) + "\n")
-    manifest = out / "manifest.jsonl"
-    _write_atomic(manifest, "".join(lines).encode())
-    return manifest

@@ -48,3 +48,43 @@ class OutputExistsError(PeltError):
     """An output path that already exists and would be overwritten."""
 
     exit_code = 2
+
+
+class DataError(PeltError):
+    """A data file that is missing, malformed or does not fit the task; the message names file:line and column."""
+
+    exit_code = 2
+
+
+class TrainingError(PeltError):
+    """Training stopped: a non-finite loss, or a base parameter that would train."""
+
+    exit_code = 1
+
+
+class PruneRefused(PeltError):
+    """A run that cannot be pruned (no gate statistics, nothing gated) or a rule that would remove everything."""
+
+    exit_code = 2
+
+
+class MergeRefused(PeltError):
+    """A merge that would not give the run's model; ``modules`` lists what could not be folded."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None, modules: list[dict] | None = None) -> None:
+        super().__init__(message, hint)
+        self.modules = list(modules or [])
+
+
+class BaseMismatch(PeltError):
+    """A bundle or adapter offered to a base other than the one it was made on."""
+
+    exit_code = 2
+
+
+class ExportRefused(PeltError):
+    """A run that the requested format cannot represent."""
+
+    exit_code = 2

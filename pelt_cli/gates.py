@@ -109,6 +109,7 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def heatmap(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a layers × modules heatmap of the mean gates as a PNG (needs matplotlib, an optional extra)."""
     from pelt_cli.errors import UsageError
+    from pelt_cli.io.atomic import atomic_file
 
     try:
         import matplotlib
@@ -129,7 +130,8 @@ def heatmap(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     fig.colorbar(im, ax=ax, label="mean gate")
     ax.set_title(f"gates after epoch {doc.get('epoch', '?')}")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.pelt-tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)

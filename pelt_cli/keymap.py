@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint
 from .errors import CheckpointError, PeltError
+from .io.checkpoint import Checkpoint
 
 
 @dataclass
@@ -68,7 +68,7 @@ def model_class(config: Any, directory: Any = None) -> Any:
     base = transformers.AutoModel._model_mapping[type(config)]
     prefix = getattr(base, "base_model_prefix", "")
     if directory is not None and prefix:
-        from .checkpoint import open_checkpoint
+        from .io.checkpoint import open_checkpoint
 
         try:
             keys = open_checkpoint(directory).tensors

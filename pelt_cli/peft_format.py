@@ -1,8 +1,10 @@
 """PEFT adapters out of and into pelt runs: ``pelt export --peft`` and ``pelt import-peft``.
 
-A LoRA-only or IA³-only run becomes ``adapter_config.json`` + ``adapter_model.safetensors`` with the key names HF
-peft expects for the base's architecture, so ``peft.PeftModel.from_pretrained(base, DIR)`` gives pelt's outputs;
-a PEFT LoRA/IA³ adapter becomes a pelt run on its base.
+A run whose modules all come from one method with a PEFT form (``peft_type``: LoRA, IA³) becomes
+``adapter_config.json`` + ``adapter_model.safetensors`` with the key names HF peft expects for the base's
+architecture, so ``peft.PeftModel.from_pretrained(base, DIR)`` gives pelt's outputs; a PEFT adapter of such a type
+becomes a pelt run on its base. The tensors and the method's part of the config come from the method's
+``to_peft`` / ``from_peft`` hooks; the rest is here.
 """
 
 from __future__ import annotations
@@ -12,102 +14,60 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pelt_cli import merge
-from pelt_cli.apply import ADAPTER_FILE, RUN_FILE, RUN_FORMAT, atomic_dir, read_run
-from pelt_cli.bundle import ExportRefused, _prepare_out
-from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file
-from pelt_cli.errors import CheckpointError
-from pelt_cli.merge import meta_model, read_adapter
+from pelt_cli import methods
+from pelt_cli.errors import CheckpointError, ExportRefused
+from pelt_cli.io.atomic import atomic_dir, prepare_out
+from pelt_cli.io.reader import load_file
+from pelt_cli.io.writer import save_file
+from pelt_cli.run import Base, Run
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def _refuse_for_peft(meta: dict, has_head: bool) -> str:
-    bad = [f"{i['method']} at {i['disk_site']}" for i in meta["insertions"] if i["method"] not in ("lora", "ia3")]
-    if has_head:
+def _peft_method(run: Run) -> Any:
+    """The one method with a PEFT form that made every row of the run.
+
+    Raises:
+        ExportRefused: other modules, a task head, two methods, or two modules on one layer.
+    """
+    bad = [f"{r.method} at {r.disk_site}" for r in run.insertions
+           if methods.hook(methods.of_row(r.method), "to_peft") is None]
+    if run.has_head_weights():
         bad.append("the task head pelt_head")
     if bad:
         raise ExportRefused(f"a PEFT adapter holds LoRA or IA³ only; this run also has {len(bad)} other module(s): "
                             f"{', '.join(bad[:5])}{', …' if len(bad) > 5 else ''}",
-                            hint="pelt export without --format peft writes a bundle that keeps every module")
-    kinds = sorted({i["method"] for i in meta["insertions"]})
+                            hint="pelt export without --peft writes a bundle that keeps every module")
+    kinds = sorted({r.method for r in run.insertions})
     if len(kinds) != 1:
         raise ExportRefused(f"this run mixes {' and '.join(kinds) or 'nothing'}; one PEFT adapter is either LoRA or "
                             "IA³", hint="export a bundle instead, or split the recipe into two runs")
-    sites = [i["site"] for i in meta["insertions"]]
+    sites = [r.site for r in run.insertions]
     dup = sorted({s for s in sites if sites.count(s) > 1})
     if dup:
         raise ExportRefused(f"{dup[0]} carries two {kinds[0]} modules; PEFT allows one per layer and adapter")
-    return kinds[0]
+    return methods.get(kinds[0])
 
 
-def peft_adapter(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A LoRA-only or IA³-only run as PEFT adapter tensors and ``adapter_config.json`` content.
-
-    Keys are ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` / ``ia3_l`` (no adapter name), and
-    ``target_modules`` lists the exact module paths. GPT-2's sliced q/v LoRA becomes a full-width ``lora_B`` with zero
-    rows for the k third (the same function). IA³ output vectors are ``(out, 1)``, input ones ``(1, in)`` and listed
-    in ``feedforward_modules``.
+def peft_adapter(run_dir: str | os.PathLike[str] | Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run as PEFT adapter tensors (``base_model.model.<module>.…``, no adapter name) and config content.
 
     Raises:
-        ExportRefused: the run holds other methods, mixes LoRA and IA³, or has two modules on one layer.
+        ExportRefused: the run holds modules without a PEFT form, mixes methods, or has two modules on one layer.
     """
-    import torch
-
-    from pelt_cli import surgery
-
-    run_dir = Path(run_dir)
-    meta = read_run(run_dir)
-    names = open_checkpoint(run_dir / ADAPTER_FILE).tensors
-    kind = _refuse_for_peft(meta, any(n.startswith("pelt_head.") for n in names))
-    base = open_checkpoint(meta["base"]["path"])
-    model, _, _ = meta_model(base.directory, merge.run_recipe(meta, str(run_dir / RUN_FILE)), None)
-    adapter = read_adapter(run_dir, model)
-    tensors, ranks, ff, fan_in_fan_out, dropout = {}, {}, [], False, 0.0
-    for ins in meta["insertions"]:
-        site, path = ins["site"], ins["modules"][0]
-        _, out_f, transposed = surgery.features(surgery.get_module(model, site))
-        fan_in_fan_out |= transposed
-        mod = surgery.get_module(model, path)
-        if kind == "lora":
-            b = adapter[f"{path}.B"]
-            if mod.slices:  # zero rows where the sliced LoRA writes nothing: the same function
-                full, offset = torch.zeros(out_f, b.shape[1], dtype=b.dtype), 0
-                for start, end in mod.slices:
-                    full[start:end] = b[offset:offset + end - start]
-                    offset += end - start
-                b = full
-            tensors[f"{PEFT_PREFIX}{site}.lora_A.weight"] = adapter[f"{path}.A"].contiguous()
-            tensors[f"{PEFT_PREFIX}{site}.lora_B.weight"] = b.contiguous()
-            ranks[site] = (mod.rank, mod.alpha)
-            dropout = max(dropout, float(getattr(mod.dropout, "p", 0.0)))
-        else:
-            vec = torch.cat([torch.ones(mod.fixed, dtype=adapter[f"{path}.l"].dtype), adapter[f"{path}.l"]])
-            tensors[f"{PEFT_PREFIX}{site}.ia3_l"] = vec[None, :] if mod.side == "input" else vec[:, None]
-            if mod.side == "input":
-                ff.append(site)
-    sites = [i["site"] for i in meta["insertions"]]
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    method = _peft_method(run)
+    model, _ = run.skeleton(head=False)
+    tensors, part = method.to_peft(model, run.insertions, run.read_adapter(model))
     config: dict[str, Any] = {
-        "peft_type": "LORA" if kind == "lora" else "IA3", "task_type": None, "inference_mode": True,
-        "base_model_name_or_path": meta["base"]["path"], "revision": None, "target_modules": sites,
-        "exclude_modules": None, "fan_in_fan_out": fan_in_fan_out, "modules_to_save": None,
+        "peft_type": method.peft_type, "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": run.meta.base.path, "revision": None,
+        "target_modules": [r.site for r in run.insertions], "exclude_modules": None, "modules_to_save": None,
+        **part,
     }
-    if kind == "lora":
-        counts: dict[tuple, int] = {}
-        for v in ranks.values():
-            counts[v] = counts.get(v, 0) + 1
-        r, alpha = max(counts, key=lambda v: counts[v])
-        config.update({
-            "r": r, "lora_alpha": _num(alpha), "lora_dropout": dropout, "bias": "none", "use_rslora": False,
-            "use_dora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {s: v[0] for s, v in ranks.items() if v[0] != r},
-            "alpha_pattern": {s: _num(v[1]) for s, v in ranks.items() if v[1] != alpha},
-        })
-    else:
-        config.update({"feedforward_modules": ff, "init_ia3_weights": True})
-    return tensors, config
+    return {PEFT_PREFIX + n: t for n, t in tensors.items()}, config
 
 
 def write_peft(d: Path, tensors: dict[str, Any], config: dict[str, Any]) -> None:
@@ -117,144 +77,68 @@ def write_peft(d: Path, tensors: dict[str, Any], config: dict[str, Any]) -> None
 
 
 def export_peft(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write a LoRA-only or IA³-only run as a PEFT adapter directory (see :func:`peft_adapter`)."""
+    """Write a run as a PEFT adapter directory (see :func:`peft_adapter`)."""
     out = Path(out)
     tensors, config = peft_adapter(run_dir)
-    _prepare_out(out, force)
+    prepare_out(out, force)
     with atomic_dir(out, force) as tmp:
         write_peft(tmp, tensors, config)
     return out
 
 
-def _num(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
+def read_peft(pdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``adapter_config.json`` and the adapter's tensors, keys without the ``base_model.model.`` prefix.
 
-
-def _peft_state(pdir: Path) -> tuple[dict, dict]:
+    Raises:
+        CheckpointError: no readable config; ExportRefused: keys without the prefix (not a PEFT adapter).
+    """
     try:
         cfg = json.loads((pdir / PEFT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{pdir}: no readable {PEFT_CONFIG} ({e})") from None
-    ck = open_checkpoint(pdir / PEFT_WEIGHTS)
-    with TensorReader(ck) as r:
-        state = {n.removeprefix(PEFT_PREFIX): r.read(n) for n in ck.tensors}
-    if any(not n.startswith(PEFT_PREFIX) for n in ck.tensors):
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{pdir / PEFT_CONFIG}: expected a JSON object, got {type(cfg).__name__}")
+    raw = load_file(pdir / PEFT_WEIGHTS)
+    if any(not n.startswith(PEFT_PREFIX) for n in raw):
         raise ExportRefused(f"{pdir / PEFT_WEIGHTS}: keys without the {PEFT_PREFIX!r} prefix; not a PEFT adapter")
-    return cfg, state
-
-
-def _lora_entries(cfg: dict, state: dict) -> tuple[list[dict], dict]:
-    import math
-
-    unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "target_parameters",
-                               "trainable_token_indices", "alora_invocation_tokens") if cfg.get(k)]
-    if cfg.get("bias", "none") != "none":
-        unsupported.append(f"bias={cfg['bias']}")
-    odd = sorted(n for n in state if not n.endswith((".lora_A.weight", ".lora_B.weight")))
-    if unsupported or odd:
-        raise ExportRefused(f"this PEFT LoRA uses what pelt's lora does not have: {', '.join(unsupported + odd[:3])}")
-    groups: dict[tuple, list[str]] = {}
-    values = {}
-    for name in sorted(state):
-        if not name.endswith(".lora_A.weight"):
-            continue
-        site = name[: -len(".lora_A.weight")]
-        r = state[name].shape[0]
-        alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re_full(k, site)), cfg["lora_alpha"])
-        alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha  # rsLoRA α/√r = (α√r)/r
-        groups.setdefault((r, float(alpha)), []).append(site)
-        values[f"{site}.pelt_lora.A"] = state[name]
-        values[f"{site}.pelt_lora.B"] = state[f"{site}.lora_B.weight"]
-    entries = [{"method": "lora", "targets": sites,
-                "params": {"rank": r, "alpha": a, "dropout": float(cfg.get("lora_dropout") or 0.0)}}
-               for (r, a), sites in groups.items()]
-    return entries, values
-
-
-def re_full(pattern: str, key: str) -> bool:
-    """PEFT's pattern rule (``rank_pattern``/``alpha_pattern``): the key ends with the pattern at a dot boundary."""
-    import re
-
-    return re.match(rf"(.*\.)?({pattern})$", key) is not None
-
-
-def _ia3_entries(state: dict) -> tuple[list[dict], dict]:
-    sides: dict[str, list[str]] = {"input": [], "output": []}
-    vectors = {}
-    for name in sorted(state):
-        if not name.endswith(".ia3_l"):
-            raise ExportRefused(f"{name}: not an IA³ vector; pelt imports ia3_l tensors only")
-        site, t = name[: -len(".ia3_l")], state[name]
-        side = "input" if t.shape[0] == 1 and t.dim() == 2 and t.shape[1] > 1 else "output"
-        sides[side].append(site)
-        vectors[site] = (side, t.reshape(-1))
-    entries = [{"method": "ia3", "targets": sites, "params": {"ffn_placement": p}}
-               for sites, p in ((sides["input"], "down_input"), (sides["output"], "up_output")) if sites]
-    return entries, vectors
+    return cfg, {n.removeprefix(PEFT_PREFIX): t for n, t in raw.items()}
 
 
 def import_peft(peft_dir: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 force: bool = False) -> Path:
-    """Bring a PEFT LoRA or IA³ adapter into a pelt run directory on ``model``.
+    """Bring a PEFT adapter (of a type a pelt method has the form of) into a pelt run directory on ``model``.
 
-    The recipe names the adapter's modules exactly (one ``lora`` entry per rank/alpha pair; one ``ia3`` entry per
-    side), is applied to the base like ``pelt apply``, and the adapter's weights replace the fresh ones.
+    The recipe names the adapter's modules exactly (from the method's ``from_peft``), is applied to the base like
+    ``pelt apply``, and the adapter's weights replace the fresh ones.
 
     Raises:
         ExportRefused: an adapter type or option pelt's methods cannot express (DoRA, biases, modules_to_save, an
             IA³ vector on a side pelt's ia3 does not scale there, …).
     """
-    import shutil
-
-    import torch
-    import yaml
-
     from pelt_cli.apply import apply
-    from pelt_cli.checkpoint import _commit_dir
-    from pelt_cli.recipe import loads
+    from pelt_cli.recipe import Recipe
 
     pdir, out = Path(peft_dir), Path(out)
-    cfg, state = _peft_state(pdir)
+    cfg, state = read_peft(pdir)
     ptype = cfg.get("peft_type")
-    if ptype == "LORA":
-        entries, values = _lora_entries(cfg, state)
-    elif ptype == "IA3":
-        entries, vectors = _ia3_entries(state)
-    else:
-        raise ExportRefused(f"{pdir}: peft_type {ptype!r}; pelt imports LORA and IA3 adapters")
-    recipe = loads(yaml.safe_dump({"name": f"peft-{pdir.name}", "description": f"imported from {pdir}",
-                                   "inserts": entries}, sort_keys=False), str(pdir / PEFT_CONFIG))
-    base = open_checkpoint(model)
-    skel, _, _ = meta_model(base.directory, recipe, None)
-    if ptype == "IA3":
-        values = {}
-        for site, (side, vec) in vectors.items():
-            mod = skel.get_submodule(f"{site}.pelt_ia3")
-            if mod.side != side or vec.numel() != mod.l.numel() + mod.fixed:
-                raise ExportRefused(f"{site}: the PEFT vector scales the layer's {side} ({vec.numel()} wide); pelt's "
-                                    f"ia3 scales its {mod.side} there")
-            if mod.fixed and not torch.equal(vec[: mod.fixed], torch.ones(mod.fixed, dtype=vec.dtype)):
-                raise ExportRefused(f"{site}: the PEFT vector scales the q third of a fused QKV layer; pelt's ia3 "
-                                    "keeps it at one")
-            values[f"{site}.pelt_ia3.l"] = vec[mod.fixed:].contiguous()
-    _prepare_out(out, force)
-    tmp = out.parent / f".{out.name}.pelt-tmp-{os.getpid()}"
-    try:
-        apply(recipe, base.root, tmp, force=True)
-        ck = open_checkpoint(tmp / ADAPTER_FILE)
-        with TensorReader(ck) as r:
-            current = {n: r.read(n) for n in ck.tensors}
-        for name, t in values.items():
-            if name not in current or tuple(current[name].shape) != tuple(t.shape):
-                raise ExportRefused(f"{name}: shape {tuple(t.shape)} does not fit the layer on this base")
-            current[name] = t.to(current[name].dtype).contiguous()
-        save_file(current, tmp / ADAPTER_FILE, metadata={"pelt_run_format": str(RUN_FORMAT)})
-        run = json.loads((tmp / RUN_FILE).read_text(encoding="utf-8"))
-        run["imported_from"] = {"peft_dir": str(pdir.resolve()), "peft_type": ptype,
-                                "base_model_name_or_path": cfg.get("base_model_name_or_path")}
-        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-        _commit_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    by_type = {getattr(methods.get(n), "peft_type", None): n for n in methods.names()}
+    if ptype not in by_type or ptype is None:
+        known = ", ".join(sorted(str(t) for t in by_type if t))
+        raise ExportRefused(f"{pdir}: peft_type {ptype!r}; pelt imports {known} adapters")
+    entries, fit = methods.get(by_type[ptype]).from_peft(cfg, state)
+    recipe = Recipe.from_dict({"name": f"peft-{pdir.name}", "description": f"imported from {pdir}",
+                               "inserts": entries}, str(pdir / PEFT_CONFIG))
+    base = Base.open(model)
+    skel, _ = Run.create(base, recipe, [], "", 0).skeleton(base)
+    values = fit(skel)
+    shapes = {n: tuple(t.shape) for n, t in values.items()}
+    from pelt_cli.run import expected_state
+
+    want = expected_state(skel)
+    wrong = [n for n, s in shapes.items() if want.get(n) != s]
+    if wrong:
+        raise ExportRefused(f"{wrong[0]}: shape {shapes[wrong[0]]} does not fit the layer on this base")
+    prepare_out(out, force)
+    provenance = {"peft_dir": str(pdir.resolve()), "peft_type": ptype,
+                  "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+    return apply(recipe, base, out, force=force, tensors=values, imported_from=provenance)

@@ -57,6 +57,15 @@ class Recipe:
     seed: int = 0
     source: str = ""
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "<recipe>") -> Recipe:
+        """Validate already-parsed recipe data (e.g. ``run.json``'s ``recipe``) without a YAML round trip.
+
+        Raises:
+            RecipeError: every problem found, each located at ``where`` and its YAML path.
+        """
+        return validate(data, {}, where)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (every default filled in), ready to dump as YAML or JSON."""
         return {

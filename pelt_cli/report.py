@@ -9,8 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, open_checkpoint
 from .errors import UsageError
+from .io.checkpoint import Checkpoint, open_checkpoint
 from .sites import Site, detect_family, matches, natural_key, sites
 
 SHORT_NAMES: dict[str, tuple[str, str]] = {

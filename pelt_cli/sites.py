@@ -12,14 +12,14 @@ from functools import lru_cache
 from typing import Any
 
 from .architectures import COMMON_ROLES, FAMILIES, LAYER_INDEX, SIGNATURES
-from .checkpoint import Checkpoint, TensorInfo
+from .io.checkpoint import Checkpoint
+from .io.header import TensorInfo
 
 UNKNOWN = "unknown"
 ROLES = [
     "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.up", "ffn.gate", "ffn.down",
     "embed", "lm_head", "norm", "conv", "projector", "pooler", "head", UNKNOWN,
 ]
-PARAM_SUFFIXES = ("weight", "bias")
 
 
 @dataclass(frozen=True)

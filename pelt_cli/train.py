@@ -25,17 +25,12 @@ import torch
 
 from pelt_cli import gates as gatestats
 from pelt_cli import heads, surgery
-from pelt_cli.errors import PeltError, UsageError
+from pelt_cli.errors import TrainingError, UsageError
+from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
+from pelt_cli.io.atomic import atomic_file, write_bytes_atomic, write_text_atomic
+from pelt_cli.run import ADAPTER_FILE, GATES_FILE, METRICS_FILE, RUN_FILE, STATE_DIR, Run
 
-STATE_DIR = "train"
 STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(PeltError):
-    """Training stopped: a non-finite loss, or a base parameter that would train."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -138,17 +133,6 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad /= world
 
 
-def all_reduce_sum(values: list[float], world: int) -> list[float]:
-    """Sum floats over ranks."""
-    if world <= 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def check_ranks_agree(params: list[torch.nn.Parameter], world: int) -> None:
     """Raise if the ranks' trainable weights differ (they must be identical after averaged-gradient steps)."""
     if world <= 1:
@@ -167,22 +151,19 @@ def check_ranks_agree(params: list[torch.nn.Parameter], world: int) -> None:
 # ---------------------------------------------------------------------------------------------- optimisation
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: modules, gates, the domain adapter's scale, the head — each with its learning rate."""
+    """AdamW groups, each with its learning rate: ``modules``, the head, and what the methods' ``param_group`` hooks
+    name (``gates``, the domain adapter's ``scale``)."""
+    from pelt_cli import methods
+
+    hooks = [h for h in (methods.hook(methods.get(n), "param_group") for n in methods.names()) if h is not None]
     groups: dict[str, list] = {"modules": [], "gates": [], "scale": [], "head": []}
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".pelt_gate." in n:
-            groups["gates"].append(p)
-        elif n.endswith("pelt_domain.scale"):
-            groups["scale"].append(p)
-        elif n.startswith("pelt_head."):
-            groups["head"].append(p)
-        else:
-            groups["modules"].append(p)
+        if p.requires_grad:
+            name = "head" if n.startswith("pelt_head.") else next((g for h in hooks if (g := h(n))), "modules")
+            groups.setdefault(name, []).append(p)
     lrs = {"modules": cfg.lr, "gates": cfg.gate_lr or cfg.lr, "scale": cfg.scale_lr, "head": cfg.head_lr or cfg.lr}
-    return [{"params": ps, "lr": lrs[k], "name": k, "weight_decay": 0.0 if k == "scale" else cfg.weight_decay}
-            for k, ps in groups.items() if ps]
+    return [{"params": ps, "lr": lrs.get(k, cfg.lr), "name": k, "weight_decay": 0.0 if k == "scale" else
+             cfg.weight_decay} for k, ps in groups.items() if ps]
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
@@ -245,109 +226,25 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
-    """The task's loss (and logits for classification)."""
-    if task in heads.CLASSIFICATION:
-        return heads.classification_loss(model, batch, task)
-    if task == "causal-lm":
-        return heads.lm_loss(model, batch)
-    if task == "domain-matching":
-        return heads.domain_loss(model, batch)
-    raise UsageError(f"task {task!r}: expected one of {', '.join(heads.CLASSIFICATION)}, causal-lm, domain-matching")
-
-
-def evaluate(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str, device: torch.device,
-             labels: list[str] | None) -> tuple[dict[str, float], dict[str, Any]]:
-    """Metrics on the eval set (loss; accuracy and macro-F1, perplexity, or feature MSE/cosine) and gate stats."""
-    model.eval()
-    gatestats.reset(model)
-    meter = gatestats.DomainGateMeter() if task == "domain-matching" else None
-    total_loss, n, correct = 0.0, 0, 0
-    preds, golds = [], []
-    mse_before, cos_after, cos_before = 0.0, 0.0, 0.0
-    with torch.no_grad():
-        for batch in batcher.batches(cfg.batch_size, shuffle=False, seed=cfg.seed):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            bsz = next(iter(batch.values())).shape[0]
-            if task == "domain-matching":
-                out, ref, src = heads.domain_features(model, batch)
-                meter.add(heads.domain_adapter(model).last_gate)
-                loss = torch.nn.functional.mse_loss(out.float(), ref.float())
-                mse_before += torch.nn.functional.mse_loss(src.float(), ref.float()).item() * bsz
-                cos = torch.nn.functional.cosine_similarity
-                cos_after += cos(out.float(), ref.float(), dim=-1).mean().item() * bsz
-                cos_before += cos(src.float(), ref.float(), dim=-1).mean().item() * bsz
-                logits = None
-            else:
-                loss, logits = compute_loss(model, batch, task)
-            total_loss += loss.item() * bsz
-            n += bsz
-            if logits is not None:
-                p = logits.argmax(-1)
-                correct += (p == batch["labels"]).sum().item()
-                preds += p.tolist()
-                golds += batch["labels"].tolist()
-    metrics = {"eval_loss": total_loss / max(n, 1)}
-    if task in heads.CLASSIFICATION:
-        metrics["accuracy"] = correct / max(n, 1)
-        metrics["f1"] = macro_f1(preds, golds, len(labels or []))
-    elif task == "causal-lm":
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-    else:
-        metrics.update({"feature_mse": metrics["eval_loss"], "feature_mse_unadapted": mse_before / max(n, 1),
-                        "cosine": cos_after / max(n, 1), "cosine_unadapted": cos_before / max(n, 1)})
-    model.train()
-    return metrics, gatestats.snapshot(model, meter)
-
-
-def macro_f1(preds: list[int], golds: list[int], n_classes: int) -> float:
-    """Macro-averaged F1 over the classes that occur in predictions or gold labels."""
-    scores = []
-    for c in range(n_classes):
-        tp = sum(1 for p, g in zip(preds, golds, strict=True) if p == c and g == c)
-        fp = sum(1 for p, g in zip(preds, golds, strict=True) if p == c and g != c)
-        fn = sum(1 for p, g in zip(preds, golds, strict=True) if p != c and g == c)
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
-
-
-def primary_metric(task: str) -> tuple[str, bool]:
-    """The metric early stopping watches, and whether higher is better."""
-    if task in heads.CLASSIFICATION:
-        return "accuracy", True
-    if task == "causal-lm":
-        return "perplexity", False
-    return "feature_mse", False
-
-
 # ---------------------------------------------------------------------------------------------- run files
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.pelt-tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any], state: dict[str, Any],
-                    metrics: list[dict[str, Any]], gate_doc: dict[str, Any] | None, best: bool) -> None:
+def save_checkpoint(run: Run, model: torch.nn.Module, state: dict[str, Any], metrics: list[dict[str, Any]],
+                    gate_doc: dict[str, Any] | None, best: bool) -> None:
     """Write the epoch's checkpoint into the run, each file through a temporary name and a rename."""
-    from pelt_cli.apply import ADAPTER_FILE, RUN_FILE
-    from pelt_cli.checkpoint import save_file
+    from pelt_cli.io.writer import save_file
 
     adapter = {k: v.detach().cpu() for k, v in surgery.inserted_state(model).items()}
-    save_file(adapter, run_dir / ADAPTER_FILE, metadata={"pelt_epoch": str(state["epoch"])})
-    sdir = run_dir / STATE_DIR
+    save_file(adapter, run.path(ADAPTER_FILE), metadata={"pelt_epoch": str(state["epoch"])})
+    sdir = run.path(STATE_DIR)
     sdir.mkdir(exist_ok=True)
     if best:
         save_file(adapter, sdir / "best.safetensors", metadata={"pelt_epoch": str(state["epoch"])})
-    tmp = sdir / f".{STATE_FILE}.pelt-tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, sdir / STATE_FILE)
-    _atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+    with atomic_file(sdir / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    write_text_atomic(run.path(METRICS_FILE), "".join(json.dumps(m) + "\n" for m in metrics))
     if gate_doc is not None and (gate_doc.get("layers") or gate_doc.get("domain")):
-        _atomic_write_text(run_dir / gatestats.GATES_FILE, json.dumps(gate_doc, indent=2) + "\n")
-    _atomic_write_text(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(run.path(GATES_FILE), json.dumps(gate_doc, indent=2) + "\n")
+    write_text_atomic(run.path(RUN_FILE), run.meta_json())
 
 
 def rng_state() -> dict[str, Any]:
@@ -368,27 +265,99 @@ def set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype("uint32"), s["numpy_pos"], 0, 0.0))
 
 
-def _data_inputs(meta: dict[str, Any], task: str, tokenizer_path: str | None) -> tuple[Any, Any]:
-    """A tokenizer for text tasks, a feature extractor for audio tasks."""
-    from pelt_cli.data import feature_extractor_for
+@dataclass
+class _Data:
+    """The training and eval sets of a run, with their labels and where they came from."""
 
-    base_dir = Path(meta["base"]["path"])
-    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
-    if task in ("audio-classification", "domain-matching"):
-        import transformers
+    task: str
+    train: Any
+    eval: Any
+    labels: list[str] | None
+    source: str
+    eval_source: str
 
-        return None, feature_extractor_for(transformers.AutoConfig.from_pretrained(str(base_dir)))
-    import transformers
 
-    src = tokenizer_path or str(base_dir)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{src}: no tokenizer found ({str(e).splitlines()[0][:120]})",
-                         hint="pass --tokenizer DIR pointing at tokenizer files for this model") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok, None
+def _load_data(run: Run, data: str, eval_data: str | None, cfg: TrainConfig) -> _Data:
+    """The training set, and the eval set (a file, a built-in split, or ``eval_fraction`` of the data)."""
+    from pelt_cli.data import load_data, resolve_data, split
+
+    train_path, builtin_eval = resolve_data(data)
+    head = run.head or {}
+    td = load_data(train_path, task=cfg.task or head.get("task"))
+    labels = head.get("labels") or td.labels
+    if head and td.labels and set(td.labels) - set(labels):
+        raise UsageError(f"{train_path}: labels {sorted(set(td.labels) - set(labels))} are not among the run's "
+                         f"head labels {labels}")
+    ev_path = eval_data or (str(builtin_eval) if builtin_eval else None)
+    if not ev_path:
+        td, ed = split(td, cfg.eval_fraction, cfg.seed)
+        return _Data(td.task, td, ed, labels, str(train_path), f"{cfg.eval_fraction} of data")
+    ed = load_data(ev_path, task=td.task, labels=labels)
+    if td.labels is not None:
+        td = load_data(train_path, task=td.task, labels=labels)
+    return _Data(td.task, td, ed, labels, str(train_path), ev_path)
+
+
+def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, int, int]:
+    """The run's model with its task head, only inserted parameters trainable; ``(model, trainable, total)``."""
+    model = run.load_model()
+    if d.task in heads.CLASSIFICATION and not run.head:
+        run.meta.head = {"task": d.task, "labels": d.labels, "hidden": heads.hidden_width(model, d.task),
+                         "dropout": 0.1}
+        heads.attach_head(model, run.meta.head)
+    trainable, total = surgery.freeze_base(model)
+    wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_inserted(n)]
+    if wrong:
+        raise TrainingError(f"base parameter {wrong[0]} would train; refusing to start")
+    if trainable == 0:
+        raise TrainingError(f"{run.dir}: nothing to train (no inserted parameters)")
+    if cfg.gate_temperature is not None:
+        for ctl in gatestats.controllers(model).values():
+            ctl.temperature = cfg.gate_temperature
+    return model.to(device).train(), trainable, total
+
+
+@dataclass
+class _Loop:
+    """Everything the epoch loop shares."""
+
+    run: Run
+    model: torch.nn.Module
+    cfg: TrainConfig
+    data: _Data
+    device: torch.device
+    train_b: Any
+    eval_b: Any
+    opt: Any
+    sched: Any
+    params: list
+    total_steps: int
+    rank: int
+    world: int
+    emit: Callable[[dict[str, Any]], None]
+
+    def evaluate(self) -> tuple[dict[str, float], dict[str, Any]]:
+        """Metrics and gate statistics on the eval set."""
+        return evaluate(self.model, self.eval_b, self.cfg, self.data.task, self.device, self.data.labels)
+
+
+def _loop(run: Run, model: torch.nn.Module, d: _Data, cfg: TrainConfig, device: torch.device, tokenizer: str | None,
+          emit: Callable) -> _Loop:
+    """Batchers, optimizer and schedule for a run's training."""
+    from pelt_cli.data import Batcher
+
+    rank, world = dist_info()
+    tok, fe = data_inputs(run.meta.base.path, d.task, tokenizer)
+    train_b = Batcher(d.train, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
+    eval_b = Batcher(d.eval, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
+    per_epoch = math.ceil(train_b.n_batches(cfg.batch_size, world_size=world) / cfg.grad_accum)
+    total_steps = cfg.max_steps or per_epoch * cfg.epochs
+    warm = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    opt = torch.optim.AdamW(param_groups(model, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warm, cfg.schedule))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _Loop(run, model, cfg, d, device, train_b, eval_b, opt, sched, params, total_steps, rank, world,
+                 emit if rank == 0 else (lambda e: None))
 
 
 def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None = None,
@@ -408,75 +377,45 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
     Raises:
         TrainingError: a non-finite loss (the run keeps its last good checkpoint) or a base parameter that trains.
     """
-    from pelt_cli.apply import load_run
-    from pelt_cli.data import Batcher, class_balance, load_data, resolve_data, split
+    from pelt_cli.data import class_balance
 
     cfg = cfg or TrainConfig()
     cfg.check()
-    run = Path(run_dir)
-    rank, world = dist_info()
-    emit = on_event if (on_event and rank == 0) else (lambda e: None)
+    run = Run.open(run_dir)
     device = pick_device(cfg.device)
-    train_path, builtin_eval = resolve_data(data)
-    from pelt_cli.apply import read_run
-
-    meta0 = read_run(run)
-    head0 = meta0.get("head")
-    td = load_data(train_path, task=cfg.task or (head0 or {}).get("task"))
-    labels = (head0 or {}).get("labels") or td.labels
-    if head0 and td.labels and set(td.labels) - set(labels):
-        raise UsageError(f"{train_path}: labels {sorted(set(td.labels) - set(labels))} are not among the run's "
-                         f"head labels {labels}")
-    ev_path = eval_data or (str(builtin_eval) if builtin_eval else None)
-    if ev_path:
-        ed = load_data(ev_path, task=td.task, labels=labels)
-        if td.labels is not None:
-            td = load_data(train_path, task=td.task, labels=labels)
-    else:
-        td, ed = split(td, cfg.eval_fraction, cfg.seed)
+    d = _load_data(run, data, eval_data, cfg)
     seed_all(cfg.seed)
-    model, meta = load_run(run)
-    if td.task in heads.CLASSIFICATION and not meta.get("head"):
-        meta["head"] = {"task": td.task, "labels": labels, "hidden": heads.hidden_width(model, td.task),
-                        "dropout": 0.1}
-        heads.attach_head(model, meta["head"])
-    trainable, total = surgery.freeze_base(model)
-    wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_inserted(n)]
-    if wrong:
-        raise TrainingError(f"base parameter {wrong[0]} would train; refusing to start")
-    if trainable == 0:
-        raise TrainingError(f"{run}: nothing to train (no inserted parameters)")
-    if cfg.gate_temperature is not None:
-        for ctl in gatestats.controllers(model).values():
-            ctl.temperature = cfg.gate_temperature
-    model.to(device).train()
-    tok, fe = _data_inputs(meta, td.task, tokenizer)
-    train_b = Batcher(td, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
-    eval_b = Batcher(ed, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
-    n_batches = train_b.n_batches(cfg.batch_size, world_size=world)
-    per_epoch = math.ceil(n_batches / cfg.grad_accum)
-    total_steps = cfg.max_steps or per_epoch * cfg.epochs
-    warm = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warm, cfg.schedule))
-    metric_name, higher = primary_metric(td.task)
+    model, trainable, total = _model(run, d, cfg, device)
+    lp = _loop(run, model, d, cfg, device, tokenizer, on_event or (lambda e: None))
+    metric_name, higher = primary_metric(d.task)
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf if higher else math.inf, "best_epoch": 0,
                           "bad_epochs": 0, "history": []}
     if resume:
-        st = _resume(run, opt, sched, cfg)
-    balance = class_balance(td) if td.labels else None
-    meta["training"] = {"config": asdict(cfg), "data": str(train_path), "eval": ev_path or f"{cfg.eval_fraction} "
-                        "of data", "task": td.task, "train_rows": len(td.rows), "eval_rows": len(ed.rows),
-                        "class_balance": balance, "trainable": trainable, "world_size": world}
-    emit({"kind": "start", "total_steps": total_steps, "trainable": trainable, "total": total, "task": td.task,
-          "train_rows": len(td.rows), "eval_rows": len(ed.rows), "balance": balance, "epoch": st["epoch"]})
-    t0, stopped = time.time(), False
-    gate_doc = gatestats.read(run) if resume else None
-    for epoch in range(st["epoch"], cfg.epochs):
-        done = _epoch(model, train_b, cfg, td.task, device, opt, sched, params, st, epoch, rank, world, emit,
-                      total_steps, lambda: evaluate(model, eval_b, cfg, td.task, device, labels)[0])
-        metrics, snap = evaluate(model, eval_b, cfg, td.task, device, labels)
+        st = _resume(run.dir, lp.opt, lp.sched, cfg)
+    balance = class_balance(d.train) if d.train.labels else None
+    run.meta.training = {"config": asdict(cfg), "data": d.source, "eval": d.eval_source, "task": d.task,
+                         "train_rows": len(d.train.rows), "eval_rows": len(d.eval.rows), "class_balance": balance,
+                         "trainable": trainable, "world_size": lp.world}
+    lp.emit({"kind": "start", "total_steps": lp.total_steps, "trainable": trainable, "total": total, "task": d.task,
+             "train_rows": len(d.train.rows), "eval_rows": len(d.eval.rows), "balance": balance,
+             "epoch": st["epoch"]})
+    t0 = time.time()
+    stopped = _epochs(lp, st, gatestats.read(run.dir) if resume else None, t0)
+    check_ranks_agree(lp.params, lp.world)
+    if lp.rank == 0:
+        _finish_with_best(run.dir)
+    lp.emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name})
+    return TrainResult(str(run.dir), d.task, st["epoch"], st["step"], st["best_epoch"], st["best"], metric_name,
+                       st["history"], stopped, trainable, time.time() - t0)
+
+
+def _epochs(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any] | None, t0: float) -> bool:
+    """The epoch loop (evaluation, early stopping and a checkpoint after each); True when it stopped early."""
+    metric_name, higher = primary_metric(lp.data.task)
+    for epoch in range(st["epoch"], lp.cfg.epochs):
+        done = run_epoch(lp.model, lp.train_b, lp.cfg, lp.data.task, lp.device, lp.opt, lp.sched, lp.params, st,
+                         epoch, lp.rank, lp.world, lp.emit, lp.total_steps, lambda: lp.evaluate()[0])
+        metrics, snap = lp.evaluate()
         value = metrics[metric_name]
         improved = value > st["best"] if higher else value < st["best"]
         if improved:
@@ -486,30 +425,36 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
         record = {"epoch": epoch + 1, "step": st["step"], **metrics, "seconds": round(time.time() - t0, 3)}
         st["history"].append(record)
         st["epoch"] = epoch + 1
-        best_gates = (gate_doc or {}).get("best")
-        gate_doc = gatestats.merge_history(gate_doc, snap, epoch + 1)
-        if improved or best_gates is None:  # the statistics of the weights early stopping keeps
-            best_gates = {"epoch": epoch + 1, **{k: snap[k] for k in ("layers", "domain") if k in snap}}
-        gate_doc["best"] = best_gates
-        stopped = bool(cfg.patience) and st["bad_epochs"] >= cfg.patience
-        if rank == 0:
-            st["rng"] = rng_state()
-            st["optimizer"], st["scheduler"] = opt.state_dict(), sched.state_dict()
-            meta["training"]["result"] = {"epochs_done": st["epoch"], "steps": st["step"], "best_epoch":
-                                          st["best_epoch"], metric_name: st["best"], "stopped_early": stopped}
-            save_checkpoint(run, model, meta, st, st["history"], gate_doc, improved)
-        emit({"kind": "eval", **record, "gates": snap})  # after the checkpoint: an interrupt here loses nothing
+        gate_doc = _gate_history(gate_doc, snap, epoch + 1, improved)
+        stopped = bool(lp.cfg.patience) and st["bad_epochs"] >= lp.cfg.patience
+        if lp.rank == 0:
+            _checkpoint(lp, st, gate_doc, improved, metric_name, stopped)
+        lp.emit({"kind": "eval", **record, "gates": snap})  # after the checkpoint: an interrupt here loses nothing
         if stopped or done:
-            break
-    check_ranks_agree(params, world)
-    if rank == 0:
-        _finish_with_best(run)
-    emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name})
-    return TrainResult(str(run), td.task, st["epoch"], st["step"], st["best_epoch"], st["best"], metric_name,
-                       st["history"], stopped, trainable, time.time() - t0)
+            return stopped
+    return False
 
 
-def _epoch(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str, device: torch.device, opt: Any,
+def _gate_history(doc: dict[str, Any] | None, snap: dict[str, Any], epoch: int, improved: bool) -> dict[str, Any]:
+    """gates.json after an epoch: the epoch's statistics, their history, and those of the best epoch so far."""
+    best = (doc or {}).get("best")
+    doc = gatestats.merge_history(doc, snap, epoch)
+    if improved or best is None:  # the statistics of the weights early stopping keeps
+        best = {"epoch": epoch, **{k: snap[k] for k in ("layers", "domain") if k in snap}}
+    doc["best"] = best
+    return doc
+
+
+def _checkpoint(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any], improved: bool, metric_name: str,
+                stopped: bool) -> None:
+    st["rng"] = rng_state()
+    st["optimizer"], st["scheduler"] = lp.opt.state_dict(), lp.sched.state_dict()
+    lp.run.meta.training["result"] = {"epochs_done": st["epoch"], "steps": st["step"], "best_epoch": st["best_epoch"],
+                                      metric_name: st["best"], "stopped_early": stopped}
+    save_checkpoint(lp.run, lp.model, st, st["history"], gate_doc, improved)
+
+
+def run_epoch(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str, device: torch.device, opt: Any,
            sched: Any, params: list, st: dict[str, Any], epoch: int, rank: int, world: int, emit: Callable,
            total_steps: int, evaluator: Callable[[], dict[str, float]] | None = None) -> bool:
     """One pass over the training data; returns True when ``max_steps`` was reached.
@@ -570,17 +515,13 @@ def _resume(run: Path, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]
 def _finish_with_best(run: Path) -> None:
     """Leave the best epoch's weights in ``adapter.safetensors`` (early stopping keeps the best model), and their
     gate statistics at the top of ``gates.json`` (what ``pelt gates``, ``prune`` and ``merge`` read)."""
-    from pelt_cli.apply import ADAPTER_FILE
-
     doc = gatestats.read(run)
     if doc and doc.get("best"):
         best = doc["best"]
         doc = {**doc, **{k: best[k] for k in ("layers", "domain") if k in best}, "epoch": best["epoch"],
                "last_epoch": doc.get("epoch")}
-        _atomic_write_text(run / gatestats.GATES_FILE, json.dumps(doc, indent=2) + "\n")
+        write_text_atomic(run / GATES_FILE, json.dumps(doc, indent=2) + "\n")
 
     best = run / STATE_DIR / "best.safetensors"
     if best.is_file():
-        tmp = run / f".{ADAPTER_FILE}.pelt-tmp-{os.getpid()}"
-        tmp.write_bytes(best.read_bytes())
-        os.replace(tmp, run / ADAPTER_FILE)
+        write_bytes_atomic(run / ADAPTER_FILE, best.read_bytes())

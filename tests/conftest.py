@@ -55,6 +55,39 @@ def run_pelt(*args: str, stdin: str | None = None, env: dict | None = None) -> s
                           cwd=REPO, timeout=120)
 
 
+def pelt_main(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``pelt_cli.cli.main`` in this process (no interpreter start-up); the same result as :func:`run_pelt`.
+
+    For tests where the process boundary matters (broken pipes, tracebacks, imports) use :func:`run_pelt`.
+    """
+    import contextlib
+    import io
+
+    from pelt_cli import console
+    from pelt_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in [*(env or {}), "PELT_VERBOSITY"]}
+    level, real_stdin = console.verbosity(), sys.stdin
+    os.environ.update(env or {})
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # shell completion exits
+                code = e.code or 0
+    finally:
+        sys.stdin = real_stdin
+        console.set_verbosity(level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["pelt", *args], code, out.getvalue(), err.getvalue())
+
+
 POS = ["good", "great", "fun", "lovely", "superb", "happy"]
 NEG = ["bad", "awful", "dull", "boring", "poor", "sad"]
 FILL = ["the", "film", "was", "really", "quite", "and", "story", "plot", "very", "a", "show", "it"]
@@ -100,8 +133,10 @@ def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def randomise(run: Path, seed: int = 1, others: float = 0.0) -> None:
     """LoRA B ~ N(0, 0.1²), IA³ l = 1 + 0.1·N(0, 1) (and, with ``others``, every other tensor N(0, others²))."""
-    from pelt_cli.apply import ADAPTER_FILE
-    from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file
+    from pelt_cli.io.checkpoint import open_checkpoint
+    from pelt_cli.io.reader import TensorReader
+    from pelt_cli.io.writer import save_file
+    from pelt_cli.run import ADAPTER_FILE
 
     ck = open_checkpoint(run / ADAPTER_FILE)
     with TensorReader(ck) as r:

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_pelt
+from conftest import pelt_main
 from tiny_models import FAMILIES, main_output, sample_inputs
 
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
-from pelt_cli.apply import ADAPTER_FILE, RUN_FILE, apply, insert_recipe, load_run, plan
+from pelt_cli.apply import apply, plan
 from pelt_cli.errors import RecipeError
+from pelt_cli.insert import insert_recipe
+from pelt_cli.run import ADAPTER_FILE, RUN_FILE, load_run
 
 ASSETS = Path(__file__).parent / "assets" / "bad"
 LORA = {"gpt2": "lora-gpt2"}
@@ -81,7 +83,7 @@ def test_gpt2_fused_slices_only_touch_q_and_v(tiny_models_built: dict) -> None:
 
 
 def test_apply_save_load_bit_identical(tiny_dir: Path, tmp_path: Path) -> None:
-    from pelt_cli.checkpoint import save_file
+    from pelt_cli.io.writer import save_file
 
     run = apply(rc.load("lora"), tiny_dir / "llama", tmp_path / "run")
     assert sorted(p.name for p in run.iterdir()) == [ADAPTER_FILE, "recipe.yaml", RUN_FILE]
@@ -111,7 +113,7 @@ def test_load_run_refuses_other_base(tiny_dir: Path, tmp_path: Path) -> None:
     run = apply(rc.load("lora"), tiny_dir / "llama", tmp_path / "run")
     other = tmp_path / "other"
     shutil.copytree(tiny_dir / "llama", other)
-    from pelt_cli.checkpoint import open_checkpoint
+    from pelt_cli.io.checkpoint import open_checkpoint
 
     info = open_checkpoint(other).tensors["model.norm.weight"]
     with open(info.file, "r+b") as f:
@@ -129,7 +131,7 @@ def test_minilm_plan_matches_peft_count(minilm: Path) -> None:
 
 
 def test_dry_run_writes_nothing_and_prints_plan(tiny_dir: Path, tmp_path: Path) -> None:
-    r = run_pelt("apply", "lora", str(tiny_dir / "bert"), "--dry-run", "--format", "json", "-o", str(tmp_path / "x"))
+    r = pelt_main("apply", "lora", str(tiny_dir / "bert"), "--dry-run", "--format", "json", "-o", str(tmp_path / "x"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["new_params"] == 4 * 8 * 64 and len(doc["insertions"]) == 4
@@ -139,15 +141,15 @@ def test_dry_run_writes_nothing_and_prints_plan(tiny_dir: Path, tmp_path: Path) 
 
 def test_apply_prints_run_path_and_pipes_into_inspect(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_pelt("apply", "lora", str(tiny_dir / "vit"), "-o", str(out), "inserts.0.params.rank=4")
+    r = pelt_main("apply", "lora", str(tiny_dir / "vit"), "-o", str(out), "inserts.0.params.rank=4")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
-    r2 = run_pelt("inspect", "-", "--json", stdin=r.stdout)
+    r2 = pelt_main("inspect", "-", "--json", stdin=r.stdout)
     doc = json.loads(r2.stdout)
     assert doc["new_params"] == 4 * 4 * 64 and all(t["trainable"] for t in doc["tensors"])
     # ViT: the recipe's roles resolve through the in-memory names; the plan reports on-disk sites
     assert {t["site"] for t in doc["tensors"]} >= {"encoder.layer.0.attention.attention.query"}
-    r3 = run_pelt("apply", "lora", str(tiny_dir / "vit"), "-o", str(out))
+    r3 = pelt_main("apply", "lora", str(tiny_dir / "vit"), "-o", str(out))
     assert r3.returncode == 2 and "already exists" in r3.stderr
 
 
@@ -168,7 +170,7 @@ BAD = {
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_recipe_one_report_exit_2_nothing_written(name: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_pelt("apply", str(ASSETS / name), "minilm", "-o", str(out))
+    r = pelt_main("apply", str(ASSETS / name), "minilm", "-o", str(out))
     assert r.returncode == 2, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, r.stderr
@@ -199,20 +201,20 @@ def test_overrides() -> None:
 
 
 def test_stray_flag_is_an_error(tiny_dir: Path) -> None:
-    r = run_pelt("apply", "lora", str(tiny_dir / "bert"), "--dry-run", "--rnak", "8")
+    r = pelt_main("apply", "lora", str(tiny_dir / "bert"), "--dry-run", "--rnak", "8")
     assert r.returncode == 2 and "No such option: --rnak" in r.stderr
 
 
 def test_recipes_ls_cat_cp(tmp_path: Path) -> None:
-    r = run_pelt("recipes", "ls")
+    r = pelt_main("recipes", "ls")
     names = [ln.split("\t")[0] for ln in r.stdout.splitlines()]
     assert {"lora", "lora-gpt2", "lora-all-linear"} <= set(names)
-    cat = run_pelt("recipes", "cat", "lora").stdout
+    cat = pelt_main("recipes", "cat", "lora").stdout
     assert cat.startswith("# pelt apply lora ")
-    r = run_pelt("recipes", "cp", "lora", str(tmp_path))
+    r = pelt_main("recipes", "cp", "lora", str(tmp_path))
     assert r.returncode == 0 and (tmp_path / "lora.yaml").read_text() == cat
-    assert run_pelt("recipes", "cp", "lora", str(tmp_path)).returncode == 2
-    r = run_pelt("recipes", "cat", "lroa")
+    assert pelt_main("recipes", "cp", "lora", str(tmp_path)).returncode == 2
+    r = pelt_main("recipes", "cat", "lroa")
     assert r.returncode == 2 and "did you mean 'lora'" in r.stderr
 
 
@@ -249,7 +251,7 @@ def test_every_bundled_recipe_applies_to_its_families(tiny_models_built: dict) -
 def test_save_load_bit_identical_every_method(tiny_dir: Path, tmp_path: Path, recipe_name: str, family: str) -> None:
     from safetensors.torch import load_file
 
-    from pelt_cli.checkpoint import save_file
+    from pelt_cli.io.writer import save_file
 
     run = apply(rc.load(recipe_name), tiny_dir / family, tmp_path / "run")
     state = load_file(run / ADAPTER_FILE)

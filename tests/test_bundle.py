@@ -14,17 +14,14 @@ from conftest import make_run, outputs
 from safetensors.torch import load_file
 
 from pelt_cli import recipe as rc
-from pelt_cli.apply import ADAPTER_FILE, RUN_FILE, apply, load_base, load_run
-from pelt_cli.bundle import (
-    BUNDLE_FILE,
-    MANIFEST_FILE,
-    BaseMismatch,
-    ExportRefused,
-    apply_bundle,
-    export_bundle,
-)
-from pelt_cli.checkpoint import open_checkpoint, save_file, tensor_digest
+from pelt_cli.apply import apply
+from pelt_cli.bundle import BUNDLE_FILE, MANIFEST_FILE, apply_bundle, export_bundle
+from pelt_cli.errors import BaseMismatch, ExportRefused
+from pelt_cli.io.checkpoint import open_checkpoint
+from pelt_cli.io.fingerprint import tensor_digest
+from pelt_cli.io.writer import save_file
 from pelt_cli.peft_format import export_peft, import_peft
+from pelt_cli.run import ADAPTER_FILE, RUN_FILE, load_base, load_run
 
 peft = pytest.importorskip("peft")
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from fixtures_audio import synth_audio_classes, synth_audio_pairs
 
 from pelt_cli import data as D
-from pelt_cli.errors import PeltError
+from pelt_cli.errors import DataError, PeltError
 
 TEXT = [("a fine, \"sunny\" day", "pos"), ("rain again", "neg"), ("it's ok", "neutral"), ("great", "pos"),
         ("lovely weather for ducks", "pos")]
@@ -71,7 +72,7 @@ def tiny_audio_model():
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory, librosa_warm: None) -> Path:
-    return D.synth_audio_pairs(tmp_path_factory.mktemp("pairs"), 4, seed=1)
+    return synth_audio_pairs(tmp_path_factory.mktemp("pairs"), 4, seed=1)
 
 
 # --- formats and task inference ---------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_infer_task_and_labels() -> None:
     assert D.infer_task({"text"}) == "causal-lm"
     assert D.infer_task({"audio", "label"}) == "audio-classification"
     assert D.infer_task({"source", "reference", "speaker"}) == "domain-matching"
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         D.infer_task({"sentence", "tag"})
     for expected in ("sentence, tag", "text+label", "text_a+text_b+label", "audio+label", "source+reference"):
         assert expected in str(e.value)
@@ -130,7 +131,7 @@ def test_read_rows_json_array_and_blank_lines(tmp_path: Path) -> None:
 # --- bad inputs -------------------------------------------------------------------------------------------------
 
 def err(path: Path, **kw) -> str:
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         D.load_data(path, **kw)
     assert isinstance(e.value, PeltError) and e.value.exit_code == 2
     return str(e.value)
@@ -210,7 +211,7 @@ def test_split_stratified_deterministic(tmp_path: Path) -> None:
     assert {r["text"] for r in tr.rows}.isdisjoint(r["text"] for r in ev.rows)
     assert [r["text"] for r in tr.rows] == sorted((r["text"] for r in tr.rows), key=lambda s: int(s[1:]))
     assert D.split(td, 0.2, seed=1)[1].rows == ev.rows and D.split(td, 0.2, seed=2)[1].rows != ev.rows
-    with pytest.raises(D.DataError, match="between 0 and 1"):
+    with pytest.raises(DataError, match="between 0 and 1"):
         D.split(td, 1.0, 0)
 
 
@@ -275,14 +276,14 @@ def test_order_determinism_and_sharding(tmp_path: Path, bert_tok) -> None:
     assert not set(s0) & set(s1) and set(s0) | set(s1) == set(range(10))
     texts = [[t.item() for t in x["input_ids"][:, 1]] for x in b10.batches(5, True, 3, 2)]
     assert texts == [[t.item() for t in x["input_ids"][:, 1]] for x in b10.batches(5, True, 3, 2)]
-    with pytest.raises(D.DataError, match="rank 2"):
+    with pytest.raises(DataError, match="rank 2"):
         b.order(True, 0, rank=2, world_size=2)
 
 
 def test_batcher_needs_tokenizer_or_extractor(tmp_path: Path) -> None:
-    with pytest.raises(D.DataError, match="needs a tokenizer"):
+    with pytest.raises(DataError, match="needs a tokenizer"):
         D.Batcher(D.TaskData("causal-lm", [{"text": "x"}], None, "f.jsonl"))
-    with pytest.raises(D.DataError, match="needs an audio feature extractor"):
+    with pytest.raises(DataError, match="needs an audio feature extractor"):
         D.Batcher(D.TaskData("domain-matching", [{"source": "a", "reference": "b"}], None, "m.jsonl"))
 
 
@@ -299,7 +300,7 @@ def test_feature_extractor_for_configs(tiny_audio_model) -> None:
     odd = D.feature_extractor_for(tf.WhisperConfig(num_mel_bins=16, max_source_positions=75))
     x = odd(np.zeros(40000, dtype=np.float32), sampling_rate=16000, return_tensors="np")["input_features"]
     assert x.shape == (1, 16, 150)
-    with pytest.raises(D.DataError, match="num_mel_bins"):
+    with pytest.raises(DataError, match="num_mel_bins"):
         D.feature_extractor_for(tf.BertConfig())
 
 
@@ -321,10 +322,10 @@ def test_domain_pairs_features(pairs: Path, tiny_audio_model, tmp_path: Path) ->
     assert src.shape == refs.shape == (4, 16, 200) and src.dtype == torch.float32
     msd = ((src - refs) ** 2).mean(dim=(1, 2))
     assert (msd > 0.3).all(), msd  # the band-pass + noise shift is large in log-mel space
-    again = D.synth_audio_pairs(tmp_path, 4, seed=1)  # same content → identical reference features
+    again = synth_audio_pairs(tmp_path, 4, seed=1)  # same content → identical reference features
     other = next(D.Batcher(D.load_data(again), feature_extractor=fe).batches(4, shuffle=False))
     assert torch.equal(other["reference_features"], refs) and torch.equal(other["source_features"], src)
-    different = D.synth_audio_pairs(tmp_path / "s2", 1, seed=2)
+    different = synth_audio_pairs(tmp_path / "s2", 1, seed=2)
     assert D.load_audio(Path(different).parent / "ref_0000.wav").tolist() != ref.tolist()
     with torch.no_grad():
         hidden = tiny_audio_model.model.audio_tower(refs).last_hidden_state
@@ -332,7 +333,7 @@ def test_domain_pairs_features(pairs: Path, tiny_audio_model, tmp_path: Path) ->
 
 
 def test_audio_classification_batches(tmp_path: Path, tiny_audio_model, librosa_warm: None) -> None:
-    td = D.load_data(D.synth_audio_classes(tmp_path, 3, seed=0))
+    td = D.load_data(synth_audio_classes(tmp_path, 3, seed=0))
     assert td.task == "audio-classification" and td.labels == ["high", "low"]
     fe = D.feature_extractor_for(tiny_audio_model.config)
     batch = next(D.Batcher(td, feature_extractor=fe).batches(6, shuffle=False))
@@ -348,7 +349,7 @@ def test_load_audio_resamples_and_names_bad_files(tmp_path: Path, librosa_warm: 
     sf.write(tmp_path / "cd.wav", np.sin(np.arange(22050) / 10).astype(np.float32) * 0.3, 22050)
     assert D.load_audio(tmp_path / "cd.wav").shape == (16000,)
     (tmp_path / "junk.wav").write_bytes(b"not audio at all")
-    with pytest.raises(D.DataError, match="junk.wav: cannot load audio"):
+    with pytest.raises(DataError, match="junk.wav: cannot load audio"):
         D.load_audio(tmp_path / "junk.wav")
 
 
@@ -391,7 +392,7 @@ def test_vader_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bert_tok
     assert D.resolve_data("vader") == (tmp_path / "xdg/pelt/data/vader/train.jsonl",
                                        tmp_path / "xdg/pelt/data/vader/eval.jsonl")
     assert D.resolve_data(str(train)) == (train, None)
-    with pytest.raises(D.DataError, match="DATA path does not exist; known built-in datasets: vader"):
+    with pytest.raises(DataError, match="DATA path does not exist; known built-in datasets: vader"):
         D.resolve_data(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(D.DataError, match="unknown built-in dataset 'imdb'"):
+    with pytest.raises(DataError, match="unknown built-in dataset 'imdb'"):
         D.builtin_dataset("imdb", cache_dir=tmp_path)

@@ -20,11 +20,13 @@ from safetensors.torch import load_file
 from tiny_models import FAMILIES
 
 from pelt_cli import recipe as rc
-from pelt_cli.apply import ADAPTER_FILE, load_base, load_run
-from pelt_cli.checkpoint import TensorReader, open_checkpoint, save_file
-from pelt_cli.errors import CheckpointError, OutputExistsError, UsageError
+from pelt_cli.errors import CheckpointError, MergeRefused, OutputExistsError, UsageError
+from pelt_cli.io.checkpoint import open_checkpoint
+from pelt_cli.io.reader import TensorReader
+from pelt_cli.io.writer import save_file
 from pelt_cli.keymap import key_map, skeleton
-from pelt_cli.merge import REST_DIR, MergeRefused, merge_run, sample_inputs_for, verify_merge
+from pelt_cli.merge import REST_DIR, merge_run, sample_inputs_for, verify_merge
+from pelt_cli.run import ADAPTER_FILE, load_base, load_run
 
 REPO = Path(__file__).resolve().parent.parent
 LORA = {"gpt2": "lora-gpt2"}
@@ -262,12 +264,12 @@ def test_fingerprint_overlap_and_existing_out(tiny_dir: Path, tmp_path: Path) ->
 
 SLOW_MERGE = """
 import sys, time
-from pelt_cli import checkpoint
-orig = checkpoint.ShardedWriter.write_bytes
+from pelt_cli.io import writer
+orig = writer.ShardedWriter.write_bytes
 def slow(self, name, data):
     time.sleep(1.0)
     orig(self, name, data)
-checkpoint.ShardedWriter.write_bytes = slow
+writer.ShardedWriter.write_bytes = slow
 from pelt_cli.merge import merge_run
 merge_run(sys.argv[1], sys.argv[2])
 """

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_pelt
+from conftest import REPO, pelt_main
 
 from pelt_cli import recipe as rc
-from pelt_cli.apply import ADAPTER_FILE, apply, load_run
-from pelt_cli.checkpoint import open_checkpoint
-from pelt_cli.prune import PRUNED_FILE, PruneRefused, prune_run, restore_run
+from pelt_cli.apply import apply
+from pelt_cli.errors import PruneRefused
+from pelt_cli.io.checkpoint import open_checkpoint
+from pelt_cli.prune import PRUNED_FILE, prune_run, restore_run
+from pelt_cli.run import ADAPTER_FILE, load_run
 from pelt_cli.train import TrainConfig, train_run
 
 FAST = dict(epochs=1, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length=24)
@@ -67,7 +69,7 @@ def test_dry_run_lists_every_gated_module_and_writes_nothing(trained: Path, tmp_
     subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
     _set_means(run, {(0, "prefix"): 0.01, (1, "adapter"): 0.04})
     before = _hash_tree(run)
-    r = run_pelt("prune", str(run), "--dry-run", "--format", "tsv")
+    r = pelt_main("prune", str(run), "--dry-run", "--format", "tsv")
     assert r.returncode == 0, r.stderr
     lines = [ln.split("\t") for ln in r.stdout.splitlines()]
     assert lines[0] == ["site", "layer", "module", "mean", "params", "decision"] and len(lines) == 7
@@ -140,14 +142,14 @@ def test_keep_top_k_per_method_and_per_layer(trained: Path, tmp_path: Path) -> N
 
 def test_refusals(tiny_bert: Path, trained: Path, tmp_path: Path) -> None:
     lora = apply(rc.load("lora"), tiny_bert, tmp_path / "lora")
-    r = run_pelt("prune", str(lora))
+    r = pelt_main("prune", str(lora))
     assert r.returncode == 2 and "nothing gated to prune" in r.stderr and "Traceback" not in r.stderr
     fresh = apply(rc.load("unipelt"), tiny_bert, tmp_path / "fresh")
-    r = run_pelt("prune", str(fresh))
+    r = pelt_main("prune", str(fresh))
     assert r.returncode == 2 and "no gate statistics" in r.stderr and "pelt train" in r.stderr
     for args, needle in [(["--threshold", "2"], "--threshold 2.0"), (["-t", "0.1", "-k", "2"], "exclude"),
                          (["--per", "layer"], "--per applies to --keep-top-k"), (["--restore"], "never pruned")]:
-        r = run_pelt("prune", str(trained), *args)
+        r = pelt_main("prune", str(trained), *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
     with pytest.raises(PruneRefused, match="prunes every module"):
         prune_run(trained, tmp_path / "x", threshold=1.0)
@@ -175,13 +177,13 @@ def test_merge_freeze_gates_takes_means_from_data(trained: Path, sentiment: tupl
     subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
     _set_means(run, {(0, "lora"): 0.0, (1, "lora"): 0.0})  # wrong statistics on purpose: fold nothing
     if json.loads((run / "run.json").read_text())["recipe"]["inserts"][0]["params"]["gate"] == "softmax":
-        r = run_pelt("merge", str(run), "-o", str(tmp_path / "m"), "--freeze-gates", "mean", "--keep-unmerged")
+        r = pelt_main("merge", str(run), "-o", str(tmp_path / "m"), "--freeze-gates", "mean", "--keep-unmerged")
         assert r.returncode == 2 and "softmax gates share one normalisation" in r.stderr  # refused, not wrong
         return
     deltas = []
     for extra in ([], ["--data", str(sentiment[1])]):
         out = tmp_path / f"m{len(extra)}"
-        r = run_pelt("merge", str(run), "-o", str(out), "--freeze-gates", "mean", "--keep-unmerged", *extra)
+        r = pelt_main("merge", str(run), "-o", str(out), "--freeze-gates", "mean", "--keep-unmerged", *extra)
         assert r.returncode == 0, r.stderr
         deltas.append(float(r.stderr.split("max |Δ| = ")[1].split()[0]))
     assert deltas[1] < deltas[0]  # the means measured on data fold the gated LoRA better than the stale ones

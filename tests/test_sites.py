@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
-from pelt_cli.checkpoint import open_checkpoint
+from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.keymap import check_against, key_map, skeleton
 from pelt_cli.report import inspect_checkpoint
 from pelt_cli.sites import ROLES, detect_family, expand_braces, matches, sites

@@ -1,16 +1,27 @@
-"""Code rules that keep the CLI fast and the layers apart, checked rather than hoped for."""
+"""Code rules that keep the CLI fast and the layers apart, checked rather than hoped for.
+
+The structural rules (function length, command length, import cycles, private imports) read the package's syntax
+trees once per session and list every offender in the assertion message.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "pelt_cli"
+PACKAGE = "pelt_cli"
+MAX_FUNCTION_LINES = 60
+MAX_COMMAND_BODY_LINES = 25
+RUFF_PATHS = ["pelt_cli", "tests", "bench"]
 
 
 def test_only_console_imports_rich() -> None:
@@ -20,7 +31,8 @@ def test_only_console_imports_rich() -> None:
 
 
 def test_cli_imports_no_torch_at_module_level() -> None:
-    for name in ("cli.py", "console.py", "report.py", "sites.py", "architectures.py", "checkpoint.py", "errors.py"):
+    io_files = tuple(f"io/{p.name}" for p in sorted((SRC / "io").glob("*.py")))
+    for name in ("cli.py", "console.py", "report.py", "sites.py", "architectures.py", "errors.py", *io_files):
         top = [ln for ln in (SRC / name).read_text().splitlines() if re.match(r"(import|from) ", ln)]
         assert not [ln for ln in top if re.search(r"\b(torch|transformers|numpy)\b", ln)], name
 
@@ -34,9 +46,228 @@ def test_library_never_prints_or_exits() -> None:
         assert not re.search(r"sys\.exit\(|raise SystemExit", text), p.name
 
 
-def test_ruff_clean() -> None:
+# ----------------------------------------------------------------------------------------------------------------
+# The package's syntax trees
+
+
+def _module_name(path: Path) -> str:
+    """``pelt_cli/io/reader.py`` → ``pelt_cli.io.reader``; a package's ``__init__.py`` → the package."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+@functools.cache
+def _trees() -> dict[str, tuple[Path, ast.Module]]:
+    """Every module of the package: dotted name → (path, parsed tree)."""
+    return {_module_name(p): (p, ast.parse(p.read_text(), filename=str(p))) for p in sorted(SRC.rglob("*.py"))}
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Every function and method, nested ones included."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node
+
+
+def _is_command(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Decorated with ``@<typer app>.command(...)`` (the main app or a sub-app such as ``recipes``)."""
+    for dec in fn.decorator_list:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        if isinstance(target, ast.Attribute) and target.attr == "command":
+            return True
+    return False
+
+
+def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from the first statement after the docstring to the function's end."""
+    body = fn.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return (fn.end_lineno or fn.lineno) - body[0].lineno + 1
+
+
+def test_no_function_over_60_lines() -> None:
+    offenders = []
+    for path, tree in _trees().values():
+        for fn in _functions(tree):
+            n = (fn.end_lineno or fn.lineno) - fn.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                offenders.append(f"{_rel(path)}:{fn.lineno} {fn.name} ({n} lines)")
+    assert not offenders, f"{len(offenders)} functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
+
+
+def test_no_cli_command_body_over_25_lines() -> None:
+    path, tree = _trees()[f"{PACKAGE}.cli"]
+    commands = [fn for fn in _functions(tree) if _is_command(fn)]
+    assert len(commands) >= 10, "the command decorator was not recognised"  # guards the check itself
+    offenders = [f"{_rel(path)}:{fn.lineno} {fn.name} (body {_body_lines(fn)} lines)"
+                 for fn in commands if _body_lines(fn) > MAX_COMMAND_BODY_LINES]
+    assert not offenders, f"command bodies over {MAX_COMMAND_BODY_LINES} lines:\n" + "\n".join(offenders)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Imports between the package's modules
+
+
+def _package_of(module: str) -> str:
+    """The package a module's relative imports resolve against."""
+    path, _ = _trees()[module]
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module named by ``from X import …`` (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = _package_of(module).split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _imports(module: str) -> Iterator[tuple[str, str | None, int]]:
+    """``(target module, imported name or None, line)`` for every import of the package, at any depth.
+
+    ``from pelt_cli import merge`` names the submodule ``pelt_cli.merge``; ``from pelt_cli.methods import
+    register`` names the package ``pelt_cli.methods`` and the name ``register``.
+    """
+    _, tree = _trees()[module]
+    modules = _trees()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE:
+                    yield alias.name, None, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node)
+            if target.split(".")[0] != PACKAGE:
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield (sub, None, node.lineno) if sub in modules else (target, alias.name, node.lineno)
+
+
+def _import_graph() -> dict[str, dict[str, int]]:
+    """importer → {imported module: first line}. A package's ``__init__`` importing its own submodules (to
+    register them, as ``pelt_cli.methods`` does) is left out: the submodules import the package for the registry,
+    and that pair is the registration pattern, not a layering cycle."""
+    graph: dict[str, dict[str, int]] = {m: {} for m in _trees()}
+    for module, (path, _) in _trees().items():
+        for target, _name, line in _imports(module):
+            if target not in graph or target == module:
+                continue
+            if path.name == "__init__.py" and target.startswith(module + "."):
+                continue
+            graph[module].setdefault(target, line)
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_no_import_cycles() -> None:
+    graph = _import_graph()
+    lines = []
+    for comp in _cycles(graph):
+        lines.append("cycle among " + ", ".join(comp) + ":")
+        members = set(comp)
+        for m in comp:
+            path, _ = _trees()[m]
+            lines += [f"  {_rel(path)}:{line} imports {t}" for t, line in sorted(graph[m].items()) if t in members]
+    assert not lines, "import cycles between pelt_cli modules:\n" + "\n".join(lines)
+
+
+def test_cycle_finder_sees_a_cycle() -> None:
+    assert _cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
+
+
+def _module_aliases(module: str) -> dict[str, str]:
+    """Local names bound to package modules (``from pelt_cli import merge``, ``import pelt_cli.x as y``)."""
+    _, tree = _trees()[module]
+    modules = _trees()
+    names: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update({a.asname: a.name for a in node.names if a.asname and a.name in modules})
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node)
+            names.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names
+                          if f"{target}.{a.name}" in modules})
+    return names
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_names_imported_across_modules() -> None:
+    offenders = []
+    for module, (path, tree) in _trees().items():
+        for target, name, line in _imports(module):
+            if name and _is_private(name) and target != module:
+                offenders.append(f"{_rel(path)}:{line} imports {name} from {target}")
+        aliases = _module_aliases(module)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name) \
+                    and node.value.id in aliases and aliases[node.value.id] != module:
+                offenders.append(f"{_rel(path)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    assert not offenders, "private names used across modules:\n" + "\n".join(sorted(set(offenders)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ruff
+
+
+def _ruff() -> str:
     ruff = shutil.which("ruff") or str(REPO / ".venv" / "bin" / "ruff")
     if not Path(ruff).exists():
-        pytest.skip("ruff not installed (scripts/setup.sh installs it)")
-    r = subprocess.run([ruff, "check", "pelt_cli", "tests", "bench"], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+        pytest.skip("ruff is not installed (scripts/setup.sh installs it); lint and format checks skipped")
+    return ruff
+
+
+def test_ruff_clean() -> None:
+    r = subprocess.run([_ruff(), "check", "--output-format", "concise", *RUFF_PATHS], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, "ruff check found problems:\n" + r.stdout + r.stderr
+
+
+def test_ruff_format_clean() -> None:
+    r = subprocess.run([_ruff(), "format", "--check", "--output-format", "concise", *RUFF_PATHS], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, "files ruff format would change (run `ruff format pelt_cli tests bench`):\n" + \
+        r.stdout + r.stderr

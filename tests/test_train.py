@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_pelt
+from conftest import REPO, pelt_main
 
 from pelt_cli import recipe as rc
-from pelt_cli.apply import ADAPTER_FILE, apply, load_run
-from pelt_cli.train import TrainConfig, TrainingError, train_run
+from pelt_cli.apply import apply
+from pelt_cli.errors import TrainingError
+from pelt_cli.run import ADAPTER_FILE, load_run
+from pelt_cli.train import TrainConfig, train_run
 
 
 def _hash_dir(d: Path) -> dict[str, str]:
@@ -79,7 +81,7 @@ def test_resume_equals_uninterrupted(tiny_bert: Path, sentiment: tuple[Path, Pat
 
 
 def test_nan_stops_cleanly(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    from pelt_cli.checkpoint import save_file
+    from pelt_cli.io.writer import save_file
 
     run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
     train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1)))
@@ -94,7 +96,7 @@ def test_nan_stops_cleanly(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_pa
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 1 "):
         train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1)))
     assert _hash_dir(run) == poisoned != good  # nothing was written after the bad step
-    r = run_pelt("train", str(run), "--data", str(sentiment[0]), "--eval", str(sentiment[1]), "--epochs", "1", "-q")
+    r = pelt_main("train", str(run), "--data", str(sentiment[0]), "--eval", str(sentiment[1]), "--epochs", "1", "-q")
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: non-finite loss") and "Traceback" not in r.stderr
 
@@ -114,10 +116,10 @@ def test_gate_statistics_recorded(tiny_bert: Path, sentiment: tuple[Path, Path],
             assert s["count"] == 64 and 0 <= s["min"] <= s["mean"] <= s["max"] <= 1 and s["std"] >= 0
         if gate == "softmax":
             assert abs(sum(s["mean"] for s in mods.values()) - 1) < 1e-6
-    r = run_pelt("gates", str(run), "--format", "tsv")
+    r = pelt_main("gates", str(run), "--format", "tsv")
     assert r.returncode == 0
     assert len(r.stdout.splitlines()) == 1 + 2 * 3
-    r = run_pelt("gates", str(run), "--format", "table", env={"COLUMNS": "160"})
+    r = pelt_main("gates", str(run), "--format", "table", env={"COLUMNS": "160"})
     assert "█" in r.stdout or "mean gate" in r.stdout
 
 
@@ -133,11 +135,11 @@ def test_cli_pipeline_prints_run(tiny_bert: Path, sentiment: tuple[Path, Path], 
 
 def test_refuses_bad_options(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
     run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
-    r = run_pelt("train", str(run), "--data", str(sentiment[0]), "--schedule", "weird")
+    r = pelt_main("train", str(run), "--data", str(sentiment[0]), "--schedule", "weird")
     assert r.returncode == 2 and "--schedule 'weird'" in r.stderr
-    r = run_pelt("train", str(run), "--data", str(tmp_path / "missing.jsonl"))
+    r = pelt_main("train", str(run), "--data", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and "missing.jsonl" in r.stderr
-    r = run_pelt("train", str(run), "--data", str(sentiment[0]), "--resume")
+    r = pelt_main("train", str(run), "--data", str(sentiment[0]), "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
@@ -156,7 +158,7 @@ def test_two_process_torchrun_ranks_agree(tiny_bert: Path, sentiment: tuple[Path
 
 @pytest.fixture(scope="session")
 def audio_pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from pelt_cli.data import synth_audio_pairs
+    from fixtures_audio import synth_audio_pairs
 
     d = tmp_path_factory.mktemp("audio")
     return synth_audio_pairs(d / "train", 24, seed=1), synth_audio_pairs(d / "eval", 8, seed=2)
@@ -178,14 +180,13 @@ def test_domain_adapter_closes_the_feature_gap(tiny_dir: Path, audio_pairs: tupl
     d = doc["domain"]
     assert 0 < d["gate"]["mean"] < 1 and d["gate"]["count"] == 8 * 50 and d["scale"] != 0.1
     assert d["healthy"] == (0.3 <= d["gate"]["mean"] <= 0.7)
-    r = run_pelt("gates", str(run), "--format", "table", env={"COLUMNS": "160"})
+    r = pelt_main("gates", str(run), "--format", "table", env={"COLUMNS": "160"})
     assert r.returncode == 0 and "domain adapter: mean gate" in r.stdout and "scale" in r.stdout
 
 
 def test_audio_classification_learns(tmp_path: Path) -> None:
     import tiny_models
-
-    from pelt_cli.data import synth_audio_classes
+    from fixtures_audio import synth_audio_classes
 
     train = synth_audio_classes(tmp_path / "tr", 16, seed=0)
     ev = synth_audio_classes(tmp_path / "ev", 8, seed=1)

@@ -10,16 +10,30 @@ functions:
   :mod:`pelt_cli.surgery`, every inserted module under a child name starting with ``pelt_``.
 
 The same ``insert`` runs on the skeleton for ``--dry-run`` (so the plan's parameter counts are the real ones) and
-on the loaded model for ``apply``. Adding a method = one file here + a recipe + a test; import it below.
+on the loaded model for ``apply``.
+
+Optional hooks — a method defines those that apply to it, and merge, export, prune and train ask the method instead
+of naming it (an insertion row's ``method`` is ``NAME`` or ``NAME.PART``, e.g. ``unipelt.lora``):
+
+* ``foldable(row) -> "exact" | "gated" | None`` and ``fold(model, row, adapter, gate) -> {weight: [FoldOp]}``:
+  how ``pelt merge`` folds a row into the base weights (``gated``: only with the gate frozen at its mean);
+* ``gate_units(entry, params, rows) -> [GateUnit]``: the gated units ``pelt prune`` and ``pelt gates`` see;
+* ``pruned_entries(entry, decided, rows) -> [entry]``: the recipe entries that rebuild the entry without the units
+  decided ``prune``; ``unfolded_entry(entry, folded)``: the entry left after merge folded some of its parts;
+* ``param_group(name) -> str | None``: the optimizer group of an inserted parameter (default ``modules``);
+* ``peft_type``, ``to_peft(model, rows, adapter)`` and ``from_peft(config, state)``: the PEFT adapter format.
+
+Adding a method = one file here + a recipe + a test; it registers itself when the package loads it.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from pelt_cli.errors import RecipeError
+from pelt_cli.errors import PeltError, RecipeError
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,44 @@ class Insertion:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class FoldOp:
+    """One exact fold acting on one weight tensor: ``fn`` maps the fp32 tensor to its folded value (it may work in
+    place); ``late`` ops (input scales: forward pre-hooks run before the layer) apply after the others."""
+
+    fn: Callable[[Any], Any]
+    late: bool = False
+
+
+def fold_tensor(t: Any, ops: list[FoldOp]) -> Any:
+    """Apply folds to one tensor in fp32, in hook order; returns fp32."""
+    w = t.float()  # fp32, ours alone (a copy, or the caller's workspace): in-place updates are safe
+    for op in sorted(ops, key=lambda op: op.late):  # stable: hook order within each group
+        w = op.fn(w)
+    return w
+
+
+@dataclass(frozen=True)
+class GateUnit:
+    """One gated module of a run: what ``pelt prune`` decides on and ``pelt gates`` shows.
+
+    Attributes:
+        entry: the recipe entry it belongs to.
+        module: its name (``lora``, ``prefix``, ``adapter``, ``domain``).
+        row: the insertion row that computes its gate (a UniPELT controller; the domain adapter itself).
+        members: the insertion rows it gates (empty when an earlier prune removed the module).
+        stats: the path of its statistics in ``gates.json`` (e.g. ``("layers", site, "lora")``).
+        pruned: removed by an earlier prune.
+    """
+
+    entry: int
+    module: str
+    row: int
+    members: tuple[int, ...]
+    stats: tuple[str, ...]
+    pruned: bool = False
+
+
 class Method(Protocol):
     """The protocol every method class follows (see the module docstring)."""
 
@@ -72,9 +124,32 @@ REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: make a method available to recipes under ``cls.name``."""
+    """Class decorator: make a method available to recipes under ``cls.name``.
+
+    Raises:
+        PeltError: another class is already registered under that name.
+    """
+    other = REGISTRY.get(cls.name)
+    if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise PeltError(f"method {cls.name!r} is registered twice: {other.__module__}.{other.__qualname__} and "
+                        f"{cls.__module__}.{cls.__qualname__}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def of_row(row_method: str) -> Method:
+    """The method that made an insertion row (``unipelt.lora`` → ``unipelt``)."""
+    return get(row_method.split(".", 1)[0])
+
+
+def hook(method: Method, name: str) -> Callable[..., Any] | None:
+    """A method's optional hook (see the module docstring), or None when it has none."""
+    return getattr(method, name, None)
+
+
+def foldable() -> list[str]:
+    """Names of the methods whose rows merge can fold into the base weights."""
+    return [n for n in names() if hook(get(n), "fold") is not None]
 
 
 def get(name: str) -> Method:

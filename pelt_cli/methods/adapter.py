@@ -79,11 +79,38 @@ class BottleneckAdapter(nn.Module):
         z = F.linear(h, self.down.weight.to(h.dtype), self.down.bias.to(h.dtype))
         z = self.dropout(self.act(z))
         delta = F.linear(z, self.up.weight.to(h.dtype), self.up.bias.to(h.dtype))
-        scale = self.scale.to(h.dtype) if isinstance(self.scale, torch.Tensor) else self.scale
-        delta = delta * scale
-        if self.gate is not None:
-            delta = delta * self.gate()
-        return delta
+        mult = self._multiplier(h.dtype)
+        return delta if mult is None else delta * mult
+
+    def _multiplier(self, dtype: torch.dtype) -> torch.Tensor | float | None:
+        """``s · g`` in ``dtype`` (a scalar, or the gate's ``[B, 1, …]``); None for a fixed ``s = 1`` and no gate."""
+        scale = self.scale.to(dtype) if isinstance(self.scale, torch.Tensor) else self.scale
+        if self.gate is None:
+            return None if isinstance(scale, float) and scale == 1.0 else scale
+        return (self.gate() * scale).to(dtype)
+
+    def add_to(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``y + forward(h)`` with the scale and gate applied to the bottleneck, not the output width.
+
+        ``s·g·(W_up z + b_up) = [s·g·z, s·g] · [W_upᵀ; b_up]``: a ones column appended to the bottleneck ``z`` carries
+        the bias, so the up-projection, bias, scale, gate and residual add are one ``addmm`` over ``y``. Written into
+        ``y`` in place without autograd recording (``no_grad``, ``inference_mode``); into a new tensor with it (the
+        sequential adapter's down-projection saved ``y`` for its weight gradient).
+        """
+        if not y.is_contiguous():
+            return y + self(h)
+        z = F.linear(h, self.down.weight.to(h.dtype), self.down.bias.to(h.dtype))
+        z = self.dropout(self.act(z)).to(y.dtype)
+        z = torch.cat([z, z.new_ones(*z.shape[:-1], 1)], dim=-1)
+        mult = self._multiplier(y.dtype)
+        if mult is not None:
+            z = z * mult
+        w = torch.cat([self.up.weight.t(), self.up.bias.unsqueeze(0)]).to(y.dtype)
+        y2, z2 = y.view(-1, y.shape[-1]), z.reshape(-1, z.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(y2, z2, w).view(y.shape)
+        y2.addmm_(z2, w)
+        return y
 
     def extra_repr(self) -> str:
         """Shown by ``print(model)``."""
@@ -91,7 +118,7 @@ class BottleneckAdapter(nn.Module):
 
 
 def _sequential_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + module.pelt_adapter(output)
+    return module.pelt_adapter.add_to(output, output)
 
 
 def _capture_hook(adapter: BottleneckAdapter, module: nn.Module, args: tuple) -> None:
@@ -104,7 +131,7 @@ def _parallel_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torc
     h, adapter.captured = adapter.captured, None
     if h is None:
         raise PeltError("parallel adapter: the FFN input was not captured before the FFN down projection ran")
-    return output + adapter(h)
+    return adapter.add_to(output, h)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from pelt_cli import surgery
 from pelt_cli.errors import PeltError
-from pelt_cli.methods import Insertion, ModelSite, register
+from pelt_cli.methods import GateUnit, Insertion, ModelSite, register
 
 # preset → (layers, heads, ffn); the ffn size is taken as given whatever the model's width (see ``ffn_ratio``)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -282,3 +282,16 @@ class DomainMethod:
         surgery.hook_input(model, before, _domain_hook)
         note = f"between {after} and {before}: d={width}, {layers} layers, {heads} heads, ffn {ffn}"
         return [Insertion(before, "projector", self.name, [path], note)]
+
+    def gate_units(self, entry: int, params: DomainParams, rows: list[tuple[int, Any]]) -> list[GateUnit]:
+        """The adapter is one unit, gated by its own per-timestep gate."""
+        return [GateUnit(entry, self.name, rows[0][0], tuple(i for i, _ in rows), ("domain", "gate"))] if rows else []
+
+    def pruned_entries(self, entry: dict[str, Any], decided: list[tuple[GateUnit, str]],
+                       rows: list[Any]) -> list[dict[str, Any]]:
+        """A pruned domain adapter goes whole."""
+        return []
+
+    def param_group(self, name: str) -> str | None:
+        """The learned ``scale`` trains in its own group (the guide: a higher learning rate, no weight decay)."""
+        return "scale" if name.endswith("pelt_domain.scale") else None

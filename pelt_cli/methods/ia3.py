@@ -15,13 +15,16 @@ Merging is exact: :func:`fold_output_scale` for output scales, :func:`fold_input
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from pelt_cli import surgery
-from pelt_cli.methods import Insertion, ModelSite, register
+from pelt_cli.errors import ExportRefused
+from pelt_cli.methods import FoldOp, Insertion, ModelSite, register
 
 FFN_PLACEMENTS = ("down_input", "up_output")
 FFN_ROLE = {"down_input": "ffn.down", "up_output": "ffn.up"}
@@ -124,6 +127,7 @@ class IA3Method:
     """``ia3``: learned rescaling vectors on keys, values and the FFN hidden."""
 
     name = "ia3"
+    peft_type = "IA3"
     Params = IA3Params
     default_targets = ("attn.k", "attn.v", "ffn.down")  # ffn_placement up_output: target ffn.up instead
 
@@ -171,3 +175,83 @@ class IA3Method:
                 note = "scales the k and v thirds of the output" if kind == "qkv" else "scales the output"
             out.append(Insertion(s.module, s.role, self.name, [path], note))
         return out
+
+    def foldable(self, row: Any) -> str | None:
+        """``exact``: a scale on a layer's output or input is a scale of its weight (and bias) rows or columns."""
+        return "exact"
+
+    def fold(self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor],
+             gate: float | None = None) -> dict[str, list[FoldOp]]:
+        """The fold of each vector of an insertion row into its layer's weight (and bias, for output scales)."""
+        site = surgery.get_module(model, row.site)
+        _, _, transposed = surgery.features(site)
+        ops: dict[str, list[FoldOp]] = {}
+        for path in row.modules:
+            mod = surgery.get_module(model, path)
+            vec = torch.cat([torch.ones(mod.fixed), adapter[f"{path}.l"].float()])
+            if mod.side == "input":
+                fn = functools.partial(fold_input_scale, l=vec, transposed=transposed)
+                ops.setdefault(f"{row.site}.weight", []).append(FoldOp(fn, late=True))
+                continue
+            ops.setdefault(f"{row.site}.weight", []).append(FoldOp(functools.partial(_scale_weight, l=vec,
+                                                                                    transposed=transposed)))
+            if getattr(site, "bias", None) is not None:
+                ops.setdefault(f"{row.site}.bias", []).append(FoldOp(functools.partial(_scale_bias, l=vec)))
+        return ops
+
+
+    def to_peft(self, model: nn.Module, rows: list[Any], adapter: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """PEFT ``ia3_l`` vectors by site (output scales ``(out, 1)``, input scales ``(1, in)``, listed in
+        ``feedforward_modules``) and the IA³ part of ``adapter_config.json``."""
+        tensors, ff, fan_in_fan_out = {}, [], False
+        for row in rows:
+            path = row.modules[0]
+            mod = surgery.get_module(model, path)
+            fan_in_fan_out |= surgery.features(surgery.get_module(model, row.site))[2]
+            vec = torch.cat([torch.ones(mod.fixed, dtype=adapter[f"{path}.l"].dtype), adapter[f"{path}.l"]])
+            tensors[f"{row.site}.ia3_l"] = vec[None, :] if mod.side == "input" else vec[:, None]
+            if mod.side == "input":
+                ff.append(row.site)
+        return tensors, {"feedforward_modules": ff, "init_ia3_weights": True, "fan_in_fan_out": fan_in_fan_out}
+
+    def from_peft(self, cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[list[dict], Any]:
+        """Recipe entries (one per side) and a function that checks each vector against the skeleton's modules
+        and gives pelt's tensors.
+
+        Raises:
+            ExportRefused: a tensor that is not an IA³ vector, or a vector on a side pelt's ia3 does not scale.
+        """
+        sides: dict[str, list[str]] = {"input": [], "output": []}
+        vectors = {}
+        for name in sorted(state):
+            if not name.endswith(".ia3_l"):
+                raise ExportRefused(f"{name}: not an IA³ vector; pelt imports ia3_l tensors only")
+            site, t = name[: -len(".ia3_l")], state[name]
+            side = "input" if t.shape[0] == 1 and t.dim() == 2 and t.shape[1] > 1 else "output"
+            sides[side].append(site)
+            vectors[site] = (side, t.reshape(-1))
+        entries = [{"method": self.name, "targets": sites, "params": {"ffn_placement": p}}
+                   for sites, p in ((sides["input"], "down_input"), (sides["output"], "up_output")) if sites]
+        return entries, functools.partial(_fit_vectors, vectors)
+
+
+def _fit_vectors(vectors: dict[str, tuple[str, torch.Tensor]], skeleton: nn.Module) -> dict[str, torch.Tensor]:
+    """pelt's ``l`` tensors for PEFT vectors, each checked against the module pelt inserts at its site."""
+    values = {}
+    for site, (side, vec) in vectors.items():
+        mod = skeleton.get_submodule(f"{site}.pelt_ia3")
+        if mod.side != side or vec.numel() != mod.l.numel() + mod.fixed:
+            raise ExportRefused(f"{site}: the PEFT vector scales the layer's {side} ({vec.numel()} wide); pelt's "
+                                f"ia3 scales its {mod.side} there")
+        if mod.fixed and not torch.equal(vec[: mod.fixed], torch.ones(mod.fixed, dtype=vec.dtype)):
+            raise ExportRefused(f"{site}: the PEFT vector scales the q third of a fused QKV layer; pelt's ia3 "
+                                "keeps it at one")
+        values[f"{site}.pelt_ia3.l"] = vec[mod.fixed :].contiguous()
+    return values
+
+def _scale_weight(w: torch.Tensor, l: torch.Tensor, transposed: bool) -> torch.Tensor:  # noqa: E741
+    return fold_output_scale(w, None, l, transposed)[0]  # W' = diag(l) W
+
+
+def _scale_bias(b: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
+    return b * l.float()  # (W x + b) ⊙ l → b' = l ⊙ b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 
 from pelt_cli import surgery
-
-from . import Insertion, ModelSite, register
+from pelt_cli.errors import ExportRefused
+from pelt_cli.methods import FoldOp, Insertion, ModelSite, register
 
 QKV_PARTS = ("q", "k", "v")
 
@@ -21,9 +22,29 @@ def lora_scale(rank: int, alpha: float) -> float:
     return alpha / rank
 
 
-def lora_delta_weight(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The weight update LoRA adds: ``ΔW = (α/r) · B A`` (shape out×in), computed in fp32."""
-    return scale * (b.float() @ a.float())
+def fold_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+              slices: list[tuple[int, int]] | None = None, transposed: bool = False) -> torch.Tensor:
+    """Fold a LoRA branch into its layer's fp32 weight, in place (``addmm_``: no out×in temporary).
+
+    Args:
+        w: the layer's weight in fp32, ``(out, in)`` (Conv1D: ``(in, out)``, ``transposed``).
+        a: ``A`` (r × in).
+        b: ``B`` (out × r, or the width of ``slices``).
+        scale: ``α/r`` (times a frozen gate).
+        slices: the output rows the branch writes (fused QKV), or None for all.
+        transposed: the weight is stored ``(in, out)``.
+    """
+    # W' = W + (α/r) B A   (Conv1D: W' = W + (α/r) Aᵀ Bᵀ)
+    a, b = a.float(), b.float()
+    offset = 0
+    for start, end in slices or [(0, w.shape[1] if transposed else w.shape[0])]:
+        bs = b[offset : offset + end - start]
+        if transposed:
+            w[:, start:end].addmm_(a.t(), bs.t(), alpha=scale)
+        else:
+            w[start:end].addmm_(bs, a, alpha=scale)
+        offset += end - start
+    return w
 
 
 class LoRA(nn.Module):
@@ -67,13 +88,34 @@ class LoRA(nn.Module):
         return self.low(x) @ self.B.t().to(x.dtype)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y`` plus the branch, written into the configured output slices."""
-        delta = self(x)
+        """``y`` plus the branch, written into the configured output slices.
+
+        The up-projection and the add are one ``addmm`` with ``α/r`` as its ``alpha`` (the gate stays on the rank-r
+        intermediate): ``y + (α/r) · (g · A x) Bᵀ``, the same product as :meth:`forward` added to ``y``. Without
+        autograd recording (``no_grad``, ``inference_mode``) the sum is written in place into ``y``, the layer's
+        fresh output (no later code has seen it yet); with it, into a new tensor (autograd would have to rebase an
+        in-place write into the view ``F.linear`` returns, costing more in backward than it saves).
+        """
+        if self.slices is not None or not y.is_contiguous():
+            return self._add_slices(y, self(x))
+        z = self.dropout(x) @ self.A.t().to(x.dtype)
+        if self.gate is not None:
+            z = z * self.gate()
+        z2, bt = z.reshape(-1, self.rank).to(y.dtype), self.B.t().to(y.dtype)
+        y2 = y.view(-1, y.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(y2, z2, bt, alpha=self.scale).view(y.shape)
+        y2.addmm_(z2, bt, alpha=self.scale)
+        return y
+
+    def _add_slices(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``y`` plus ``delta`` (whole, or its columns spread over the output slices); in place without autograd."""
+        inplace = not torch.is_grad_enabled()
         if self.slices is None:
-            return y + delta
-        out, offset = y.clone(), 0
+            return y.add_(delta) if inplace else y + delta
+        out, offset = (y if inplace else y.clone()), 0
         for start, end in self.slices:
-            out[..., start:end] = out[..., start:end] + delta[..., offset: offset + end - start]
+            out[..., start:end] += delta[..., offset: offset + end - start]
             offset += end - start
         return out
 
@@ -107,6 +149,7 @@ class LoRAMethod:
     name = "lora"
     Params = LoRAParams
     default_targets = ("attn.q", "attn.v")
+    peft_type = "LORA"
 
     def check(self, model: nn.Module, params: LoRAParams, sites: list[ModelSite]) -> list[str]:
         """Rank must fit the layer; sites must be Linear/Conv1D; fused_parts only on fused QKV."""
@@ -139,3 +182,90 @@ class LoRAMethod:
             surgery.hook_output(model, s.module, _lora_hook)
             out.append(Insertion(s.module, s.role, self.name, [path]))
         return out
+
+    def foldable(self, row: Any) -> str | None:
+        """``exact``: ``W' = W + (α/r) B A`` gives the same function."""
+        return "exact"
+
+    def fold(self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor],
+             gate: float | None = None) -> dict[str, list[FoldOp]]:
+        """The fold of each LoRA branch of an insertion row into its layer's weight (``gate``: a frozen gate)."""
+        _, _, transposed = surgery.features(surgery.get_module(model, row.site))
+        ops = []
+        for path in row.modules:
+            mod = surgery.get_module(model, path)
+            a, b, scale = adapter[f"{path}.A"], adapter[f"{path}.B"], mod.scale * (1.0 if gate is None else gate)
+            ops.append(FoldOp(functools.partial(fold_lora, a=a, b=b, scale=scale, slices=mod.slices,
+                                                transposed=transposed)))
+        return {f"{row.site}.weight": ops}
+
+    def to_peft(self, model: nn.Module, rows: list[Any], adapter: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """PEFT ``lora_A`` / ``lora_B`` tensors by site (a sliced fused-QKV ``B`` widened with zero rows: the same
+        function) and the LoRA part of ``adapter_config.json`` (the commonest r and α, the rest as patterns)."""
+        tensors, ranks, dropout, fan_in_fan_out = {}, {}, 0.0, False
+        for row in rows:
+            path = row.modules[0]
+            _, out_f, transposed = surgery.features(surgery.get_module(model, row.site))
+            mod = surgery.get_module(model, path)
+            b = adapter[f"{path}.B"]
+            if mod.slices:
+                full, offset = torch.zeros(out_f, b.shape[1], dtype=b.dtype), 0
+                for start, end in mod.slices:
+                    full[start:end] = b[offset : offset + end - start]
+                    offset += end - start
+                b = full
+            tensors[f"{row.site}.lora_A.weight"] = adapter[f"{path}.A"].contiguous()
+            tensors[f"{row.site}.lora_B.weight"] = b.contiguous()
+            ranks[row.site] = (mod.rank, mod.alpha)
+            dropout = max(dropout, float(getattr(mod.dropout, "p", 0.0)))
+            fan_in_fan_out |= transposed
+        r, alpha = max(set(ranks.values()), key=list(ranks.values()).count)
+        return tensors, {
+            "r": r, "lora_alpha": _num(alpha), "lora_dropout": dropout, "bias": "none", "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+            "fan_in_fan_out": fan_in_fan_out,
+            "rank_pattern": {s: v[0] for s, v in ranks.items() if v[0] != r},
+            "alpha_pattern": {s: _num(v[1]) for s, v in ranks.items() if v[1] != alpha},
+        }
+
+    def from_peft(self, cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[list[dict], Any]:
+        """Recipe entries (one per rank/α pair, naming the exact modules) and a function giving pelt's tensors.
+
+        Raises:
+            ExportRefused: PEFT options pelt's lora does not have (DoRA, biases, …).
+        """
+        unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication",
+                                   "target_parameters", "trainable_token_indices", "alora_invocation_tokens")
+                       if cfg.get(k)]
+        if cfg.get("bias", "none") != "none":
+            unsupported.append(f"bias={cfg['bias']}")
+        odd = sorted(n for n in state if not n.endswith((".lora_A.weight", ".lora_B.weight")))
+        if unsupported or odd:
+            found = ", ".join(unsupported + odd[:3])
+            raise ExportRefused(f"this PEFT LoRA uses what pelt's lora does not have: {found}")
+        groups: dict[tuple, list[str]] = {}
+        values = {}
+        for name in sorted(n for n in state if n.endswith(".lora_A.weight")):
+            site = name[: -len(".lora_A.weight")]
+            r = state[name].shape[0]
+            alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if pattern_matches(k, site)),
+                         cfg["lora_alpha"])
+            alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha  # rsLoRA α/√r = (α√r)/r
+            groups.setdefault((r, float(alpha)), []).append(site)
+            values[f"{site}.pelt_lora.A"] = state[name]
+            values[f"{site}.pelt_lora.B"] = state[f"{site}.lora_B.weight"]
+        entries = [{"method": self.name, "targets": sites,
+                    "params": {"rank": r, "alpha": a, "dropout": float(cfg.get("lora_dropout") or 0.0)}}
+                   for (r, a), sites in groups.items()]
+        return entries, lambda skeleton: values
+
+
+def pattern_matches(pattern: str, key: str) -> bool:
+    """PEFT's pattern rule (``rank_pattern``/``alpha_pattern``): the key ends with the pattern at a dot boundary."""
+    import re
+
+    return re.match(rf"(.*\.)?({pattern})$", key) is not None
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)

@@ -36,18 +36,6 @@ ROLES = ("attn.k", "attn.qkv")
 V_SIBLING = {"k_proj": "v_proj", "key": "value"}  # the key projection's name → its value sibling's name
 
 
-def prefix_param_count(length: int, k_width: int, v_width: int, reparam: bool = False, embed_dim: int = 0,
-                       hidden: int = 0) -> int:
-    """Trainable parameters of one prefix.
-
-    Plain: ``ℓ·(k_width + v_width)``. Reparameterised: ``ℓ·d_e + d_e·hidden + hidden + hidden·(k+v) + (k+v)``.
-    """
-    kv = k_width + v_width
-    if not reparam:
-        return length * kv
-    return length * embed_dim + embed_dim * hidden + hidden + hidden * kv + kv
-
-
 def prepend_prefix(prefix: torch.Tensor, states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``[g·P; S]``: a prefix ``[ℓ, heads·head_dim]`` put in front of ``states [B, heads, T, head_dim]`` (dim 2)."""
     b, heads, _, head_dim = states.shape

@@ -15,6 +15,7 @@ The controller keeps the last gates and running statistics (mean, std, min, max)
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from pelt_cli import surgery
-from pelt_cli.methods import Insertion, ModelSite, register
+from pelt_cli.errors import MergeRefused, PeltError, PruneRefused
+from pelt_cli.methods import FoldOp, GateUnit, Insertion, ModelSite, register
 from pelt_cli.methods.adapter import AdapterMethod, AdapterParams
 from pelt_cli.methods.lora import LoRAMethod, LoRAParams
 from pelt_cli.methods.prefix import PrefixMethod, PrefixParams
@@ -31,6 +33,7 @@ from pelt_cli.methods.prefix import PrefixMethod, PrefixParams
 MODULES = ("lora", "prefix", "adapter")
 PREFIX_ROLES = ("attn.k", "attn.qkv")
 LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks)\.\d+)\.")
+FOLD_EVERY = 64  # forwards whose gates a controller keeps before folding them into its statistics
 
 
 def sigmoid_gates(h: torch.Tensor, proj: nn.Linear, temperature: float) -> torch.Tensor:
@@ -69,6 +72,7 @@ class GateController(nn.Module):
     def reset_stats(self) -> None:
         """Forget the accumulated statistics."""
         k, cpu = len(self.names), torch.device("cpu")
+        self._pending: list[torch.Tensor] = []
         self._n = 0
         self._sum = torch.zeros(k, dtype=torch.float64, device=cpu)
         self._sq = torch.zeros(k, dtype=torch.float64, device=cpu)
@@ -76,7 +80,12 @@ class GateController(nn.Module):
         self._max = torch.full((k,), float("-inf"), dtype=torch.float64, device=cpu)
 
     def compute(self, h: torch.Tensor) -> torch.Tensor:
-        """Gates [B, k] for hidden states [B, T, d]; stored as ``current`` and added to the statistics."""
+        """Gates [B, k] for hidden states [B, T, d]; stored as ``current`` and added to the statistics.
+
+        Every forward counts (training and evaluation alike), but only a detached reference is kept here: the
+        gates are folded into the running sums, on the CPU in float64, when :meth:`stats` asks or every
+        :data:`FOLD_EVERY` forwards — about ten small ops and, on a GPU, a device sync saved per layer and forward.
+        """
         x = h.to(next(self.net.parameters()).dtype)
         if self.mode == "softmax":
             g = softmax_gates(x, self.net, self.temperature)
@@ -84,13 +93,22 @@ class GateController(nn.Module):
             g = sigmoid_gates(x, self.net, self.temperature)
         self.current = g
         if g.device.type != "meta" and g.numel():
-            d = g.detach().to("cpu", torch.float64)
-            self._n += d.shape[0]
-            self._sum += d.sum(0)
-            self._sq += (d * d).sum(0)
-            self._min = torch.minimum(self._min, d.min(0).values)
-            self._max = torch.maximum(self._max, d.max(0).values)
+            self._pending.append(g.detach())
+            if len(self._pending) >= FOLD_EVERY:
+                self._fold()
         return g
+
+    def _fold(self) -> None:
+        """Add the pending gates to the running count, sums, minimum and maximum."""
+        if not self._pending:
+            return
+        d = torch.cat(self._pending).to("cpu", torch.float64)
+        self._pending = []
+        self._n += d.shape[0]
+        self._sum += d.sum(0)
+        self._sq += (d * d).sum(0)
+        self._min = torch.minimum(self._min, d.min(0).values)
+        self._max = torch.maximum(self._max, d.max(0).values)
 
     def value(self, name: str) -> torch.Tensor:
         """The current gate of one module as a [B] tensor."""
@@ -100,6 +118,7 @@ class GateController(nn.Module):
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per gated module: mean, std, min, max and count over every sequence seen since ``reset_stats``."""
+        self._fold()
         out = {}
         for i, name in enumerate(self.names):
             if self._n == 0:
@@ -298,6 +317,80 @@ class UniPELTMethod:
         for ins in insertions:
             for path in ins.modules:
                 surgery.get_module(model, path).gate = GateRef(ctl, name, dims)
+
+
+    def foldable(self, row: Any) -> str | None:
+        """Only the gated LoRA folds, and only with its gate frozen (``gated``): the gate depends on the input."""
+        return "gated" if row.method == f"{self.name}.lora" else None
+
+    def fold(self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor],
+             gate: float | None = None) -> dict[str, list[FoldOp]]:
+        """The gated LoRA folded with its gate fixed at ``gate``: ``W' = W + g·(α/r) B A`` (approximate)."""
+        if gate is None or row.method != f"{self.name}.lora":
+            raise PeltError(f"internal: {row.method} at {row.disk_site} folds only as gated LoRA with a frozen gate")
+        return LoRAMethod().fold(model, row, adapter, gate)
+
+    def gate_units(self, entry: int, params: UniPELTParams, rows: list[tuple[int, Any]]) -> list[GateUnit]:
+        """One unit per layer and module: the layer's gate controller row and the rows it gates."""
+        groups: list[tuple[int, Any, list[tuple[int, Any]]]] = []
+        for i, row in rows:
+            if row.method == f"{self.name}.gate":
+                groups.append((i, row, []))
+            elif groups:
+                groups[-1][2].append((i, row))
+        return [GateUnit(entry, name, g, tuple(i for i, r in members if r.method == f"{self.name}.{name}"),
+                         ("layers", gate.site, name), pruned=name in params.pruned)
+                for g, gate, members in groups for name in params.modules]
+
+    def pruned_entries(self, entry: dict[str, Any], decided: list[tuple[GateUnit, str]],
+                       rows: list[Any]) -> list[dict[str, Any]]:
+        """The entry split by layer groups, each group's removed modules in ``params.pruned``."""
+        modules = entry["params"]["modules"]
+        by_gate: dict[int, set[str]] = {}
+        for unit, decision in decided:
+            gone = by_gate.setdefault(unit.row, set())
+            if decision != "keep":
+                gone.add(unit.module)
+        groups: dict[tuple, list[int]] = {}
+        for g, gone in by_gate.items():
+            if gone >= set(modules):
+                continue  # every module of this layer is pruned: its gate goes too
+            if rows[g].layer is None:
+                raise PruneRefused(f"{rows[g].disk_site}: not in a numbered layer, so it cannot be pruned on its own")
+            groups.setdefault((rows[g].block, tuple(m for m in modules if m in gone)), []).append(rows[g].layer)
+        out = []
+        for (block, gone), layer_ids in groups.items():
+            new = copy.deepcopy(entry)
+            new["layers"] = sorted(layer_ids)
+            if block:
+                new["blocks"] = [block]
+            new["params"]["pruned"] = list(gone)
+            out.append(new)
+        return out
+
+    def unfolded_entry(self, entry: dict[str, Any], folded: set[str]) -> tuple[dict[str, Any], Any]:
+        """The entry without the folded modules, and a function that cuts the gate tensors to the kept gates."""
+        mods = entry["params"]["modules"]
+        left = [m for m in mods if m not in folded]
+        if not left:
+            raise PeltError(f"internal: every module of a {self.name} entry was folded; the entry should be gone")
+        if entry["params"]["gate"] == "softmax":
+            raise MergeRefused("softmax gates share one normalisation across lora, prefix and adapter: after "
+                               "folding the LoRA, the remaining gates could not be reproduced",
+                               hint="merge without --freeze-gates and with --keep-unmerged (the gated LoRA "
+                                    "then stays in the rest run, exactly)")
+        new = copy.deepcopy(entry)
+        new["params"]["modules"] = left
+        keep = [mods.index(m) for m in left]
+
+        def cut(name: str, t: torch.Tensor) -> torch.Tensor:  # sigmoid gates are independent: keep their rows
+            return t[keep].contiguous() if ".pelt_gate.net." in name else t
+
+        return new, cut
+
+    def param_group(self, name: str) -> str | None:
+        """Gate parameters form the ``gates`` group (their own learning rate, warm-up)."""
+        return "gates" if ".pelt_gate." in name else None
 
 
 def gate_controllers(model: nn.Module) -> dict[str, GateController]:

@@ -1,0 +1,153 @@
+"""Evaluation: the task's loss and metrics on an eval set, and gate statistics gathered on the way.
+
+``pelt train`` evaluates after each epoch; ``pelt prune --data`` and ``pelt gates --data`` measure a run on data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pelt_cli import gates as gatestats
+from pelt_cli import heads
+from pelt_cli.errors import UsageError
+
+EVAL_BATCH = 32
+EVAL_MAX_LENGTH = 128
+
+
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
+    """The task's loss (and logits for classification)."""
+    if task in heads.CLASSIFICATION:
+        return heads.classification_loss(model, batch, task)
+    if task == "causal-lm":
+        return heads.lm_loss(model, batch)
+    if task == "domain-matching":
+        return heads.domain_loss(model, batch)
+    raise UsageError(f"task {task!r}: expected one of {', '.join(heads.CLASSIFICATION)}, causal-lm, domain-matching")
+
+
+def evaluate(model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: torch.device,
+             labels: list[str] | None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics on the eval set (loss; accuracy and macro-F1, perplexity, or feature MSE/cosine) and gate stats."""
+    model.eval()
+    gatestats.reset(model)
+    meter = gatestats.DomainGateMeter() if task == "domain-matching" else None
+    total_loss, n, correct = 0.0, 0, 0
+    preds, golds = [], []
+    mse_before, cos_after, cos_before = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for batch in batcher.batches(cfg.batch_size, shuffle=False, seed=cfg.seed):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            bsz = next(iter(batch.values())).shape[0]
+            if task == "domain-matching":
+                out, ref, src = heads.domain_features(model, batch)
+                meter.add(heads.domain_adapter(model).last_gate)
+                loss = torch.nn.functional.mse_loss(out.float(), ref.float())
+                mse_before += torch.nn.functional.mse_loss(src.float(), ref.float()).item() * bsz
+                cos = torch.nn.functional.cosine_similarity
+                cos_after += cos(out.float(), ref.float(), dim=-1).mean().item() * bsz
+                cos_before += cos(src.float(), ref.float(), dim=-1).mean().item() * bsz
+                logits = None
+            else:
+                loss, logits = compute_loss(model, batch, task)
+            total_loss += loss.item() * bsz
+            n += bsz
+            if logits is not None:
+                p = logits.argmax(-1)
+                correct += (p == batch["labels"]).sum().item()
+                preds += p.tolist()
+                golds += batch["labels"].tolist()
+    metrics = {"eval_loss": total_loss / max(n, 1)}
+    if task in heads.CLASSIFICATION:
+        metrics["accuracy"] = correct / max(n, 1)
+        metrics["f1"] = macro_f1(preds, golds, len(labels or []))
+    elif task == "causal-lm":
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    else:
+        metrics.update({"feature_mse": metrics["eval_loss"], "feature_mse_unadapted": mse_before / max(n, 1),
+                        "cosine": cos_after / max(n, 1), "cosine_unadapted": cos_before / max(n, 1)})
+    model.train()
+    return metrics, gatestats.snapshot(model, meter)
+
+
+def macro_f1(preds: list[int], golds: list[int], n_classes: int) -> float:
+    """Macro-averaged F1 over the classes that occur in predictions or gold labels."""
+    scores = []
+    for c in range(n_classes):
+        tp = sum(1 for p, g in zip(preds, golds, strict=True) if p == c and g == c)
+        fp = sum(1 for p, g in zip(preds, golds, strict=True) if p == c and g != c)
+        fn = sum(1 for p, g in zip(preds, golds, strict=True) if p != c and g == c)
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def primary_metric(task: str) -> tuple[str, bool]:
+    """The metric early stopping watches, and whether higher is better."""
+    if task in heads.CLASSIFICATION:
+        return "accuracy", True
+    if task == "causal-lm":
+        return "perplexity", False
+    return "feature_mse", False
+
+
+def data_inputs(base_path: str | os.PathLike[str], task: str, tokenizer_path: str | None = None) -> tuple[Any, Any]:
+    """A tokenizer for text tasks, a feature extractor for audio tasks."""
+    from pelt_cli.data import feature_extractor_for
+
+    base_dir = Path(base_path)
+    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
+    if task in ("audio-classification", "domain-matching"):
+        import transformers
+
+        return None, feature_extractor_for(transformers.AutoConfig.from_pretrained(str(base_dir)))
+    import transformers
+
+    src = tokenizer_path or str(base_dir)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{src}: no tokenizer found ({str(e).splitlines()[0][:120]})",
+                         hint="pass --tokenizer DIR pointing at tokenizer files for this model") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok, None
+
+
+def measure_run(run_dir: str | os.PathLike[str], data: str, batch_size: int = EVAL_BATCH,
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, gate statistics)`` of a run on ``data`` (a file, or a built-in dataset's eval split); the
+    statistics in ``gates.json`` layout, the metrics with the eval wall time and row count."""
+    from types import SimpleNamespace
+
+    from pelt_cli.data import Batcher, load_data, resolve_data
+    from pelt_cli.run import Run
+
+    run = Run.open(run_dir)
+    model = run.load_model()
+    head = run.head or {}
+    task = head.get("task") or (run.meta.training or {}).get("task")
+    path, builtin_eval = resolve_data(data)
+    td = load_data(builtin_eval or path, task=task, labels=head.get("labels"))
+    if td.task in heads.CLASSIFICATION and not head:
+        raise UsageError(f"{run_dir}: no trained task head to evaluate {td.task} with", hint="pelt train the run first")
+    tok, fe = data_inputs(run.meta.base.path, td.task)
+    batcher = Batcher(td, tokenizer=tok, feature_extractor=fe, max_length=EVAL_MAX_LENGTH)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    cfg = SimpleNamespace(batch_size=batch_size, seed=0)
+    metrics, snap = evaluate(model, batcher, cfg, td.task, torch.device("cpu"), head.get("labels"))
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    metrics["rows"] = len(td.rows)
+    return metrics, snap
+
+
+def evaluate_run(run_dir: str | os.PathLike[str], data: str, batch_size: int = EVAL_BATCH) -> dict[str, Any]:
+    """The run's eval metrics on ``data`` and the eval wall time (see :func:`measure_run`)."""
+    return measure_run(run_dir, data, batch_size)[0]
