@@ -6,13 +6,10 @@ Each command is a thin function: resolve its arguments, call one library functio
 one line on stderr and an exit code, and treats a closed stdout (``pelt … | head``) as success.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import sys
 import time
-from dataclasses import fields
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,7 +21,7 @@ try:  # typer >= 0.2x vendors its own click
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as _cx
 
-from pelt_cli import __version__, console
+from pelt_cli import __version__
 from pelt_cli.errors import PeltError, RecipeError, UsageError
 
 if TYPE_CHECKING:
@@ -233,6 +230,8 @@ QuietOpt = Annotated[
 @app.callback()
 def main_callback(version: VersionOpt = False, verbose: VerboseOpt = 0, quiet: QuietOpt = False) -> None:
     """pelt: PEFT model surgery from the shell."""
+    from pelt_cli import console
+
     console.set_verbosity(console.QUIET if quiet else console.NORMAL + verbose)
 
 
@@ -280,6 +279,7 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a checkpoint's tensors with role, layer, dtype, shape, params and bytes, read from headers only."""
+    from pelt_cli import console
     from pelt_cli.report import inspect_checkpoint
 
     path = _path(model)
@@ -331,6 +331,7 @@ def apply(
     force: ForceOpt = False,
 ) -> None:
     """Insert PEFT modules where a recipe says and write a run directory that references the base."""
+    from pelt_cli import console
     from pelt_cli.apply import apply as do_apply
     from pelt_cli.apply import plan
     from pelt_cli.recipe import load
@@ -348,6 +349,7 @@ def apply(
 )
 def validate(recipe: RecipeArg, model: CheckModelArg = None, overrides: OverridesArg = None) -> None:
     """Check a recipe: schema, types and ranges, and, given a MODEL, that every target matches and fits."""
+    from pelt_cli import console
     from pelt_cli.apply import plan
     from pelt_cli.recipe import load
 
@@ -375,6 +377,7 @@ DestArg = Annotated[Path, typer.Argument(help="Destination file or directory.", 
 @recipes_app.command("ls")
 def recipes_ls(fmt: FormatOpt = None) -> None:
     """List the bundled recipes with their descriptions."""
+    from pelt_cli import console
     from pelt_cli.bundled import bundled, description
 
     console.emit_recipes({name: description(path) for name, path in bundled().items()}, _format(fmt))
@@ -464,13 +467,14 @@ def train(
     device: Annotated[Device, _opt("Memory/Performance", "Where to train.")] = Device.auto,
 ) -> None:
     """Train only what was inserted (plus a task head where needed); evaluate each epoch; record every gate."""
-    cfg = train_config(locals())
+    cfg = train_config(locals())  # first, while locals() holds only the options
+    from pelt_cli import console
     from pelt_cli.train import train_run
 
     if quiet:
         console.set_verbosity(console.QUIET)
     run_dir = _path(run)
-    console.detail("settings: " + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)))
+    console.detail(f"settings: {cfg}")
     progress = console.TrainProgress()
     try:
         train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress)
@@ -491,6 +495,7 @@ PngOpt = Annotated[Path | None, _opt("Output", "Also write a heatmap (layers × 
 )
 def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
     """Show each gate's mean, std, min and max per layer after training, with a bar per gate."""
+    from pelt_cli import console
     from pelt_cli import gates as gatestats
     from pelt_cli.errors import CheckpointError
 
@@ -548,6 +553,7 @@ def prune(
     force: ForceOpt = False,
 ) -> None:
     """Remove the gated modules (UniPELT's LoRA/Prefix/Adapter per layer, domain adapters) whose gate is low."""
+    from pelt_cli import console
     from pelt_cli.prune import prune_run
 
     run_dir = _path(run)
@@ -633,6 +639,7 @@ def merge(
     force: ForceOpt = False,
 ) -> None:
     """Fold LoRA and IA³ into the base weights, streaming, into a checkpoint plain transformers loads."""
+    from pelt_cli import console
     from pelt_cli.io.writer import parse_size
     from pelt_cli.merge import merge_run
 
@@ -701,6 +708,7 @@ AdapterArg = Annotated[
 )
 def export(run: RunArg, out: BundleOutOpt, peft: PeftOpt = False, force: ForceOpt = False) -> None:
     """Write a diffed bundle: only the tensors that differ from the base, and a manifest with checksums."""
+    from pelt_cli import console
     from pelt_cli.bundle import export_bundle
 
     run_dir = _path(run)
@@ -726,6 +734,7 @@ def apply_bundle_cmd(
     bundle: BundleArg, model: ModelArg, out: OutOpt, merge_out: MergeBundleOpt = False, force: ForceBaseOpt = False
 ) -> None:
     """Rebuild a run (or the merged model) from a bundle and its base; refuses a different base."""
+    from pelt_cli import console
     from pelt_cli.bundle import apply_bundle
 
     base = _path(model)
@@ -772,6 +781,7 @@ def completion(shell: ShellArg) -> None:
 
 def _path(value: str) -> Path:
     """A MODEL or RUN argument as a path (a short name or ``-`` resolved; shown with -v)."""
+    from pelt_cli import console
     from pelt_cli.report import resolve_model
 
     path = resolve_model(value)
@@ -782,6 +792,8 @@ def _path(value: str) -> Path:
 
 def _format(fmt: Format | None) -> str:
     """``--format``'s value, or the default for where stdout goes."""
+    from pelt_cli import console
+
     return fmt.value if fmt else console.default_format()
 
 
@@ -792,6 +804,8 @@ def _value(choice: Enum | None) -> Any:
 
 def _wrote(path: Path) -> None:
     """Log ``wrote PATH`` and print the path on stdout, for the next command in a pipe."""
+    from pelt_cli import console
+
     console.info(f"wrote {path}")
     print(path)
 
@@ -806,12 +820,14 @@ def default_run_dir(name: str) -> Path:
     return out
 
 
-def train_config(options: dict[str, Any]) -> TrainConfig:
+def train_config(options: dict[str, Any]) -> "TrainConfig":
     """The :class:`~pelt_cli.train.TrainConfig` of ``pelt train``'s options: each field from the option of its name.
 
     Args:
         options: the command's parameters by name (enum choices are turned into their values).
     """
+    from dataclasses import fields
+
     from pelt_cli.train import TrainConfig
 
     return TrainConfig(**{f.name: _plain(options[f.name]) for f in fields(TrainConfig)})
@@ -823,6 +839,7 @@ def _plain(value: Any) -> Any:
 
 def _restore(run_dir: Path, out: Path | None, force: bool) -> str:
     """``pelt prune --restore``: bring back every pruned module; returns the run directory written."""
+    from pelt_cli import console
     from pelt_cli.prune import restore_run
 
     rep = restore_run(run_dir, out, force=force).to_dict()
@@ -843,6 +860,7 @@ def _gate_stats(run_dir: Path, data: str | None, freeze_gates: FreezeGates | Non
 
 def _verify_merge(run_dir: Path, out: Path, approximate: bool, rest: bool) -> None:
     """Log max |Δ| between the run (base + modules) and the merged checkpoint on sample inputs."""
+    from pelt_cli import console
     from pelt_cli.merge import verify_merge
 
     delta = verify_merge(run_dir, out)
@@ -857,6 +875,7 @@ def _merged_bundle(bundle: Path, base: Path, out: Path, force: bool) -> Path:
     """``pelt apply-bundle --merge``: rebuild the run in a temporary directory, then merge it into ``out``."""
     import tempfile
 
+    from pelt_cli import console
     from pelt_cli.bundle import apply_bundle
     from pelt_cli.merge import merge_run
 
@@ -869,10 +888,10 @@ def _merged_bundle(bundle: Path, base: Path, out: Path, force: bool) -> Path:
 
 def _same_base_as_bundle(run_dir: Path) -> bool:
     """Whether a run rebuilt from a bundle sits on the very base the bundle was exported from."""
-    from pelt_cli.run import read_run
+    from pelt_cli.run import Run
 
-    meta = read_run(run_dir)
-    return meta["base"]["fingerprint"] == meta["from_bundle"]["base_fingerprint"]
+    meta = Run.open(run_dir).meta
+    return meta.base.fingerprint == meta.extra["from_bundle"]["base_fingerprint"]
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -904,12 +923,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_closed()
-    if code == 0:
+    console = sys.modules.get("pelt_cli.console")  # loaded once a command ran; never by plain --help (start-up time)
+    if code == 0 and console is not None:
         console.detail(f"done in {time.perf_counter() - started:.2f} s")
     return code
 
 
-def _closed_pipe(e: BaseException) -> bool:
+def _closed_pipe(e: BaseException | None) -> bool:
     """Whether ``e`` comes from writing to a stdout whose reader has gone (``pelt … | head``)."""
     while e is not None:
         if isinstance(e, BrokenPipeError):
@@ -928,6 +948,8 @@ def _stdout_closed() -> int:
 
 def _report(e: BaseException) -> int:
     """Print a failure as pelt does (``error: …`` on stderr, a hint under it) and return its exit code."""
+    from pelt_cli import console
+
     if isinstance(e, RecipeError):
         console.error(*e.problems, hint=e.hint)
         return e.exit_code
@@ -950,6 +972,8 @@ def _report(e: BaseException) -> int:
 
 def _choice_error(e: Any) -> bool:
     """Show a value outside an enum's choices as ``error: --opt 'value': expected a, b or c``, as the library does."""
+    from pelt_cli import console
+
     choices = getattr(getattr(e.param, "type", None), "choices", None)
     found = re.match(r"(.+?) is not (one of )?", e.message)
     if not choices or not found:

@@ -117,7 +117,7 @@ def heatmap(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--png needs matplotlib", hint="pip install matplotlib") from None
+        raise UsageError("--png needs matplotlib (the plot extra)", hint="pip install 'pelt[plot]'") from None
     sites = list(doc.get("layers", {}))
     modules = sorted({m for mods in doc.get("layers", {}).values() for m in mods})
     if not sites:

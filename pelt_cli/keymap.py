@@ -55,10 +55,11 @@ class KeyMap:
 HEAD_AUTOS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModelForPreTraining")
 
 
-def model_class(config: Any, directory: Any = None) -> Any:
+def model_class(config: Any, directory: Any = None, keys: Any = None) -> Any:
     """The transformers class named by ``config.architectures[0]``; else the AutoModel class for the config — or,
-    when the checkpoint in ``directory`` stores its keys under the base model's prefix (``model.layers.0…``, as a
-    head model saves them), the first head class (causal LM, seq2seq, masked LM, pre-training) that has one."""
+    when the checkpoint in ``directory`` (or its tensor names ``keys``, when known) stores its keys under the base
+    model's prefix (``model.layers.0…``, as a head model saves them), the first head class (causal LM, seq2seq,
+    masked LM, pre-training) that has one."""
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
@@ -67,13 +68,14 @@ def model_class(config: Any, directory: Any = None) -> Any:
             return cls
     base = transformers.AutoModel._model_mapping[type(config)]
     prefix = getattr(base, "base_model_prefix", "")
-    if directory is not None and prefix:
+    if keys is None and directory is not None and prefix:
         from .io.checkpoint import open_checkpoint
 
         try:
             keys = open_checkpoint(directory).tensors
         except PeltError:
             keys = {}
+    if prefix and keys:
         if any(k.startswith(prefix + ".") for k in keys):
             for auto in HEAD_AUTOS:
                 try:
@@ -83,8 +85,9 @@ def model_class(config: Any, directory: Any = None) -> Any:
     return base
 
 
-def skeleton(directory: Any) -> Any:
-    """Build the checkpoint's model on the ``meta`` device from its ``config.json`` (no weights read)."""
+def skeleton(directory: Any, keys: Any = None) -> Any:
+    """Build the checkpoint's model on the ``meta`` device from its ``config.json`` (no weights read); ``keys``: the
+    checkpoint's tensor names when the caller has them (see :func:`model_class`)."""
     import torch
     import transformers
 
@@ -92,7 +95,7 @@ def skeleton(directory: Any) -> Any:
         config = transformers.AutoConfig.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory}: cannot read config.json ({e})") from None
-    cls = model_class(config, directory)
+    cls = model_class(config, directory, keys)
     with torch.device("meta"):
         return cls(config)
 

@@ -95,7 +95,9 @@ class RunMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``run.json`` content (unset optional sections left out)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        order = ("format", "pelt_version", "created", "base", "recipe", "new_params", "insertions", "head",
+                 "training", "pruning")
+        d = {k: getattr(self, k) for k in order}
         d["base"], d["insertions"] = asdict(self.base), [asdict(r) for r in self.insertions]
         d = {k: v for k, v in d.items() if v is not None or k not in ("head", "training", "pruning")}
         return {**d, **self.extra}
@@ -110,15 +112,16 @@ def quiet_transformers() -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def load_base(directory: str | os.PathLike[str], device: str = "cpu") -> Any:
-    """Load a checkpoint directory with transformers, keeping its stored dtype (eval mode)."""
+def load_base(directory: str | os.PathLike[str], device: str = "cpu", keys: Any = None) -> Any:
+    """Load a checkpoint directory with transformers, keeping its stored dtype (eval mode); ``keys``: its tensor
+    names, when the caller has them (saves opening the checkpoint again)."""
     import transformers
 
     from pelt_cli.keymap import model_class
 
     quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(str(directory))
-    model = model_class(config, directory).from_pretrained(str(directory), dtype="auto")
+    model = model_class(config, directory, keys).from_pretrained(str(directory), dtype="auto")
     return model.to(device).eval()
 
 
@@ -189,7 +192,7 @@ class Base:
 
         if self._skeleton is None:
             self.require_config()
-            self._skeleton = skeleton(self.directory)
+            self._skeleton = skeleton(self.directory, self.ckpt.tensors)
         return copy.deepcopy(self._skeleton)
 
     def key_map(self) -> Any:
@@ -203,7 +206,7 @@ class Base:
     def load(self, device: str = "cpu") -> Any:
         """The model with its weights, in its stored dtype."""
         self.require_config()
-        return load_base(self.directory, device)
+        return load_base(self.directory, device, self.ckpt.tensors)
 
     def ref(self, model_class: str) -> BaseRef:
         """What a run records of this base."""

@@ -150,17 +150,22 @@ def check_ranks_agree(params: list[torch.nn.Parameter], world: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- optimisation
 
-def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups, each with its learning rate: ``modules``, the head, and what the methods' ``param_group`` hooks
-    name (``gates``, the domain adapter's ``scale``)."""
+def _group_of() -> Callable[[str], str]:
+    """Parameter name → optimizer group: ``head``, what a method's ``param_group`` hook names, else ``modules``."""
     from pelt_cli import methods
 
     hooks = [h for h in (methods.hook(methods.get(n), "param_group") for n in methods.names()) if h is not None]
+    return lambda n: "head" if n.startswith("pelt_head.") else next((g for h in hooks if (g := h(n))), "modules")
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups, each with its learning rate: ``modules``, the head, and the groups the methods name (UniPELT's
+    ``gates``, the domain adapter's ``scale``)."""
+    group_of = _group_of()
     groups: dict[str, list] = {"modules": [], "gates": [], "scale": [], "head": []}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            name = "head" if n.startswith("pelt_head.") else next((g for h in hooks if (g := h(n))), "modules")
-            groups.setdefault(name, []).append(p)
+            groups.setdefault(group_of(n), []).append(p)
     lrs = {"modules": cfg.lr, "gates": cfg.gate_lr or cfg.lr, "scale": cfg.scale_lr, "head": cfg.head_lr or cfg.lr}
     return [{"params": ps, "lr": lrs.get(k, cfg.lr), "name": k, "weight_decay": 0.0 if k == "scale" else
              cfg.weight_decay} for k, ps in groups.items() if ps]
@@ -200,9 +205,10 @@ def gate_penalty(model: torch.nn.Module, kind: str) -> torch.Tensor | None:
 
 
 def set_gates_trainable(model: torch.nn.Module, trainable: bool) -> None:
-    """Freeze or unfreeze the gate parameters (gate warm-up)."""
+    """Freeze or unfreeze the gate parameters (the ``gates`` optimizer group; gate warm-up)."""
+    group_of = _group_of()
     for n, p in model.named_parameters():
-        if ".pelt_gate." in n:
+        if surgery.is_inserted(n) and group_of(n) == "gates":
             p.requires_grad_(trainable)
 
 

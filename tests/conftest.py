@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -168,3 +169,35 @@ def outputs(model: Any, family: str) -> torch.Tensor:
 
     with torch.no_grad():
         return main_output(model.eval()(**sample_inputs(family))).float()
+
+
+def hash_tree(d: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``d`` by relative path: compare before and after to prove nothing was written."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session", params=["sigmoid", "softmax"])
+def trained_unipelt(request: pytest.FixtureRequest, tiny_bert: Path, sentiment: tuple[Path, Path],
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained UniPELT run on the tiny BERT (2 layers × lora/prefix/adapter), with non-zero LoRA B / adapter up
+    and a gates.json; one per gate kind, trained once per session. Tests copy it before changing anything."""
+    from pelt_cli import recipe as rc
+    from pelt_cli.apply import apply
+    from pelt_cli.train import TrainConfig, train_run
+
+    d = tmp_path_factory.mktemp(f"trained-{request.param}")
+    run = apply(rc.load("unipelt", [f"inserts.0.params.gate={request.param}"]), tiny_bert, d / "run")
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length=24)
+    train_run(run, str(sentiment[0]), str(sentiment[1]), cfg)
+    return run
+
+
+def set_gate_means(run: Path, means: dict[tuple[int, str], float]) -> None:
+    """Overwrite the mean gates recorded in ``run``'s gates.json: {(layer, module): mean}, 0.5 for the rest."""
+    doc = json.loads((run / "gates.json").read_text())
+    for site, mods in doc["layers"].items():
+        layer = int(site.split(".")[2])
+        for m in mods:
+            mods[m]["mean"] = means.get((layer, m), 0.5)
+    (run / "gates.json").write_text(json.dumps(doc))

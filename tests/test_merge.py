@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import make_run, outputs
+from conftest import REPO, hash_tree, make_run, outputs, pelt_main, set_gate_means
 from safetensors.torch import load_file
 from tiny_models import FAMILIES
 
@@ -28,14 +27,9 @@ from pelt_cli.keymap import key_map, skeleton
 from pelt_cli.merge import REST_DIR, merge_run, sample_inputs_for, verify_merge
 from pelt_cli.run import ADAPTER_FILE, load_base, load_run
 
-REPO = Path(__file__).resolve().parent.parent
 LORA = {"gpt2": "lora-gpt2"}
 IA3 = {"gpt2": "ia3-gpt2"}
 
-
-def digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
@@ -279,7 +273,7 @@ def test_killed_merge_leaves_no_output(tiny_dir: Path, tmp_path: Path) -> None:
     base = tmp_path / "base"
     shutil.copytree(tiny_dir / "bert", base)
     run = make_run(rc.load("lora"), base, tmp_path / "run")
-    before = (digest(base), digest(run))
+    before = (hash_tree(base), hash_tree(run))
     out = tmp_path / "merged"
     child = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(run), str(out)], cwd=REPO,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -292,7 +286,7 @@ def test_killed_merge_leaves_no_output(tiny_dir: Path, tmp_path: Path) -> None:
     child.wait(10)
     assert stale and child.returncode == -signal.SIGKILL
     assert not out.exists()
-    assert (digest(base), digest(run)) == before
+    assert (hash_tree(base), hash_tree(run)) == before
     rep = merge_run(run, out)  # the next merge to the same path removes the dead process's temporary directory
     assert not list(tmp_path.glob(".merged.pelt-tmp-*")) and rep.tensors_written > 0
     assert verify_merge(run, out) <= 1e-5
@@ -322,3 +316,21 @@ def test_head_checkpoint_without_architectures(tiny_dir: Path, tmp_path: Path) -
     rep = merge_run(run, tmp_path / "merged")
     assert rep.tensors_folded == 4
     assert verify_merge(run, tmp_path / "merged") <= 1e-5
+
+
+def test_merge_freeze_gates_takes_means_from_data(trained_unipelt: Path, sentiment: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
+    set_gate_means(run, {(0, "lora"): 0.0, (1, "lora"): 0.0})  # wrong statistics on purpose: fold nothing
+    if json.loads((run / "run.json").read_text())["recipe"]["inserts"][0]["params"]["gate"] == "softmax":
+        r = pelt_main("merge", str(run), "-o", str(tmp_path / "m"), "--freeze-gates", "mean", "--keep-unmerged")
+        assert r.returncode == 2 and "softmax gates share one normalisation" in r.stderr  # refused, not wrong
+        return
+    deltas = []
+    for extra in ([], ["--data", str(sentiment[1])]):
+        out = tmp_path / f"m{len(extra)}"
+        r = pelt_main("merge", str(run), "-o", str(out), "--freeze-gates", "mean", "--keep-unmerged", *extra)
+        assert r.returncode == 0, r.stderr
+        deltas.append(float(r.stderr.split("max |Δ| = ")[1].split()[0]))
+    assert deltas[1] < deltas[0]  # the means measured on data fold the gated LoRA better than the stale ones

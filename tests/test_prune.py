@@ -3,7 +3,6 @@ exact, refusals, and the whole shell pipeline apply | train | prune | merge."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, pelt_main
+from conftest import REPO, hash_tree, pelt_main, set_gate_means
 
 from pelt_cli import recipe as rc
 from pelt_cli.apply import apply
@@ -20,34 +19,6 @@ from pelt_cli.errors import PruneRefused
 from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.prune import PRUNED_FILE, prune_run, restore_run
 from pelt_cli.run import ADAPTER_FILE, load_run
-from pelt_cli.train import TrainConfig, train_run
-
-FAST = dict(epochs=1, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length=24)
-
-
-def _hash_tree(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file()}
-
-
-@pytest.fixture(scope="module", params=["sigmoid", "softmax"])
-def trained(request: pytest.FixtureRequest, tiny_bert: Path, sentiment: tuple[Path, Path],
-            tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained UniPELT run on the tiny BERT (2 layers × lora/prefix/adapter), with non-zero LoRA B / adapter up."""
-    d = tmp_path_factory.mktemp(f"prune-{request.param}")
-    run = apply(rc.load("unipelt", [f"inserts.0.params.gate={request.param}"]), tiny_bert, d / "run")
-    train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**FAST))
-    return run
-
-
-def _set_means(run: Path, means: dict[tuple[int, str], float]) -> None:
-    """Overwrite the recorded mean gates: {(layer, module): mean}."""
-    doc = json.loads((run / "gates.json").read_text())
-    for site, mods in doc["layers"].items():
-        layer = int(site.split(".")[2])
-        for m in mods:
-            mods[m]["mean"] = means.get((layer, m), 0.5)
-    (run / "gates.json").write_text(json.dumps(doc))
 
 
 def _outputs(run: Path, tiny_bert: Path, zero: list[str] = ()) -> torch.Tensor:
@@ -64,11 +35,11 @@ def _outputs(run: Path, tiny_bert: Path, zero: list[str] = ()) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-def test_dry_run_lists_every_gated_module_and_writes_nothing(trained: Path, tmp_path: Path) -> None:
+def test_dry_run_lists_every_gated_module_and_writes_nothing(trained_unipelt: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
-    _set_means(run, {(0, "prefix"): 0.01, (1, "adapter"): 0.04})
-    before = _hash_tree(run)
+    subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
+    set_gate_means(run, {(0, "prefix"): 0.01, (1, "adapter"): 0.04})
+    before = hash_tree(run)
     r = pelt_main("prune", str(run), "--dry-run", "--format", "tsv")
     assert r.returncode == 0, r.stderr
     lines = [ln.split("\t") for ln in r.stdout.splitlines()]
@@ -78,17 +49,17 @@ def test_dry_run_lists_every_gated_module_and_writes_nothing(trained: Path, tmp_
                        ("1", "lora"): "keep", ("1", "prefix"): "keep", ("1", "adapter"): "prune"}
     rep = prune_run(run, dry_run=True)
     assert rep.pruned_params == 2 * 10 * 32 + (32 * 2 + 2 + 2 * 32 + 32)  # prefix K,V (ℓ=10, d=32) + adapter d/16=2
-    assert _hash_tree(run) == before
+    assert hash_tree(run) == before
 
 
-def test_pruning_changes_outputs_only_through_the_pruned_modules(trained: Path, tiny_bert: Path,
+def test_pruning_changes_outputs_only_through_the_pruned_modules(trained_unipelt: Path, tiny_bert: Path,
                                                                    tmp_path: Path) -> None:
     run = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
-    _set_means(run, {(0, "lora"): 0.01, (1, "adapter"): 0.02})
-    before_tree = _hash_tree(run)
+    subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
+    set_gate_means(run, {(0, "lora"): 0.01, (1, "adapter"): 0.02})
+    before_tree = hash_tree(run)
     rep = prune_run(run, tmp_path / "pruned")
-    assert _hash_tree(run) == before_tree  # -o: the input run is untouched
+    assert hash_tree(run) == before_tree  # -o: the input run is untouched
     pruned = tmp_path / "pruned"
     assert [(u.layer, u.module) for u in rep.units if u.decision == "prune"] == [(0, "lora"), (1, "adapter")]
     # the same model with those two modules zeroed (LoRA B, adapter up-projection) is the pruned model
@@ -119,10 +90,10 @@ def test_pruning_changes_outputs_only_through_the_pruned_modules(trained: Path, 
     assert r0["recipe"] == r1["recipe"] and r0["insertions"] == r1["insertions"]
 
 
-def test_keep_top_k_per_method_and_per_layer(trained: Path, tmp_path: Path) -> None:
+def test_keep_top_k_per_method_and_per_layer(trained_unipelt: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
-    _set_means(run, {(0, "lora"): 0.9, (1, "lora"): 0.8, (0, "prefix"): 0.1, (1, "prefix"): 0.7,
+    subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
+    set_gate_means(run, {(0, "lora"): 0.9, (1, "lora"): 0.8, (0, "prefix"): 0.1, (1, "prefix"): 0.7,
                      (0, "adapter"): 0.2, (1, "adapter"): 0.3})
     per_method = prune_run(run, keep_top_k=1, per="method", dry_run=True)
     assert sorted((u.layer, u.module) for u in per_method.units if u.decision == "keep") == [
@@ -140,7 +111,7 @@ def test_keep_top_k_per_method_and_per_layer(trained: Path, tmp_path: Path) -> N
     assert len(open_checkpoint(run / PRUNED_FILE).tensors) > len(open_checkpoint(run / ADAPTER_FILE).tensors) - 4
 
 
-def test_refusals(tiny_bert: Path, trained: Path, tmp_path: Path) -> None:
+def test_refusals(tiny_bert: Path, trained_unipelt: Path, tmp_path: Path) -> None:
     lora = apply(rc.load("lora"), tiny_bert, tmp_path / "lora")
     r = pelt_main("prune", str(lora))
     assert r.returncode == 2 and "nothing gated to prune" in r.stderr and "Traceback" not in r.stderr
@@ -149,10 +120,10 @@ def test_refusals(tiny_bert: Path, trained: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "no gate statistics" in r.stderr and "pelt train" in r.stderr
     for args, needle in [(["--threshold", "2"], "--threshold 2.0"), (["-t", "0.1", "-k", "2"], "exclude"),
                          (["--per", "layer"], "--per applies to --keep-top-k"), (["--restore"], "never pruned")]:
-        r = pelt_main("prune", str(trained), *args)
+        r = pelt_main("prune", str(trained_unipelt), *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
     with pytest.raises(PruneRefused, match="prunes every module"):
-        prune_run(trained, tmp_path / "x", threshold=1.0)
+        prune_run(trained_unipelt, tmp_path / "x", threshold=1.0)
     assert not (tmp_path / "x").exists()
 
 
@@ -170,20 +141,3 @@ def test_pipeline_apply_train_prune_merge(tiny_bert: Path, sentiment: tuple[Path
     assert delta < 1.0  # gates frozen at their means: approximate, and the error is reported
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "pelt-rest").is_dir()
 
-
-def test_merge_freeze_gates_takes_means_from_data(trained: Path, sentiment: tuple[Path, Path],
-                                                  tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(trained), str(run)], check=True)
-    _set_means(run, {(0, "lora"): 0.0, (1, "lora"): 0.0})  # wrong statistics on purpose: fold nothing
-    if json.loads((run / "run.json").read_text())["recipe"]["inserts"][0]["params"]["gate"] == "softmax":
-        r = pelt_main("merge", str(run), "-o", str(tmp_path / "m"), "--freeze-gates", "mean", "--keep-unmerged")
-        assert r.returncode == 2 and "softmax gates share one normalisation" in r.stderr  # refused, not wrong
-        return
-    deltas = []
-    for extra in ([], ["--data", str(sentiment[1])]):
-        out = tmp_path / f"m{len(extra)}"
-        r = pelt_main("merge", str(run), "-o", str(out), "--freeze-gates", "mean", "--keep-unmerged", *extra)
-        assert r.returncode == 0, r.stderr
-        deltas.append(float(r.stderr.split("max |Δ| = ")[1].split()[0]))
-    assert deltas[1] < deltas[0]  # the means measured on data fold the gated LoRA better than the stale ones

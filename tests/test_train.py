@@ -3,7 +3,6 @@ gates are recorded, the domain adapter closes a feature gap, two CPU processes a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,18 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, pelt_main
+from conftest import REPO, hash_tree, pelt_main
 
 from pelt_cli import recipe as rc
 from pelt_cli.apply import apply
 from pelt_cli.errors import TrainingError
 from pelt_cli.run import ADAPTER_FILE, load_run
 from pelt_cli.train import TrainConfig, train_run
-
-
-def _hash_dir(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
-
 
 FAST = dict(epochs=4, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length=24)
 
@@ -32,7 +26,7 @@ FAST = dict(epochs=4, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length
 def test_every_method_learns_and_base_is_untouched(minilm: Path, sentiment: tuple[Path, Path], tmp_path: Path,
                                                   recipe_name: str) -> None:
     """The real MiniLM, a sentiment task it can learn: eval loss falls and accuracy rises far above chance."""
-    before = _hash_dir(minilm)
+    before = hash_tree(minilm)
     run = apply(rc.load(recipe_name), minilm, tmp_path / "run")
     epochs = 2
     res = train_run(run, str(sentiment[0]), str(sentiment[1]),
@@ -43,7 +37,7 @@ def test_every_method_learns_and_base_is_untouched(minilm: Path, sentiment: tupl
     assert hist[-1]["f1"] >= 0.9
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == epochs and json.loads(lines[-1])["epoch"] == epochs
-    assert _hash_dir(minilm) == before  # the base checkpoint is never written
+    assert hash_tree(minilm) == before  # the base checkpoint is never written
     model, meta = load_run(run)
     import transformers
 
@@ -85,17 +79,17 @@ def test_nan_stops_cleanly(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_pa
 
     run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
     train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1)))
-    good = _hash_dir(run)
+    good = hash_tree(run)
     from safetensors.torch import load_file
 
     state = load_file(run / ADAPTER_FILE)
     key = next(k for k in state if k.endswith(".B"))
     state[key][0, 0] = float("nan")
     save_file(state, run / ADAPTER_FILE)
-    poisoned = _hash_dir(run)
+    poisoned = hash_tree(run)
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 1 "):
         train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1)))
-    assert _hash_dir(run) == poisoned != good  # nothing was written after the bad step
+    assert hash_tree(run) == poisoned != good  # nothing was written after the bad step
     r = pelt_main("train", str(run), "--data", str(sentiment[0]), "--eval", str(sentiment[1]), "--epochs", "1", "-q")
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: non-finite loss") and "Traceback" not in r.stderr
