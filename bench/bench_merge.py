@@ -240,12 +240,11 @@ def largest_tensor(d: Path) -> int:
 
 def child_pelt_setup(a: dict[str, Any]) -> dict[str, Any]:
     """merge_run's work before streaming (imports, recipe, meta skeleton with the recipe inserted, adapter)."""
-    from pelt_cli.merge import meta_model, read_adapter, run_recipe
-    from pelt_cli.run import read_run
+    from pelt_cli.run import Run
 
-    meta = read_run(a["run"])
-    model, _, _ = meta_model(meta["base"]["path"], run_recipe(meta, a["run"]), meta.get("head"))
-    return {"adapter_tensors": len(read_adapter(Path(a["run"]), model))}
+    run = Run.open(a["run"])
+    model, _ = run.skeleton()
+    return {"adapter_tensors": len(run.read_adapter(model))}
 
 
 def child_pelt(a: dict[str, Any]) -> dict[str, Any]:
@@ -609,12 +608,10 @@ def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int)
 def trained_bytes(run: Path) -> tuple[int, int, int]:
     """(bytes of the run's inserted parameters, bytes of all its tensors, adapter.safetensors file size)."""
     from pelt_cli.io.checkpoint import open_checkpoint
-    from pelt_cli.merge import meta_model, run_recipe
-    from pelt_cli.run import read_run
+    from pelt_cli.run import Run
     from pelt_cli.surgery import is_inserted
 
-    meta = read_run(run)
-    model, _, _ = meta_model(meta["base"]["path"], run_recipe(meta, str(run)), meta.get("head"))
+    model, _ = Run.open(run).skeleton()
     params = {n for n, _ in model.named_parameters() if is_inserted(n)}
     ck = open_checkpoint(run / "adapter.safetensors")
     return (sum(i.nbytes for n, i in ck.tensors.items() if n in params), ck.total_bytes,

@@ -443,6 +443,9 @@ def train(
     quiet: TrainQuietOpt = False,
     # The training settings: each parameter below is the pelt_cli.train.TrainConfig field of the same name.
     task: Annotated[Task | None, _opt(INPUT, "The task [default: from the data's columns].")] = None,
+    new_head: Annotated[
+        bool, _opt(TRAINING, "Train a new classification head even where the base already has one.")
+    ] = False,
     eval_fraction: Annotated[float, _opt(INPUT, "Share of --data held out when there is no --eval.")] = 0.1,
     max_length: Annotated[int, _opt(INPUT, "Truncate token sequences to this length.")] = 128,
     epochs: Annotated[int, _opt(TRAINING, "Epochs.")] = 3,
@@ -760,6 +763,99 @@ def import_peft_cmd(adapter: AdapterArg, model: ModelArg, out: OutOpt, force: Fo
     from pelt_cli.peft_format import import_peft
 
     _wrote(import_peft(adapter, _path(model), out, force=force))
+
+
+# ------------------------------------------------------------------------------------------------ predict, eval
+
+TargetArg = Annotated[
+    str,
+    typer.Argument(
+        help="A checkpoint directory (e.g. from pelt merge), a run directory, or a bundle (directory or tar); "
+        "- reads the path from stdin.",
+        autocompletion=complete_model,
+        show_default=False,
+    ),
+]
+RowsOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Rows: JSONL, CSV or TSV (column text; text_a+text_b or text+text_pair for pairs), a .txt file of "
+        "plain text lines, or - for plain text lines on stdin.",
+        rich_help_panel=INPUT,
+        show_default=False,
+    ),
+]
+LabelledOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Labelled rows: JSONL, CSV or TSV (text,label or text_a,text_b,label; causal LMs: text), or a "
+        "built-in dataset's eval split (vader).",
+        rich_help_panel=INPUT,
+        show_default=False,
+    ),
+]
+RowBatchOpt = Annotated[int, _opt(None, "Rows per forward pass (results do not depend on it).", "--batch-size", "-b")]
+GENERATION = "Generation (causal LMs)"
+MaxNewTokensOpt = Annotated[int, _opt(GENERATION, "Tokens to generate per row.", "--max-new-tokens")]
+SampleOpt = Annotated[bool, _opt(GENERATION, "Sample instead of greedy decoding.", "--sample")]
+TemperatureOpt = Annotated[float | None, _opt(GENERATION, "With --sample: the temperature [default: 1.0].")]
+SeedOpt = Annotated[int, _opt(GENERATION, "With --sample: the random seed.", "--seed")]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  printf 'what a film\\nso dull\\n' | pelt predict merged/ --data -\n\n"
+    "  pelt predict runs/lora --data test.jsonl > predictions.jsonl\n\n"
+    "  pelt predict runs/llama-lora --data prompts.txt --max-new-tokens 64 --sample --temperature 0.7\n\n"
+    "Writes one JSON line per input row, in input order: {label, score, scores} (classifiers) or {generated} "
+    "(causal LMs). Exit codes: 0 ok; 1 runtime failure; 2 bad data, a model without a task head, a run never "
+    "trained.",
+)
+def predict(
+    model: TargetArg,
+    data: RowsOpt,
+    batch_size: RowBatchOpt = 32,
+    max_new_tokens: MaxNewTokensOpt = 32,
+    sample: SampleOpt = False,
+    temperature: TemperatureOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Classify rows (or continue prompts) with a model, a run or a bundle: one JSON line per row on stdout."""
+    from pelt_cli import console
+    from pelt_cli.predict import GenerateOptions, load_predictor, predict_rows, read_inputs
+
+    if temperature is not None and not sample:
+        raise UsageError("--temperature applies to --sample; greedy decoding has none")
+    if model == "-" and data == "-":
+        raise UsageError("MODEL - and --data - both read stdin", hint="give one of them as a path")
+    rows, where = read_inputs(data)
+    pred = load_predictor(_path(model))
+    opts = GenerateOptions(max_new_tokens, sample, 1.0 if temperature is None else temperature, seed)
+    with console.RowProgress("predict", batch_size) as progress:
+        console.write_jsonl(predict_rows(pred, rows, where, batch_size, opts, on_batch=progress))
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n"
+    "  pelt eval runs/lora --data test.jsonl\n\n"
+    "  pelt eval merged/ --data vader --format json | jq .macro_f1\n\n"
+    "Exit codes: 0 ok; 1 runtime failure; 2 bad data, labels the model never saw in training, a model without a "
+    "task head.",
+)
+def eval_cmd(model: TargetArg, data: LabelledOpt, batch_size: RowBatchOpt = 32, fmt: FormatOpt = None) -> None:
+    """Measure a model, run or bundle on labelled rows: accuracy, macro-F1, per-class P/R/F1 and the confusion
+    matrix (classifiers); loss and perplexity (causal LMs)."""
+    from pelt_cli import console
+    from pelt_cli.evaluate import evaluate_predictor
+    from pelt_cli.predict import load_predictor
+
+    pred = load_predictor(_path(model))
+    with console.RowProgress("eval", batch_size) as progress:
+        doc = evaluate_predictor(pred, data, batch_size, on_batch=progress)
+    console.emit_eval(doc, _format(fmt))
 
 
 ShellArg = Annotated[Shell, typer.Argument(help="bash, zsh or fish.")]

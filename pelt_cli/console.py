@@ -598,3 +598,77 @@ def bundle_summary(manifest: dict[str, Any], out: str) -> str:
     return f"bundle {where}: {len(stored):,} tensors, {human_bytes(nbytes)}" + (
         f"; {len(rows) - len(stored)} taken from the base by checksum" if len(rows) > len(stored) else ""
     )
+
+
+# --- predict and eval
+
+
+def write_jsonl(rows: Iterable[dict[str, Any]]) -> None:
+    """Each row as one JSON line on stdout, written as it comes (``pelt predict``)."""
+    for r in rows:
+        sys.stdout.write(json.dumps(r) + "\n")
+
+
+class RowProgress:
+    """A progress bar on stderr for ``pelt predict`` and ``pelt eval``, shown for inputs longer than a few batches,
+    on a terminal and without ``pelt -q``; called with (rows just done, total rows) after each batch."""
+
+    LONG = 4  # batches: shorter inputs get no bar
+
+    def __init__(self, label: str, batch_size: int) -> None:
+        self.label, self.batch_size = label, batch_size
+        self.bar: Any = None
+        self.task: Any = None
+        self.off = _level < NORMAL or not sys.stderr.isatty()
+
+    def __enter__(self) -> RowProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        """Advance by ``done`` rows of ``total``."""
+        if self.bar is None and not self.off:
+            if total <= self.LONG * self.batch_size:
+                self.off = True
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("rows"), TimeRemainingColumn(), console=_stderr_console(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        if self.bar is not None:
+            self.bar.advance(self.task, done)
+
+
+CLASS_COLUMNS = [Column("label"), *[Column(k, right=True) for k in ("precision", "recall", "f1")], number("support")]
+
+
+def emit_eval(doc: dict[str, Any], fmt: str) -> None:
+    """``pelt eval``: json the whole report; a classifier's per-class rows in jsonl/tsv (the metrics on stderr after
+    tsv), and in a table the metrics, the per-class table and the confusion matrix; a causal LM's loss row."""
+    title = f"eval {doc['source']} on {doc['data']} ({doc['task']}, {doc['rows']:,} rows)"
+    if doc["task"] == "causal-lm":
+        cols = [number("rows"), number("tokens"), Column("loss", right=True), Column("perplexity", right=True)]
+        emit_rows([doc], cols, fmt, doc=doc, title=title)
+        return
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "loss": "loss"}
+    if fmt != "table":
+        footer = " · ".join(f"{name} {doc[k]:.4f}" for k, name in names.items()) + f" · {doc['rows']:,} rows"
+        emit_rows(doc["per_class"], CLASS_COLUMNS, fmt, doc=doc, footer=footer)
+        return
+    _stdout_console().print(title)
+    metrics = [{"metric": name, "value": doc[k]} for k, name in names.items()]
+    emit_rows(metrics, [Column("metric"), Column("value", right=True)], fmt)
+    emit_rows(doc["per_class"], CLASS_COLUMNS, fmt, title="per class")
+    labels, matrix = doc["confusion"]["labels"], doc["confusion"]["matrix"]
+    cols = [
+        Column("true", header="true \\ predicted"),
+        *[Column(f"p{j}", header=lab, right=True) for j, lab in enumerate(labels)],
+    ]
+    rows = [{"true": lab, **{f"p{j}": n for j, n in enumerate(row)}} for lab, row in zip(labels, matrix, strict=True)]
+    emit_rows(rows, cols, fmt, title="confusion matrix")

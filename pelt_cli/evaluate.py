@@ -151,3 +151,89 @@ def measure_run(run_dir: str | os.PathLike[str], data: str, batch_size: int = EV
 def evaluate_run(run_dir: str | os.PathLike[str], data: str, batch_size: int = EVAL_BATCH) -> dict[str, Any]:
     """The run's eval metrics on ``data`` and the eval wall time (see :func:`measure_run`)."""
     return measure_run(run_dir, data, batch_size)[0]
+
+
+# ------------------------------------------------------------------------------------------------ pelt eval
+
+
+def classification_report(preds: list[int], golds: list[int], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 (as :func:`macro_f1`), per-class precision/recall/F1/support and the confusion matrix
+    (rows: gold class, columns: predicted class) of class ids against ``labels``."""
+    n = len(labels)
+    matrix = [[0] * n for _ in range(n)]
+    for p, g in zip(preds, golds, strict=True):
+        matrix[g][p] += 1
+    per_class = []
+    for c, name in enumerate(labels):
+        tp, predicted, support = matrix[c][c], sum(row[c] for row in matrix), sum(matrix[c])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * tp / (predicted + support) if predicted + support else 0.0
+        per_class.append({"label": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    accuracy = sum(matrix[c][c] for c in range(n)) / max(len(golds), 1)
+    return {"accuracy": accuracy, "macro_f1": macro_f1(preds, golds, n), "per_class": per_class,
+            "confusion": {"labels": list(labels), "matrix": matrix}}
+
+
+def eval_data(pred: Any, data: str) -> Any:
+    """The labelled (or, for a causal LM, plain-text) rows of ``data`` (a file or a built-in dataset's eval split).
+
+    Raises:
+        DataError: rows that do not fit the model's task, or labels the model never saw in training.
+    """
+    from pelt_cli.data import DataError, load_data, resolve_data
+    from pelt_cli.predict import CAUSAL_LM
+
+    path, builtin_eval = resolve_data(data)
+    path = builtin_eval or path
+    if pred.task == CAUSAL_LM:
+        return load_data(path, task="causal-lm")
+    td = load_data(path)
+    if td.task not in ("text-classification", "pair-classification"):
+        raise DataError(f"{path}: task {td.task}; expected text,label (or text_a,text_b,label) rows to evaluate "
+                        f"the classifier {pred.source}")
+    unseen = [lab for lab in td.labels or [] if lab not in pred.labels]
+    if unseen:
+        raise DataError(f"{path}: label(s) {', '.join(map(repr, unseen))} never seen in training; the model knows "
+                        f"{', '.join(pred.labels)}")
+    return td
+
+
+def evaluate_predictor(pred: Any, data: str, batch_size: int = EVAL_BATCH,
+                       on_batch: Any = None) -> dict[str, Any]:
+    """``pelt eval``: a loaded model (see :func:`pelt_cli.predict.load_predictor`) measured on ``data``.
+
+    Classifiers: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the mean cross-entropy
+    ``loss``; causal LMs: ``loss`` (mean negative log-likelihood per predicted token) and ``perplexity``. Batched as
+    ``pelt predict`` batches, so no number depends on the batch size.
+    """
+    from pelt_cli.predict import CAUSAL_LM, batched, logits, text_columns
+
+    td = eval_data(pred, data)
+    columns = text_columns(td.rows, td.path, pred.task)
+    doc: dict[str, Any] = {"source": pred.source, "data": td.path, "task": td.task, "rows": len(td.rows)}
+    if pred.task == CAUSAL_LM:
+        nll = list(batched(pred, td.rows, columns, batch_size, lambda f: token_nll(pred, f), on_batch=on_batch))
+        tokens = sum(n for _, n in nll)
+        loss = sum(s for s, _ in nll) / max(tokens, 1)
+        return {**doc, "tokens": tokens, "loss": loss, "perplexity": math.exp(min(loss, 50))}
+    rows = list(batched(pred, td.rows, columns, batch_size, lambda f: logits(pred, f).log_softmax(-1).tolist(),
+                        on_batch=on_batch))
+    index = {lab: i for i, lab in enumerate(pred.labels)}
+    golds = [index[r["label"]] for r in td.rows]
+    preds = [max(range(len(lp)), key=lp.__getitem__) for lp in rows]
+    loss = -sum(lp[g] for lp, g in zip(rows, golds, strict=True)) / max(len(golds), 1)
+    return {**doc, **classification_report(preds, golds, pred.labels), "loss": loss}
+
+
+def token_nll(pred: Any, feats: list[dict]) -> list[tuple[float, int]]:
+    """Per tokenized row: the summed negative log-likelihood of each token after the first, and how many."""
+    from pelt_cli.predict import pad
+
+    batch = pad(feats, pred.pad_id)
+    with torch.inference_mode():
+        out = pred.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logp = out.logits[:, :-1].float().log_softmax(-1)
+    target, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
+    return [(s, int(n)) for s, n in zip(nll.sum(1).tolist(), mask.sum(1).tolist(), strict=True)]

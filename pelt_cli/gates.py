@@ -46,10 +46,11 @@ class DomainGateMeter:
 
 
 def controllers(model: Any) -> dict[str, Any]:
-    """UniPELT gate controllers by gate site."""
+    """UniPELT gate controllers by gate site (the run's own module paths, also inside a task model)."""
     from pelt_cli.methods.unipelt import gate_controllers
+    from pelt_cli.surgery import run_root
 
-    return gate_controllers(model)
+    return gate_controllers(run_root(model))
 
 
 def reset(model: Any) -> None:

@@ -1,7 +1,14 @@
 """Task heads and losses for ``pelt train``: what sits on top of the model for each task.
 
-A classification head is inserted like any module (a ``pelt_head`` child of the root, so it trains and saves with
-the other inserted parameters); its spec lives in ``run.json`` so :func:`pelt_cli.apply.load_run` rebuilds it.
+Classification trains the family's transformers task class (``AutoModelForSequenceClassification``; audio:
+``AutoModelForAudioClassification`` where it fits) on top of the base: the run's modules go into the task model's
+base (its ``base_model_prefix`` child, or the task model itself when the base already was one), and the head — the
+task model's parameters the base checkpoint does not hold, plus its classifier — trains with them (peft's
+``modules_to_save``). Its spec (class, labels, head parameters) lives in ``run.json``; the head's tensors are saved
+with the run's as ``pelt_head.<name>``, so a merge writes a plain ``*ForSequenceClassification`` checkpoint.
+
+Where the family has no fitting audio class, audio classification falls back to pelt's own mean-pool head (a
+``pelt_head`` child of the model, inserted like any module).
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from pelt_cli import surgery
 from pelt_cli.errors import PeltError
 
 CLASSIFICATION = ("text-classification", "pair-classification", "audio-classification")
+AUTO_CLASS = {"text-classification": "AutoModelForSequenceClassification",
+              "pair-classification": "AutoModelForSequenceClassification",
+              "audio-classification": "AutoModelForAudioClassification"}
 
 
 class ClassificationHead(nn.Module):
@@ -83,9 +93,12 @@ def forward_hidden(model: nn.Module, batch: dict[str, torch.Tensor], task: str) 
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
-    """Cross-entropy of the head's logits; returns ``(loss, logits)``."""
-    h, mask = forward_hidden(model, batch, task)
-    logits = model.pelt_head(h, mask)
+    """Cross-entropy of the head's logits (a task model's, or pelt's own head's); returns ``(loss, logits)``."""
+    if surgery.head_params(model):
+        logits = task_logits(model, batch, task)
+    else:
+        h, mask = forward_hidden(model, batch, task)
+        logits = model.pelt_head(h, mask)
     return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
 
 
@@ -122,3 +135,144 @@ def domain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     """MSE between adapted source features and reference features."""
     out, ref, _ = domain_features(model, batch)
     return nn.functional.mse_loss(out.float(), ref.float()), None
+
+
+# ---------------------------------------------------------------------------------------------------- HF task heads
+
+
+def task_class(config: Any, task: str) -> type | None:
+    """The transformers task class for ``task`` on a model with this config, or None when the family has none."""
+    import transformers
+
+    auto = AUTO_CLASS.get(task)
+    if auto is None:
+        return None
+    return getattr(transformers, auto)._model_mapping.get(type(config), None)
+
+
+def is_task_head(spec: dict[str, Any] | None) -> bool:
+    """Whether a run's head spec is a transformers task class (else pelt's own head, or none)."""
+    return bool(spec) and "class" in spec
+
+
+def task_config(directory: Any, spec: dict[str, Any]) -> Any:
+    """The base's config turned into the task model's: class, labels, problem type, padding token."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(str(directory))
+    labels = list(spec["labels"])
+    cfg.num_labels = len(labels)
+    cfg.id2label = dict(enumerate(labels))
+    cfg.label2id = {label: i for i, label in enumerate(labels)}
+    cfg.problem_type = spec.get("problem_type", "single_label_classification")
+    cfg.architectures = [spec["class"]]
+    if spec.get("pad_token_id") is not None:
+        cfg.pad_token_id = spec["pad_token_id"]
+    return cfg
+
+
+def root_of(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """The module of a task model that the run's recipe paths start from."""
+    return model.get_submodule(spec["root"]) if spec.get("root") else model
+
+
+def build_task_model(directory: Any, spec: dict[str, Any], keys: Any = None, meta: bool = False) -> nn.Module:
+    """The task model of a run's head spec: from the base checkpoint's weights, or on ``meta`` (no weights)."""
+    import transformers
+
+    cls = getattr(transformers, spec["class"])
+    cfg = task_config(directory, spec)
+    if meta:
+        with torch.device("meta"):
+            model = cls(cfg)
+    else:
+        model = cls.from_pretrained(str(directory), config=cfg, dtype="auto",
+                                    ignore_mismatched_sizes=bool(spec.get("new_head")))
+    surgery.set_task_model(model, root_of(model, spec), spec["params"])
+    return model
+
+
+def new_head_spec(run_model: nn.Module, base_class: str, rows: list[Any], task: str, labels: list[str],
+                  new_head: bool, pad_token_id: int | None) -> dict[str, Any] | None:
+    """The head spec for training ``task`` on a run (None: no task class fits, use pelt's own head).
+
+    Raises:
+        UsageError: no task class for this family and task (text), or a base task head whose labels do not fit.
+    """
+    from pelt_cli.errors import UsageError
+
+    cls = task_class(run_model.config, task)
+    prefix = getattr(cls, "base_model_prefix", "") if cls is not None else ""
+    if cls is None or (task == "audio-classification" and not hasattr(run_model, prefix)):
+        if task == "audio-classification":
+            return None
+        raise UsageError(f"{type(run_model).__name__}: transformers has no {AUTO_CLASS[task]} class for "
+                         f"{run_model.config.model_type} models, so {task} has no head here",
+                         hint="pick a base of a family with a sequence-classification class (BERT, LLaMA, GPT-2, …)")
+    if base_class == cls.__name__ and not new_head:
+        _check_fits(run_model.config, labels)
+    bare = bool(rows) and not all(r.site.startswith(prefix + ".") for r in rows)
+    return {"task": task, "labels": list(labels), "class": cls.__name__, "root": prefix if bare else "",
+            "problem_type": "single_label_classification", "pad_token_id": pad_token_id, "new_head": new_head,
+            "params": []}
+
+
+def _check_fits(config: Any, labels: list[str]) -> None:
+    from pelt_cli.errors import UsageError
+
+    have = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    generic = all(str(x).startswith("LABEL_") for x in have)
+    if len(have) != len(labels) or (not generic and sorted(have) != sorted(labels)):
+        raise UsageError(f"the base's head has {len(have)} label(s) {have[:5]}; the data has {len(labels)} "
+                         f"{list(labels)[:5]}", hint="pass --new-head to train a new head for these labels")
+
+
+def head_parameters(model: nn.Module, spec: dict[str, Any], missing: list[str]) -> list[str]:
+    """The head's parameters of a task model: those outside its base (classifier, score, …) and those the base
+    checkpoint did not hold (``missing``, e.g. BERT's pooler under a masked-LM base)."""
+    prefix = getattr(type(model), "base_model_prefix", "")
+    names = [n for n, _ in model.named_parameters()]
+    outside = [n for n in names if not n.startswith(prefix + ".")]
+    return sorted(set(outside) | (set(missing) & set(names)), key=names.index)
+
+
+def task_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The task model's logits for a batch."""
+    if task == "audio-classification":
+        return model(input_features=batch["input_features"]).logits
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return model(**inputs).logits
+
+
+def create_task_model(directory: Any, spec: dict[str, Any]) -> nn.Module:
+    """A run's task model built for its first training: the base checkpoint's weights, a new head (seeded by the
+    caller), and ``spec["params"]`` filled with the head's parameter names."""
+    import transformers
+
+    from pelt_cli.keymap import quiet_transformers
+
+    quiet_transformers()
+    cls = getattr(transformers, spec["class"])
+    model, info = cls.from_pretrained(str(directory), config=task_config(directory, spec), dtype="auto",
+                                      ignore_mismatched_sizes=bool(spec.get("new_head")), output_loading_info=True)
+    missing = list(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
+    spec["params"] = head_parameters(model, spec, missing)
+    surgery.set_task_model(model, root_of(model, spec), spec["params"])
+    return model
+
+
+def require_lm_head(base_class: str, skeleton: nn.Module) -> None:
+    """Raise unless the base is a causal language model (has an LM head to train against).
+
+    Raises:
+        UsageError: a bare base (``LlamaModel``, ``BertModel``, …).
+    """
+    import transformers
+
+    from pelt_cli.errors import UsageError
+
+    causal = transformers.AutoModelForCausalLM._model_mapping.get(type(skeleton.config), None)
+    if causal is None or type(skeleton).__name__ != causal.__name__:
+        have = causal.__name__ if causal is not None else "a *ForCausalLM checkpoint"
+        raise UsageError(f"causal-lm needs a base with a language-model head; {base_class or type(skeleton).__name__}"
+                         " has none", hint=f"save the base as {have} (save_pretrained), or pick another task")

@@ -9,6 +9,7 @@ way ``save_pretrained`` applies it, on a model skeleton built on the ``meta`` de
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,15 @@ class KeyMap:
 
 
 HEAD_AUTOS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModelForPreTraining")
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings stay off stderr unless ``pelt -vv``."""
+    import transformers
+
+    if int(os.environ.get("PELT_VERBOSITY", "1")) < 3:
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
 
 def model_class(config: Any, directory: Any = None, keys: Any = None) -> Any:

@@ -36,6 +36,7 @@ from pelt_cli.io.checkpoint import Checkpoint
 from pelt_cli.io.fingerprint import fingerprint, structure_fingerprint, tensor_digest
 from pelt_cli.io.header import INDEX_NAME, TensorInfo, TensorSpec
 from pelt_cli.io.writer import ShardedWriter
+from pelt_cli.merge_head import task_output
 from pelt_cli.methods import FoldOp
 from pelt_cli.recipe import Recipe
 from pelt_cli.run import (
@@ -50,7 +51,8 @@ from pelt_cli.run import (
     expected_state,
     inserted_model,
 )
-from pelt_cli.stream import layout, side_files, stream_tensors
+from pelt_cli.stream import OutputPlan, layout, side_files, stream_tensors
+from pelt_cli.surgery import run_root
 
 REST_DIR = "pelt-rest"
 DTYPE_CODES = {"float32": "F32", "fp32": "F32", "float": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
@@ -201,12 +203,19 @@ def plan_merge(run: Run, freeze_gates: str | None, keep: bool, gate_stats: dict 
     unit_of, gate_rows = _gates(run)
     fold, rest = _classify(run, unit_of, gate_rows, freeze_gates, keep)
     head = run.head if run.has_head_weights() else None
-    if (rest or head) and not keep:
-        _refuse_rest(run.insertions, rest, bool(head))
+    if (rest or _own_head(head)) and not keep:
+        _refuse_rest(run.insertions, rest, bool(_own_head(head)))
     plan = MergePlan(fold, rest, {}, head, gate_rows)
     _check_order(run.insertions, plan)
     plan.means = _gate_means(run, fold, unit_of, gate_stats)
     return plan
+
+
+def _own_head(head: dict | None) -> dict | None:
+    """pelt's own head (it stays unmerged); None for none or a transformers task head (it merges)."""
+    from pelt_cli.heads import is_task_head
+
+    return None if head is None or is_task_head(head) else head
 
 
 def _plan_ops(model: Any, run: Run, plan: MergePlan, adapter: dict) -> tuple[dict[str, list[FoldOp]], list[dict]]:
@@ -294,23 +303,7 @@ def _open_base(run: Run, base: str | Path | None, check: bool) -> tuple[Base, bo
     return b, False
 
 
-@dataclass
-class _Output:
-    """The planned output: config, shards, tensor sources, folds by disk name, untied tensors."""
-
-    config: dict
-    shards: list[list[TensorSpec]]
-    names: list[str]
-    source: dict[str, str]
-    disk_ops: dict[str, list[FoldOp]]
-    untied: list[str]
-
-    @property
-    def specs(self) -> list[TensorSpec]:
-        return [s for shard in self.shards for s in shard]
-
-
-def _plan_output(b: Base, km: Any, ops: dict, out_dtype: str | None, max_shard_size: int | None) -> _Output:
+def _plan_output(b: Base, km: Any, ops: dict, out_dtype: str | None, max_shard_size: int | None) -> OutputPlan:
     config, tie_names, tie_src, untied = _ties(km, ops, b.config)
     if out_dtype:
         config = {**config, "dtype": CONFIG_DTYPE[out_dtype]}
@@ -322,7 +315,7 @@ def _plan_output(b: Base, km: Any, ops: dict, out_dtype: str | None, max_shard_s
     missing = sorted(n for n in disk_ops if n not in source)
     if missing:
         raise CheckpointError(f"{b.root}: tensor(s) {missing[:3]} to fold into are not in the checkpoint")
-    return _Output(config, shards, names, source, disk_ops, untied)
+    return OutputPlan(config, shards, names, source, disk_ops, untied)
 
 
 def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: Any = None,
@@ -362,12 +355,16 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     model, rows = run.skeleton(b, head=plan.head)
     run.check_rows(rows, b)
     adapter = run.read_adapter(model)
-    ops, folded = _plan_ops(model, run, plan, adapter)
-    o = _plan_output(b, b.key_map(), ops, out_dtype, max_shard_size)
-    rest = _plan_rest(run, o.config, plan, adapter) if (plan.rest or plan.head) else None
+    ops, folded = _plan_ops(run_root(model), run, plan, adapter)
+    if plan.head and not _own_head(plan.head):  # a transformers task head: the output is the task model
+        o = task_output(b, plan.head, _disk_ops(b.key_map(), ops, {}), adapter, out_dtype, max_shard_size)
+    else:
+        o = _plan_output(b, b.key_map(), ops, out_dtype, max_shard_size)
+    own = _own_head(plan.head)
+    rest = _plan_rest(run, o.config, plan, adapter) if (plan.rest or own) else None
     report = MergeReport(out=str(out), folded=folded, approximate=bool(plan.means), untied=o.untied,
                          shards=len(o.shards),
-                         unmerged=[_ref(run.insertions[i]) for i in plan.rest] + ([HEAD_REF] if plan.head else []))
+                         unmerged=[_ref(run.insertions[i]) for i in plan.rest] + ([HEAD_REF] if own else []))
     _write(run, b, o, out, force, report, hash_inline, rest, max_shard_size)
     report.rest = str(out / REST_DIR) if rest is not None else None
     report.seconds = round(time.monotonic() - t0, 3)
@@ -375,7 +372,7 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     return report
 
 
-def _write(run: Run, b: Base, o: _Output, out: Path, force: bool, report: MergeReport, hash_inline: bool,
+def _write(run: Run, b: Base, o: OutputPlan, out: Path, force: bool, report: MergeReport, hash_inline: bool,
            rest: dict | None, max_shard_size: int | None) -> None:
     """Stream every tensor into the output, check the base's content if it was not known, commit atomically.
 
@@ -385,15 +382,17 @@ def _write(run: Run, b: Base, o: _Output, out: Path, force: bool, report: MergeR
     ckpt, specs = b.ckpt, o.specs
     src_digests: dict[str, str] = {}
     digests: dict[str, str] = {}
-    need = {o.source[s.name] for s in specs
+    streamed = o.streamed
+    need = {o.source[s.name] for s in streamed
             if o.disk_ops.get(s.name) or s.dtype != ckpt.tensors[o.source[s.name]].dtype}
     writer = ShardedWriter(out, specs, None, metadata=ckpt.metadata, overwrite=force, layout=(o.shards, o.names))
     with writer as w:
-        stream_tensors(ckpt, specs, o.source, o.disk_ops, need, w, report, src_digests if hash_inline else None,
+        stream_tensors(ckpt, streamed, o.source, o.disk_ops, need, w, report, src_digests if hash_inline else None,
                        digests if rest is not None else None)
+        _write_added(w, o, report, digests if rest is not None else None)
         if hash_inline:
             _check_streamed(ckpt, run.meta.base, src_digests, b.root)
-        for p in side_files(ckpt.directory):
+        for p in _side_files(run, ckpt.directory):
             w.copy_file(p)
         if o.config == ckpt.config:
             w.copy_file(ckpt.directory / "config.json")
@@ -405,6 +404,33 @@ def _write(run: Run, b: Base, o: _Output, out: Path, force: bool, report: MergeR
             w.write_text(INDEX_NAME, json.dumps(index, indent=2) + "\n")
         if rest is not None:
             _write_rest(w.tmp_dir / REST_DIR, out, run, rest, specs, digests)
+
+
+def _write_added(w: ShardedWriter, o: OutputPlan, report: MergeReport, digests: dict[str, str] | None) -> None:
+    """Write the output tensors that come from the run, not the base (a task head), in their planned dtype."""
+    import hashlib
+
+    from pelt_cli.io.header import torch_dtype
+    from pelt_cli.io.writer import tensor_bytes
+
+    specs = {s.name: s for s in o.specs}
+    for name, t in o.added.items():
+        data = tensor_bytes(t.to(torch_dtype(specs[name].dtype)).contiguous())
+        w.write_bytes(name, data)
+        if digests is not None:
+            digests[name] = hashlib.blake2b(data, digest_size=16).hexdigest()
+        report.tensors_written += 1
+        report.bytes_written += specs[name].nbytes
+
+
+def _side_files(run: Run, base_dir: Path) -> list[Path]:
+    """The base's side files (tokenizer, processor, generation config), and the tokenizer the run was trained with
+    where it came from elsewhere (``pelt train --tokenizer``): its files win."""
+    files = {p.name: p for p in side_files(base_dir)}
+    tok = run.meta.extra.get("tokenizer")
+    if tok and Path(tok).is_dir() and Path(tok).resolve() != base_dir.resolve():
+        files.update({p.name: p for p in side_files(Path(tok))})
+    return [files[n] for n in sorted(files)]
 
 
 def _check_streamed(ckpt: Checkpoint, want: BaseRef, src_digests: dict[str, str], where: Path) -> None:
@@ -448,18 +474,21 @@ def _plan_rest(run: Run, config: dict, plan: MergePlan, adapter: dict) -> dict[s
     with tempfile.TemporaryDirectory(prefix="pelt-rest-") as d:
         (Path(d) / "config.json").write_text(json.dumps(config), encoding="utf-8")
         model = skeleton(d)
-    rows = inserted_model(model, recipe, plan.head)
-    if [r.key for r in rows] != [run.insertions[i].key for i in plan.rest]:
+    own = _own_head(plan.head)
+    rows = inserted_model(model, recipe, own)
+    root = "" if own or not plan.head else plan.head.get("root") or ""  # the output is the task model
+    prefix = root + "." if root else ""
+    if [r.key for r in rows] != [(prefix + run.insertions[i].site, run.insertions[i].method) for i in plan.rest]:
         raise PeltError("internal: the reduced recipe does not insert exactly the unmerged modules")
     tensors = {}
     for name in expected_state(model):
-        t = adapter[name]
+        t = adapter[name.removeprefix(prefix)]
         for cut in cuts:
             t = cut(name, t)
         tensors[name] = t
     check_state(tensors, model, "<unmerged rest>")
     trainable, _ = freeze_base(model)
-    return {"recipe": recipe, "rows": rows, "tensors": tensors, "new_params": trainable,
+    return {"recipe": recipe, "rows": rows, "tensors": tensors, "new_params": trainable, "head": own, "prefix": prefix,
             "model_class": type(model).__name__, "folded": [run.insertions[i] for i in plan.fold]}
 
 
@@ -470,16 +499,17 @@ def _write_rest(d: Path, out: Path, run: Run, rest: dict, specs: list[TensorSpec
     ref = BaseRef(str(out.resolve()), fingerprint(ck, digests), structure_fingerprint(ck), run.meta.base.family,
                   rest["model_class"], ck.total_params)
     meta = RunMeta(base=ref, recipe=rest["recipe"].to_dict(), insertions=rest["rows"], new_params=rest["new_params"],
-                   head=run.head if run.has_head_weights() else None, extra={"merged_from": str(run.dir.resolve())})
+                   head=rest["head"], extra={"merged_from": str(run.dir.resolve())})
     doc = run.gates()
     files = {}
     if doc is not None:
-        files[GATES_FILE] = json.dumps(_rest_gates(doc, run, rest["folded"]), indent=2) + "\n"
+        files[GATES_FILE] = json.dumps(_rest_gates(doc, run, rest["folded"], rest["prefix"]), indent=2) + "\n"
     Run(None, meta, rest["recipe"]).write(d, rest["tensors"], note=f"unmerged rest of {run.dir}", files=files)
 
 
-def _rest_gates(doc: dict, run: Run, folded: list[PlanRow]) -> dict:
-    """gates.json without the statistics of the units that were folded (and without emptied layers)."""
+def _rest_gates(doc: dict, run: Run, folded: list[PlanRow], prefix: str) -> dict:
+    """gates.json without the statistics of the units that were folded (and without emptied layers); sites under
+    ``prefix`` when the rest run's base is a task model built around the run's."""
     doc = json.loads(json.dumps(doc))
     gone = {u.stats for u in run.gate_units() if u.members and all(run.insertions[i] in folded for i in u.members)}
     for path in gone:
@@ -487,7 +517,11 @@ def _rest_gates(doc: dict, run: Run, folded: list[PlanRow]) -> dict:
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
-    doc["layers"] = {s: mods for s, mods in doc.get("layers", {}).items() if mods}
+    doc["layers"] = {prefix + s: mods for s, mods in doc.get("layers", {}).items() if mods}
+    for key in ("history", "best"):
+        for entry in (doc.get(key) or {}).values() if key == "history" else [doc.get(key) or {}]:
+            if isinstance(entry, dict) and isinstance(entry.get("layers"), dict):
+                entry["layers"] = {prefix + s: v for s, v in entry["layers"].items()}
     return doc
 
 

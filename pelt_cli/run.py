@@ -31,6 +31,7 @@ from pelt_cli.insert import PlanRow, insert_recipe
 from pelt_cli.io.atomic import atomic_dir
 from pelt_cli.io.checkpoint import Checkpoint, open_checkpoint
 from pelt_cli.io.fingerprint import cached_fingerprint, fingerprint, structure_fingerprint
+from pelt_cli.keymap import quiet_transformers
 from pelt_cli.recipe import Recipe
 
 RUN_FILE = "run.json"
@@ -101,15 +102,6 @@ class RunMeta:
         d["base"], d["insertions"] = asdict(self.base), [asdict(r) for r in self.insertions]
         d = {k: v for k, v in d.items() if v is not None or k not in ("head", "training", "pruning")}
         return {**d, **self.extra}
-
-
-def quiet_transformers() -> None:
-    """transformers' own progress bars and warnings stay off stderr unless ``pelt -vv``."""
-    import transformers
-
-    if int(os.environ.get("PELT_VERBOSITY", "1")) < 3:
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
 
 
 def load_base(directory: str | os.PathLike[str], device: str = "cpu", keys: Any = None) -> Any:
@@ -230,11 +222,14 @@ class Base:
 
 
 def inserted_model(model: Any, recipe: Recipe | None, head: dict[str, Any] | None) -> list[PlanRow]:
-    """Insert a recipe (and a task head) into a model, real or on ``meta``; the insertion rows."""
-    from pelt_cli.heads import attach_head
+    """Insert a recipe into a model, real or on ``meta`` (a task model: into its run root), and pelt's own head if
+    the spec names one; the insertion rows."""
+    from pelt_cli.heads import attach_head, is_task_head
+    from pelt_cli.surgery import run_root
 
-    rows = insert_recipe(model, recipe) if recipe is not None and recipe.inserts else []
-    if head:
+    root = run_root(model)
+    rows = insert_recipe(root, recipe) if recipe is not None and recipe.inserts else []
+    if head and not is_task_head(head):
         attach_head(model, head)
     return rows
 
@@ -345,9 +340,14 @@ class Run:
     def skeleton(self, base: Base | None = None, recipe: Recipe | None = None,
                  head: dict[str, Any] | None | bool = True) -> tuple[Any, list[PlanRow]]:
         """The base on ``meta`` with the run's modules (or ``recipe``'s) and head inserted; the insertion rows."""
+        from pelt_cli.heads import build_task_model, is_task_head
+
         base = base or self.base(check=False)
-        model = base.skeleton()
         spec = self.head if head is True else (head or None)
+        if is_task_head(spec):
+            model = build_task_model(base.directory, spec, meta=True)
+        else:
+            model = base.skeleton()
         rows = inserted_model(model, self.recipe if recipe is None else recipe, spec)
         return model, rows
 
@@ -407,14 +407,19 @@ class Run:
         Returns:
             The model with exactly the inserted parameters trainable.
         """
-        from pelt_cli.surgery import freeze_base
+        from pelt_cli.heads import build_task_model, is_task_head
+        from pelt_cli.surgery import freeze_base, load_inserted_state
 
         base = base or self.base()
-        model = base.load(device)
+        if is_task_head(self.head):
+            quiet_transformers()
+            model = build_task_model(base.directory, self.head, base.ckpt.tensors).to(device).eval()
+        else:
+            model = base.load(device)
         inserted_model(model, self.recipe, self.head)
         state = self.read_adapter()
         check_state(state, model, self.path(ADAPTER_FILE))
-        model.load_state_dict(state, strict=False)
+        load_inserted_state(model, state)
         freeze_base(model)
         return model
 

@@ -8,6 +8,7 @@ untouched tensors are copied inside the kernel (``copy_file_range``), like ``cp`
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +110,57 @@ def stream_tensors(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, 
             report.bytes_written += spec.nbytes
 
 
-def layout(ckpt: Checkpoint, extra: dict[str, str], out_dtype: str | None,
-            max_shard_size: int | None) -> tuple[list[list[TensorSpec]], list[str], dict[str, str]]:
-    """Output shards (specs in order) and file names; ``source`` maps each output tensor to its base tensor."""
+@dataclass
+class OutputPlan:
+    """A merge's planned output: config, shards (specs in order) and file names, each output tensor's base tensor
+    (``source``), folds by output name, untied tensors, and tensors written from memory (``added``, e.g. a head)."""
+
+    config: dict
+    shards: list[list[TensorSpec]]
+    names: list[str]
+    source: dict[str, str]
+    disk_ops: dict[str, list[FoldOp]]
+    untied: list[str] = field(default_factory=list)
+    added: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """Every output tensor, shard by shard."""
+        return [s for shard in self.shards for s in shard]
+
+    @property
+    def streamed(self) -> list[TensorSpec]:
+        """The output tensors that come from the base checkpoint."""
+        return [s for s in self.specs if s.name not in self.added]
+
+
+def layout(ckpt: Checkpoint, extra: dict[str, str], out_dtype: str | None, max_shard_size: int | None,
+           rename: dict[str, str] | None = None, added: list[TensorSpec] | None = None,
+           ) -> tuple[list[list[TensorSpec]], list[str], dict[str, str]]:
+    """Output shards (specs in order) and file names; ``source`` maps each output tensor to its base tensor.
+
+    Args:
+        ckpt: the base checkpoint (its shard layout is kept unless ``max_shard_size`` re-shards).
+        extra: more output tensors, each a copy of a base tensor (output name → base name; untied weights).
+        out_dtype: the output dtype of floating tensors (None: the base's).
+        max_shard_size: re-shard to at most this many bytes per file.
+        rename: base name → output name; base tensors not in it are left out (a task model's checkpoint).
+        added: tensors written from memory, placed in the last shard.
+    """
     source: dict[str, str] = {}
     groups: list[list[TensorSpec]] = []
     for f in ckpt.files:
         group = []
         for info in sorted((t for t in ckpt.tensors.values() if t.file == f), key=lambda t: t.begin):
-            for name in [info.name] + [t for t, s in extra.items() if s == info.name and t not in ckpt.tensors]:
+            own = [info.name] if rename is None else [rename[info.name]] if info.name in rename else []
+            for name in own + [t for t, s in extra.items() if s == info.name and t not in ckpt.tensors]:
                 dt = out_dtype if out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
                 group.append(TensorSpec(name, dt, info.shape))
                 source[name] = info.name
         if group:
             groups.append(group)
+    if added:
+        groups[-1].extend(added)
     if max_shard_size:
         shards = plan_shards([s for g in groups for s in g], max_shard_size)
         return shards, shard_names(len(shards)), source

@@ -18,6 +18,9 @@ from .errors import PeltError
 
 MARK = "pelt_"
 HANDLES_ATTR = "_pelt_hooks"  # module path -> list of hook handles, kept on the root model
+ROOT_ATTR = "_pelt_run_root"  # on a task model built around a run: the module the recipe's paths start from
+HEAD_ATTR = "_pelt_head_params"  # on a task model: the names of its head parameters (they train and save)
+HEAD_PREFIX = "pelt_head."  # how head parameters are named among a run's tensors
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -69,25 +72,64 @@ def detach(model: nn.Module, path: str, attr: str) -> nn.Module:
     return child
 
 
+def set_task_model(model: nn.Module, root: nn.Module, head_params: list[str]) -> None:
+    """Mark ``model`` as a task model built around a run: the recipe's paths start at ``root`` (the model itself
+    or its base submodule), and ``head_params`` (the task head, peft's ``modules_to_save``) train with the inserted
+    parameters. Kept outside the module tree, so state dicts and ``named_modules`` are unchanged."""
+    model.__dict__[ROOT_ATTR] = root
+    model.__dict__[HEAD_ATTR] = list(head_params)
+
+
+def run_root(model: nn.Module) -> nn.Module:
+    """The module a run's recipe paths start from (the model itself unless it is a task model built around one)."""
+    return model.__dict__.get(ROOT_ATTR, model)
+
+
+def head_params(model: nn.Module) -> list[str]:
+    """The task head's parameter names of a task model built around a run (empty otherwise)."""
+    return list(model.__dict__.get(HEAD_ATTR, []))
+
+
+def is_trainable(model: nn.Module, name: str) -> bool:
+    """Whether a parameter (named as in ``model``) trains: an inserted one, or one of the task head's."""
+    return is_inserted(name) or name in model.__dict__.get(HEAD_ATTR, ())
+
+
 def inserted_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter that pelt inserted, by name."""
     return {n: p for n, p in model.named_parameters() if is_inserted(n)}
 
 
 def inserted_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state (parameters and buffers) of inserted modules, detached and contiguous, for saving."""
-    return {n: t.detach().contiguous() for n, t in model.state_dict().items() if is_inserted(n)}
+    """A run's own tensors, detached and contiguous, for saving: the inserted modules' state (named from the run's
+    root) and the task head's parameters (``pelt_head.<name in the task model>``)."""
+    state = {n: t.detach().contiguous() for n, t in run_root(model).state_dict().items() if is_inserted(n)}
+    params = dict(model.named_parameters())
+    state.update({HEAD_PREFIX + n: params[n].detach().contiguous() for n in head_params(model)})
+    return state
+
+
+def load_inserted_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`inserted_state` back (the head's tensors into the task model, the rest into the run's root); a
+    head tensor absent from ``state`` keeps its value (a head's first training)."""
+    heads = {HEAD_PREFIX + n: n for n in head_params(model)}
+    run_root(model).load_state_dict({n: t for n, t in state.items() if n not in heads}, strict=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, n in heads.items():
+            if key in state:
+                params[n].copy_(state[key])
 
 
 def freeze_base(model: nn.Module) -> tuple[int, int]:
-    """Make exactly the inserted parameters trainable.
+    """Make exactly the inserted parameters (and a task model's head) trainable.
 
     Returns:
         ``(trainable, total)`` parameter counts.
     """
     trainable = total = 0
     for n, p in model.named_parameters():
-        p.requires_grad_(is_inserted(n))
+        p.requires_grad_(is_trainable(model, n))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total

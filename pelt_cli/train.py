@@ -28,7 +28,7 @@ from pelt_cli import heads, surgery
 from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
 from pelt_cli.io.atomic import atomic_file, write_bytes_atomic, write_text_atomic
-from pelt_cli.run import ADAPTER_FILE, GATES_FILE, METRICS_FILE, RUN_FILE, STATE_DIR, Run
+from pelt_cli.run import ADAPTER_FILE, GATES_FILE, METRICS_FILE, RUN_FILE, STATE_DIR, Run, inserted_model
 
 STATE_FILE = "state.pt"
 
@@ -59,6 +59,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     task: str | None = None
+    new_head: bool = False
     device: str = "auto"
 
     def check(self) -> None:
@@ -304,15 +305,38 @@ def _load_data(run: Run, data: str, eval_data: str | None, cfg: TrainConfig) -> 
     return _Data(td.task, td, ed, labels, str(train_path), ev_path)
 
 
-def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, int, int]:
-    """The run's model with its task head, only inserted parameters trainable; ``(model, trainable, total)``."""
-    model = run.load_model()
-    if d.task in heads.CLASSIFICATION and not run.head:
+def _task_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any) -> torch.nn.Module:
+    """The run's model, with a classification head created on its first training (a transformers task class where
+    the family has one, else pelt's own head)."""
+    if d.task not in heads.CLASSIFICATION or run.head:
+        if run.head and cfg.new_head:
+            raise UsageError(f"{run.dir}: already has a trained head; --new-head applies to a run's first training",
+                             hint="apply the recipe again for a new run")
+        return run.load_model()
+    pad = getattr(tok, "pad_token_id", None)
+    spec = heads.new_head_spec(run.base().skeleton(), run.meta.base.model_class or "", run.insertions, d.task,
+                               d.labels, cfg.new_head, pad)
+    if spec is None:  # no fitting transformers class (audio): pelt's mean-pool head
+        model = run.load_model()
         run.meta.head = {"task": d.task, "labels": d.labels, "hidden": heads.hidden_width(model, d.task),
                          "dropout": 0.1}
         heads.attach_head(model, run.meta.head)
+        return model
+    model = heads.create_task_model(run.base().directory, spec)
+    run.meta.head = spec
+    inserted_model(model, run.recipe, spec)
+    surgery.load_inserted_state(model, run.read_adapter())
+    return model
+
+
+def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any) -> tuple[torch.nn.Module, int, int]:
+    """The run's model with its task head, only inserted parameters (and the head) trainable;
+    ``(model, trainable, total)``."""
+    if d.task == "causal-lm":
+        heads.require_lm_head(run.meta.base.model_class or "", run.base().skeleton())
+    model = _task_model(run, d, cfg, tok)
     trainable, total = surgery.freeze_base(model)
-    wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_inserted(n)]
+    wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_trainable(model, n)]
     if wrong:
         raise TrainingError(f"base parameter {wrong[0]} would train; refusing to start")
     if trainable == 0:
@@ -347,13 +371,13 @@ class _Loop:
         return evaluate(self.model, self.eval_b, self.cfg, self.data.task, self.device, self.data.labels)
 
 
-def _loop(run: Run, model: torch.nn.Module, d: _Data, cfg: TrainConfig, device: torch.device, tokenizer: str | None,
+def _loop(run: Run, model: torch.nn.Module, d: _Data, cfg: TrainConfig, device: torch.device, inputs: tuple,
           emit: Callable) -> _Loop:
-    """Batchers, optimizer and schedule for a run's training."""
+    """Batchers, optimizer and schedule for a run's training (``inputs``: the tokenizer and feature extractor)."""
     from pelt_cli.data import Batcher
 
     rank, world = dist_info()
-    tok, fe = data_inputs(run.meta.base.path, d.task, tokenizer)
+    tok, fe = inputs
     train_b = Batcher(d.train, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
     eval_b = Batcher(d.eval, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
     per_epoch = math.ceil(train_b.n_batches(cfg.batch_size, world_size=world) / cfg.grad_accum)
@@ -390,9 +414,12 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
     run = Run.open(run_dir)
     device = pick_device(cfg.device)
     d = _load_data(run, data, eval_data, cfg)
+    inputs = data_inputs(run.meta.base.path, d.task, tokenizer)
     seed_all(cfg.seed)
-    model, trainable, total = _model(run, d, cfg, device)
-    lp = _loop(run, model, d, cfg, device, tokenizer, on_event or (lambda e: None))
+    model, trainable, total = _model(run, d, cfg, device, inputs[0])
+    lp = _loop(run, model, d, cfg, device, inputs, on_event or (lambda e: None))
+    if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
+        run.meta.extra["tokenizer"] = str(Path(tokenizer or run.meta.base.path).resolve())
     metric_name, higher = primary_metric(d.task)
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf if higher else math.inf, "best_epoch": 0,
                           "bad_epochs": 0, "history": []}

@@ -171,6 +171,22 @@ def outputs(model: Any, family: str) -> torch.Tensor:
         return main_output(model.eval()(**sample_inputs(family))).float()
 
 
+def assert_only_inserted_learn(model: Any, inputs: dict, family: str) -> None:
+    """One backward pass in train mode: no base parameter gets a gradient, every inserted one a non-zero gradient
+    (except qwen2_audio's audio tower, which text-only input never reaches)."""
+    from tiny_models import forward
+
+    from pelt_cli import surgery
+
+    model.train()
+    forward(model, inputs).float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if not surgery.is_inserted(name):
+            assert p.grad is None, name
+        elif not (family == "qwen2_audio" and "audio_tower" in name):
+            assert p.grad is not None and p.grad.abs().sum().item() > 0, name
+
+
 def hash_tree(d: Path) -> dict[str, str]:
     """SHA-256 of every file under ``d`` by relative path: compare before and after to prove nothing was written."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))

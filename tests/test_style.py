@@ -65,7 +65,7 @@ def _trees() -> dict[str, tuple[Path, ast.Module]]:
 
 
 def _rel(path: Path) -> str:
-    return str(path.relative_to(REPO))
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
@@ -247,6 +247,65 @@ def test_no_private_names_imported_across_modules() -> None:
                     and node.value.id in aliases and aliases[node.value.id] != module:
                 offenders.append(f"{_rel(path)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not offenders, "private names used across modules:\n" + "\n".join(sorted(set(offenders)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Repeated code
+
+DUP_LINES = 6
+MAX_DUP_PAIRS = 2
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, stripped text)`` of a file's code lines: blank lines, comments, docstrings and imports left out
+    (as pylint's similarity checker does), so that only repeated logic counts."""
+    text = path.read_text()
+    skip: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            skip.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+        body = getattr(node, "body", None)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
+                                                                                                     str):
+                skip.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    return [(i, s) for i, line in enumerate(text.splitlines(), 1)
+            if (s := line.strip()) and not s.startswith("#") and i not in skip]
+
+
+def repeated_blocks(paths: list[Path], n: int = DUP_LINES) -> list[str]:
+    """Pairs of places whose next ``n`` code lines are the same, each maximal run reported once with its length."""
+    lines = {p: _code_lines(p) for p in paths}
+    seen: dict[tuple[str, ...], list[tuple[Path, int]]] = {}
+    for p, ls in lines.items():
+        for k in range(len(ls) - n + 1):
+            seen.setdefault(tuple(s for _, s in ls[k:k + n]), []).append((p, k))
+    pairs = {(a, ka, b, kb) for locs in seen.values() for i, (a, ka) in enumerate(locs) for b, kb in locs[i + 1:]
+             if a != b or abs(ka - kb) >= n}
+    out = []
+    for a, ka, b, kb in sorted(pairs, key=lambda t: (str(t[0]), t[1], str(t[2]), t[3])):
+        if (a, ka - 1, b, kb - 1) in pairs:
+            continue  # inside a run already reported
+        length = next(m for m in range(1, 10**6) if (a, ka + m, b, kb + m) not in pairs) + n - 1
+        out.append(f"{_rel(a)}:{lines[a][ka][0]} = {_rel(b)}:{lines[b][kb][0]} ({length} code lines)")
+    return out
+
+
+def test_at_most_two_repeated_blocks() -> None:
+    paths = [p for d in ("pelt_cli", "tests", "bench") for p in sorted((REPO / d).rglob("*.py"))]
+    found = repeated_blocks(paths)
+    assert len(found) <= MAX_DUP_PAIRS, f"{len(found)} pairs of repeated {DUP_LINES}-line blocks (at most " \
+        f"{MAX_DUP_PAIRS}):\n" + "\n".join(found)
+
+
+def test_repeated_blocks_finder(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = f({i})\n" for i in range(7))
+    (tmp_path / "a.py").write_text(f'import os\n\n\ndef a():\n    """Doc."""\n{body}')
+    (tmp_path / "b.py").write_text(f"import os\n\n\ndef b():\n    # comment\n{body}    return 1\n")
+    (tmp_path / "c.py").write_text(body.replace("    ", "").replace("f(", "g("))  # other code: no match
+    found = repeated_blocks(sorted(tmp_path.glob("*.py")))
+    assert found == [f"{tmp_path / 'a.py'}:6 = {tmp_path / 'b.py'}:6 (7 code lines)"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,23 +14,35 @@ import torch
 from conftest import REPO, hash_tree, pelt_main
 
 from pelt_cli import recipe as rc
+from pelt_cli import surgery
 from pelt_cli.apply import apply
 from pelt_cli.errors import TrainingError
 from pelt_cli.run import ADAPTER_FILE, load_run
 from pelt_cli.train import TrainConfig, train_run
 
+LR = {"prefix": 3e-2, "ia3": 3e-2}  # prefix and IA³ want a larger step: only a few vectors and the classifier train
 FAST = dict(epochs=4, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length=24)
 
 
+@pytest.fixture(scope="module")
+def minilm_before(minilm: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """MiniLM's file hashes and base weights, read once before any training in this module."""
+    import transformers
+
+    return hash_tree(minilm), transformers.BertModel.from_pretrained(minilm).state_dict()
+
+
 @pytest.mark.parametrize("recipe_name", ["lora", "adapter", "prefix", "ia3", "unipelt"])
-def test_every_method_learns_and_base_is_untouched(minilm: Path, sentiment: tuple[Path, Path], tmp_path: Path,
+def test_every_method_learns_and_base_is_untouched(minilm: Path, minilm_before: tuple[dict, dict],
+                                                  sentiment: tuple[Path, Path], tmp_path: Path,
                                                   recipe_name: str) -> None:
     """The real MiniLM, a sentiment task it can learn: eval loss falls and accuracy rises far above chance."""
-    before = hash_tree(minilm)
+    before, base_state = minilm_before
     run = apply(rc.load(recipe_name), minilm, tmp_path / "run")
     epochs = 2
     res = train_run(run, str(sentiment[0]), str(sentiment[1]),
-                    TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup=0.0, patience=0, max_length=24))
+                    TrainConfig(epochs=epochs, batch_size=16, lr=LR.get(recipe_name, 3e-3), warmup=0.0, patience=0,
+                                max_length=24))
     hist = res.history
     assert hist[-1]["eval_loss"] < 0.5 < 0.69  # ln 2 = 0.69 is the loss of a coin flip
     assert res.best_metric >= 0.9, hist  # chance is 0.5
@@ -39,11 +51,10 @@ def test_every_method_learns_and_base_is_untouched(minilm: Path, sentiment: tupl
     assert len(lines) == epochs and json.loads(lines[-1])["epoch"] == epochs
     assert hash_tree(minilm) == before  # the base checkpoint is never written
     model, meta = load_run(run)
-    import transformers
-
-    fresh = transformers.BertModel.from_pretrained(minilm)
-    state = model.state_dict()
-    for k, v in fresh.state_dict().items():
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    state = surgery.run_root(model).state_dict()  # the task model's base: the run's own module paths
+    for k, v in base_state.items():
         assert torch.equal(state[k], v), k  # base weights bit-identical after training
     assert meta["head"]["labels"] == ["negative", "positive"]
     assert meta["training"]["result"]["epochs_done"] == epochs
@@ -121,7 +132,8 @@ def test_cli_pipeline_prints_run(tiny_bert: Path, sentiment: tuple[Path, Path], 
     cmd = (f"{sys.executable} -m pelt_cli.cli apply lora {tiny_bert} -o {tmp_path / 'run'} | "
            f"{sys.executable} -m pelt_cli.cli train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 "
            f"--batch-size 32")
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=dict(os.environ))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the stages run side by side: one thread each, no oversubscription
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
     assert "epoch 1: eval_loss" in r.stderr and "training" in r.stderr

@@ -69,6 +69,26 @@ def sample_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 0) -> d
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def model_inputs(family: str) -> dict:
+    """A forward input for each tiny family (batch 2, seeded), the second row's last two tokens padded."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 90 if family == "qwen2_audio" else 100, (2, 7), generator=g)
+    if family == "whisper":
+        return {"input_features": torch.randn(2, 16, 200, generator=g), "decoder_input_ids": ids}
+    if family == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def forward(model: Any, inputs: dict) -> Any:
+    """The model's logits on ``inputs``, or its last hidden state when it has no head."""
+    return main_output(model(**inputs))
+
+
 def main_output(out) -> torch.Tensor:  # noqa: F821
     """The tensor to compare between two runs of a model: logits when present, else last_hidden_state."""
     for key in ("logits", "last_hidden_state"):

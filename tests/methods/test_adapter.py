@@ -8,6 +8,8 @@ import dataclasses
 import pytest
 import tiny_models
 import torch
+from conftest import assert_only_inserted_learn
+from tiny_models import forward, model_inputs
 
 from pelt_cli import recipe, surgery, targets
 from pelt_cli.errors import RecipeError
@@ -23,25 +25,6 @@ def n_sites(family: str, placement: str) -> int:
     if family == "whisper" and placement == "after_attn":
         return 6
     return 4 if family in ("whisper", "qwen2_audio") else 2
-
-
-def model_inputs(family: str) -> dict[str, torch.Tensor]:
-    """A proper forward input for each tiny family (batch 2)."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 90 if family == "qwen2_audio" else 100, (2, 7), generator=g)
-    if family == "whisper":
-        return {"input_features": torch.randn(2, 16, 200, generator=g), "decoder_input_ids": ids}
-    if family == "vit":
-        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def run(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits, or its last hidden state when it has no head."""
-    out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def build(family: str, placement: str, dtype: torch.dtype | None = None, **params):
@@ -84,7 +67,7 @@ def test_identity_at_init_and_default_counts(family: str, placement: str) -> Non
     assert len(sites) == n_sites(family, placement)
     x = model_inputs(family)
     with torch.no_grad():
-        assert (run(model, x) - run(base, x)).abs().max().item() <= 1e-6
+        assert (forward(model, x) - forward(base, x)).abs().max().item() <= 1e-6
     trainable, total = surgery.freeze_base(model)
     assert trainable == expected_trainable(model, sites, None, False)
     assert trainable == len(sites) * (32 * 2 + 2 + 2 * 32 + 32)  # d = 32, default reduction 16 → r = 2
@@ -98,17 +81,11 @@ def test_randomised_adapter_is_live_and_only_it_learns(family: str, placement: s
     randomise(model)
     x = model_inputs(family)
     with torch.no_grad():
-        assert (run(model, x) - run(base, x)).abs().max().item() > 1e-4
+        assert (forward(model, x) - forward(base, x)).abs().max().item() > 1e-4
     trainable, _ = surgery.freeze_base(model)
     assert trainable == expected_trainable(model, sites, 4, True)
     assert trainable == len(sites) * adapter_mod.adapter_param_count(32, 4, True) == len(sites) * 293
-    model.train()
-    run(model, x).float().pow(2).mean().backward()
-    for name, p in model.named_parameters():
-        if not surgery.is_inserted(name):
-            assert p.grad is None, name
-        elif not (family == "qwen2_audio" and "audio_tower" in name):  # text-only input never reaches audio
-            assert p.grad is not None and p.grad.abs().sum().item() > 0, name
+    assert_only_inserted_learn(model, x, family)
 
 
 @pytest.mark.parametrize("family,placement", CASES)
@@ -130,11 +107,11 @@ def test_bf16_model_runs(family: str, placement: str) -> None:
     x = model_inputs(family)
     x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in x.items()}
     with torch.no_grad():
-        out, ref = run(model, x), run(base, x)
+        out, ref = forward(model, x), forward(base, x)
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         assert (out.float() - ref.float()).abs().max().item() == 0  # W_up = 0: the branch adds exact zeros
         randomise(model)
-        assert (run(model, x).float() - ref.float()).abs().max().item() > 1e-3
+        assert (forward(model, x).float() - ref.float()).abs().max().item() > 1e-3
 
 
 def test_sequential_and_parallel_math_on_llama_layer() -> None:
@@ -162,13 +139,13 @@ def test_parallel_deepcopy_rebinds_the_capture_hook() -> None:
     twin = copy.deepcopy(model)
     x = model_inputs("gpt2")
     with torch.no_grad():
-        ref = run(model, x)
+        ref = forward(model, x)
         for mod in twin.modules():
             if isinstance(mod, adapter_mod.BottleneckAdapter):
                 torch.nn.init.zeros_(mod.up.weight)
                 torch.nn.init.zeros_(mod.up.bias)
-        assert (run(model, x) - ref).abs().max().item() == 0  # the copy's adapters are its own
-        twin_out = run(twin, x)
+        assert (forward(model, x) - ref).abs().max().item() == 0  # the copy's adapters are its own
+        twin_out = forward(twin, x)
     assert (twin_out - ref).abs().max().item() > 1e-4
 
 

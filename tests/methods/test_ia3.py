@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
+from conftest import assert_only_inserted_learn
+from tiny_models import forward, model_inputs
 
 from pelt_cli import recipe, surgery, targets
 from pelt_cli.errors import RecipeError
@@ -12,25 +14,6 @@ from pelt_cli.methods import get
 from pelt_cli.methods import ia3 as ia3_mod
 
 CASES = [(fam, pl) for fam in tiny_models.FAMILIES for pl in ia3_mod.FFN_PLACEMENTS]
-
-
-def model_inputs(family: str) -> dict[str, torch.Tensor]:
-    """A proper forward input for each tiny family (batch 2)."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 90 if family == "qwen2_audio" else 100, (2, 7), generator=g)
-    if family == "whisper":
-        return {"input_features": torch.randn(2, 16, 200, generator=g), "decoder_input_ids": ids}
-    if family == "vit":
-        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def run(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits, or its last hidden state when it has no head."""
-    out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def targets_for(family: str, placement: str) -> tuple[str, ...]:
@@ -81,7 +64,7 @@ def test_identity_at_init_and_counts(family: str, placement: str) -> None:
     model, base, sites = build(family, placement)
     x = model_inputs(family)
     with torch.no_grad():
-        assert (run(model, x) - run(base, x)).abs().max().item() <= 1e-6
+        assert (forward(model, x) - forward(base, x)).abs().max().item() <= 1e-6
     trainable, total = surgery.freeze_base(model)
     assert trainable == expected_trainable(model, sites)
     assert total == sum(p.numel() for p in base.parameters()) + trainable
@@ -104,15 +87,9 @@ def test_randomised_vectors_are_live_and_only_they_learn(family: str, placement:
     randomise(model)
     x = model_inputs(family)
     with torch.no_grad():
-        assert (run(model, x) - run(base, x)).abs().max().item() > 1e-4
+        assert (forward(model, x) - forward(base, x)).abs().max().item() > 1e-4
     surgery.freeze_base(model)
-    model.train()
-    run(model, x).float().pow(2).mean().backward()
-    for name, p in model.named_parameters():
-        if not surgery.is_inserted(name):
-            assert p.grad is None, name
-        elif not (family == "qwen2_audio" and "audio_tower" in name):  # text-only input never reaches audio
-            assert p.grad is not None and p.grad.abs().sum().item() > 0, name
+    assert_only_inserted_learn(model, x, family)
 
 
 def test_gpt2_fused_qkv_scales_only_k_and_v() -> None:
@@ -149,11 +126,11 @@ def test_bf16_model_runs(family: str) -> None:
     x = model_inputs(family)
     x = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in x.items()}
     with torch.no_grad():
-        out, ref = run(model, x), run(base, x)
+        out, ref = forward(model, x), forward(base, x)
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
         assert (out.float() - ref.float()).abs().max().item() == 0  # multiplying by exact ones
         randomise(model)
-        assert (run(model, x).float() - ref.float()).abs().max().item() > 1e-3
+        assert (forward(model, x).float() - ref.float()).abs().max().item() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ merge folds
@@ -206,13 +183,13 @@ def test_merged_weights_equal_hooked_model(family: str, placement: str) -> None:
     layer_sites = [s for s in sites if s.layer == 0]
     x = model_inputs(family)
     with torch.no_grad():
-        before = (run(model, x) - run(base, x)).abs().max().item()
+        before = (forward(model, x) - forward(base, x)).abs().max().item()
         merged = merged_copy(model, base, sites)
         for s in layer_sites:  # each merged Linear alone
             mod, folded = surgery.get_module(model, s.module), surgery.get_module(merged, s.module)
             h = torch.randn(3, surgery.features(mod)[0])
             assert (mod(h) - folded(h)).abs().max().item() <= 1e-6, s.module
-        after = (run(model, x) - run(merged, x)).abs().max().item()
+        after = (forward(model, x) - forward(merged, x)).abs().max().item()
     assert before > 1e-3 and after <= 1e-6
 
 

@@ -7,14 +7,12 @@ import copy
 import pytest
 import tiny_models
 import torch
-from tiny_models import main_output, sample_inputs
+from tiny_models import FAMILIES, main_output, sample_inputs
 
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
 from pelt_cli.insert import insert_recipe
 from pelt_cli.methods.unipelt import GateController, gate_controllers
-
-FAMILIES = ["bert", "roberta", "gpt2", "llama", "qwen2", "whisper", "vit", "qwen2_audio"]
 
 
 def _recipe(family: str, **params: object) -> rc.Recipe:
