@@ -224,7 +224,7 @@ def _check_fits(config: Any, labels: list[str]) -> None:
     generic = all(str(x).startswith("LABEL_") for x in have)
     if len(have) != len(labels) or (not generic and sorted(have) != sorted(labels)):
         raise UsageError(f"the base's head has {len(have)} label(s) {have[:5]}; the data has {len(labels)} "
-                         f"{list(labels)[:5]}", hint="pass --new-head to train a new head for these labels")
+                         f"{list(labels)[:5]}: pass --new-head to train a new head for these labels")
 
 
 def head_parameters(model: nn.Module, spec: dict[str, Any], missing: list[str]) -> list[str]:

@@ -125,6 +125,27 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
     return d
 
 
+def word_tokenizer(out: Path) -> Path:
+    """A word-level tokenizer over the sentiment vocabulary (ids < 40, so tiny models with a 100-token vocabulary
+    take them), saved with save_pretrained into ``out``: the offline stand-in for a GPT-2 or LLaMA tokenizer."""
+    import tokenizers
+    import transformers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *POS, *NEG, *FILL])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                eos_token="[EOS]")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def words(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`word_tokenizer` in a session directory."""
+    return word_tokenizer(tmp_path_factory.mktemp("words"))
+
+
 @pytest.fixture(scope="session")
 def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("sentiment")

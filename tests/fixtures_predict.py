@@ -143,7 +143,7 @@ def trained_lora(root: Path, tiny_bert: Path, sentiment: tuple[Path, Path]) -> t
 
     def build() -> Path:
         run = apply(recipe.load("lora"), tiny_bert, root / "trained-lora")
-        cfg = TrainConfig(epochs=2, batch_size=16, lr=5e-2, warmup=0.0, patience=0, max_length=24)
+        cfg = TrainConfig(epochs=1, batch_size=16, lr=2e-2, warmup=0.0, patience=0, max_length=24)
         train_run(run, str(sentiment[0]), str(sentiment[1]), cfg)
         merge_run(run, root / "trained-lora-merged")
         return run

@@ -93,6 +93,16 @@ def test_eval_of_a_run_and_of_its_merge_agree(root: Path, minilm: Path, labelled
     assert abs(run_doc["loss"] - merged_doc["loss"]) <= 1e-5
 
 
+def test_a_trained_run_its_merge_and_training_agree(root: Path, tiny_bert: Path, sentiment: tuple[Path, Path]) -> None:
+    run, merged = fp.trained_lora(root, tiny_bert, sentiment)
+    run_doc, merged_doc = evaluate(run, sentiment[1]), evaluate(merged, sentiment[1], "-b", "3")
+    for key in ("accuracy", "macro_f1", "per_class", "confusion", "rows"):
+        assert run_doc[key] == merged_doc[key], key
+    assert abs(run_doc["loss"] - merged_doc["loss"]) <= 1e-5
+    trained = json.loads((run / "run.json").read_text())["training"]["result"]
+    assert run_doc["accuracy"] == trained["accuracy"] and run_doc["confusion"]["labels"] == ["negative", "positive"]
+
+
 def test_labels_never_seen_in_training_are_one_line(root: Path, minilm: Path, tmp_path: Path) -> None:
     data = tmp_path / "eval.jsonl"
     data.write_text(

@@ -206,6 +206,21 @@ def test_pipeline_on_the_merged_run_gives_pelts_labels(root: Path, minilm: Path)
     assert max_diff(run, ours) <= 1e-5 and {o["label"] for o in ours} == {"neg", "pos"}
 
 
+def test_a_trained_run_its_merge_and_the_pipeline_agree(
+    root: Path, tiny_bert: Path, sentiment: tuple[Path, Path]
+) -> None:
+    import transformers
+
+    run, merged = fp.trained_lora(root, tiny_bert, sentiment)
+    texts = "\n".join(r["text"] for r in fp.sentences(20, 9))
+    by_run, by_merged = (lines(pelt_main("predict", str(d), "--data", "-", stdin=texts)) for d in (run, merged))
+    theirs = transformers.pipeline("text-classification", model=str(merged), device="cpu")(texts.splitlines())
+    assert list(by_run[0]["scores"]) == ["negative", "positive"]
+    assert max_diff(by_run, by_merged) <= 1e-5
+    assert [o["label"] for o in by_merged] == [t["label"] for t in theirs]
+    assert max(abs(o["score"] - t["score"]) for o, t in zip(by_merged, theirs, strict=True)) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 

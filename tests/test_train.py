@@ -58,6 +58,26 @@ def test_every_method_learns_and_base_is_untouched(minilm: Path, minilm_before: 
         assert torch.equal(state[k], v), k  # base weights bit-identical after training
     assert meta["head"]["labels"] == ["negative", "positive"]
     assert meta["training"]["result"]["epochs_done"] == epochs
+    if recipe_name == "lora":  # the real MiniLM merged: transformers' own pipeline gives the run's predictions
+        _pipeline_agrees(run, model, minilm, tmp_path / "merged")
+
+
+def _pipeline_agrees(run: Path, model: torch.nn.Module, base: Path, out: Path) -> None:
+    import transformers
+
+    from pelt_cli.merge import merge_run
+
+    merge_run(run, out)
+    texts = ["a lovely and superb story", "the plot was dull and boring", "it was fun", "really poor"]
+    pipe = transformers.pipeline("text-classification", model=str(out), top_k=None)
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        want = model(**tok(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+    for row, p in zip(pipe(texts), want, strict=True):
+        scores = {d["label"]: d["score"] for d in row}
+        assert abs(scores["negative"] - p[0].item()) <= 1e-5 and abs(scores["positive"] - p[1].item()) <= 1e-5
+    assert [max(r, key=lambda d: d["score"])["label"] for r in pipe(texts)] == [
+        "positive", "negative", "positive", "negative"]
 
 
 def test_resume_equals_uninterrupted(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
