@@ -704,7 +704,7 @@ AdapterArg = Annotated[
 @app.command(
     epilog="Examples:\n\n"
     "  pelt export runs/lora -o bundles/lora\n\n"
-    "  pelt export runs/lora -o bundles/lora --peft   (also loadable by peft.PeftModel.from_pretrained)\n\n"
+    "  pelt export runs/lora -o bundles/lora --peft   (also loadable by peft's AutoPeftModelFor….from_pretrained)\n\n"
     "  pelt export runs/u -o - | ssh host 'tar -x -C bundle'\n\n"
     "Prints the bundle directory on stdout (with -o -, the tar stream). Exit codes: 0 ok; 1 runtime failure; 2 bad "
     "run or option.",
@@ -756,7 +756,8 @@ def apply_bundle_cmd(
 @app.command(
     "import-peft",
     epilog="Examples:\n\n  pelt import-peft ./my-lora ./llama -o runs/imported && pelt merge runs/imported -o m/\n\n"
-    "Exit codes: 0 ok; 1 runtime failure; 2 an adapter pelt cannot express (DoRA, biases, modules_to_save, …).",
+    "Exit codes: 0 ok; 1 runtime failure; 2 an adapter pelt cannot express (DoRA, lora_bias, a head the base's "
+    "family has no class for, …).",
 )
 def import_peft_cmd(adapter: AdapterArg, model: ModelArg, out: OutOpt, force: ForceOpt = False) -> None:
     """Bring an existing PEFT LoRA or IA³ adapter into a pelt run directory."""
