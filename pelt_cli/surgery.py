@@ -61,6 +61,12 @@ def hook_input(model: nn.Module, path: str, fn: Callable[[nn.Module, tuple], Any
     _keep(model, path, get_module(model, path).register_forward_pre_hook(fn))
 
 
+def hook_call(model: nn.Module, path: str, fn: Callable[[nn.Module, tuple, dict], Any]) -> None:
+    """Register ``fn(module, args, kwargs) -> None`` to see a module's call, keyword arguments included (e.g. the
+    attention mask a model is called with)."""
+    _keep(model, path, get_module(model, path).register_forward_pre_hook(fn, with_kwargs=True))
+
+
 def detach(model: nn.Module, path: str, attr: str) -> nn.Module:
     """Remove an inserted child and every hook pelt registered on its parent — those of other insertions on the same
     module too, so use it on a module that holds one insertion; returns the child."""

@@ -95,29 +95,7 @@ def test_pair_rows_read_text_a_and_text_b(root: Path, minilm: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ batch invariance
 
-UNIPELT_PADDING = {  # measured here: max |Δ score| alone vs padded beside a longer row (LoRA, adapter, … ≤ 3.6e-7)
-    "unipelt": "3.7e-3",
-    "unipelt-softmax": "3.3e-3",
-}
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        pytest.param(
-            m,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=f"UniPELT's gates average over padded positions: scores move by {UNIPELT_PADDING[m]} "
-                "beside a longer row (tracked by the UniPELT gate-pooling issue); without padding they agree (see "
-                "test_unipelt_is_batch_invariant_without_padding)",
-            ),
-        )
-        if m in UNIPELT_PADDING
-        else m
-        for m in fp.METHODS
-    ],
-)
+@pytest.mark.parametrize("method", fp.METHODS)
 def test_scores_do_not_depend_on_the_batch(root: Path, minilm: Path, method: str) -> None:
     from pelt_cli.predict import load_predictor, predict_rows
 
@@ -127,16 +105,6 @@ def test_scores_do_not_depend_on_the_batch(root: Path, minilm: Path, method: str
     beside_long = [next(iter(predict_rows(pred, [r, LONG], batch_size=2))) for r in rows]
     batched = list(predict_rows(pred, [*rows, LONG], batch_size=8))[:-1]
     assert max(max_diff(beside_long, want), max_diff(batched, want)) <= 1e-5
-
-
-@pytest.mark.parametrize("method", ["unipelt", "unipelt-softmax"])
-def test_unipelt_is_batch_invariant_without_padding(root: Path, minilm: Path, method: str) -> None:
-    from pelt_cli.predict import load_predictor, predict_rows
-
-    pred = load_predictor(fp.method_run(root, minilm, method))
-    same = [{"text": f"{a} film was {b}"} for a in ("good", "bad", "dull") for b in ("fun", "sad", "great")]
-    assert len({len(pred.tokenizer(r["text"])["input_ids"]) for r in same}) == 1
-    assert max_diff(list(predict_rows(pred, same, batch_size=9)), alone(pred, same)) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ causal LM

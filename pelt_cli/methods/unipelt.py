@@ -36,14 +36,48 @@ LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks)\.\d+)\.")
 FOLD_EVERY = 64  # forwards whose gates a controller keeps before folding them into its statistics
 
 
-def sigmoid_gates(h: torch.Tensor, proj: nn.Linear, temperature: float) -> torch.Tensor:
-    """Paper gates ``G = mean_t σ(W h_t / T)``: ``h`` [B, T, d] → [B, k] in (0, 1)."""
-    return torch.sigmoid(proj(h) / temperature).mean(dim=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``Σ_t m_t x_t / Σ_t m_t`` over dim 1 (all positions without a mask): padding never moves the mean."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def softmax_gates(h: torch.Tensor, mlp: nn.Sequential, temperature: float) -> torch.Tensor:
-    """Guide gates ``softmax(W_2 ReLU(W_1 mean_t h) / T)``: ``h`` [B, T, d] → [B, k], rows sum to 1."""
-    return torch.softmax(mlp(h.mean(dim=1)) / temperature, dim=-1)
+def sigmoid_gates(h: torch.Tensor, proj: nn.Linear, temperature: float,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Paper gates ``G = mean_t σ(W h_t / T)`` over real tokens: ``h`` [B, T, d], ``mask`` [B, T] → [B, k]."""
+    return masked_mean(torch.sigmoid(proj(h) / temperature), mask)
+
+
+def softmax_gates(h: torch.Tensor, mlp: nn.Sequential, temperature: float,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Guide gates ``softmax(W_2 ReLU(W_1 mean_t h) / T)``, the mean over real tokens: → [B, k], rows sum to 1."""
+    return torch.softmax(mlp(masked_mean(h, mask)) / temperature, dim=-1)
+
+
+class TokenMask:
+    """The attention mask of the current forward, captured from the model's call for the gate controllers.
+
+    Gates pool over real tokens only. With a KV cache a decoder is called with the mask of past and new tokens while
+    a layer sees only the new ones: the gates of a generation step pool over that step's tokens (the mask's last
+    columns), so they are what the same tokens would get in a forward of their own.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: keep a 2-D ``attention_mask`` (None otherwise)."""
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def for_states(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The mask of hidden states ``h`` [B, T, d]: the last T columns of the call's mask, if it fits."""
+        m = self.mask
+        if m is None or m.shape[0] != h.shape[0] or m.shape[1] < h.shape[1] or h.dim() != 3:
+            return None
+        return m[:, m.shape[1] - h.shape[1] :].to(h.device)
 
 
 class GateController(nn.Module):
@@ -67,6 +101,7 @@ class GateController(nn.Module):
         else:
             self.net = nn.Linear(width, k)
         self.current: torch.Tensor | None = None
+        self.tokens = TokenMask()  # replaced by the one the model's call hook fills (see UniPELTMethod.insert)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -87,10 +122,11 @@ class GateController(nn.Module):
         :data:`FOLD_EVERY` forwards — about ten small ops and, on a GPU, a device sync saved per layer and forward.
         """
         x = h.to(next(self.net.parameters()).dtype)
+        mask = self.tokens.for_states(x)
         if self.mode == "softmax":
-            g = softmax_gates(x, self.net, self.temperature)
+            g = softmax_gates(x, self.net, self.temperature, mask)
         else:
-            g = sigmoid_gates(x, self.net, self.temperature)
+            g = sigmoid_gates(x, self.net, self.temperature, mask)
         self.current = g
         if g.device.type != "meta" and g.numel():
             self._pending.append(g.detach())
@@ -278,7 +314,8 @@ class UniPELTMethod:
 
     def insert(self, model: nn.Module, params: UniPELTParams, sites: list[ModelSite]) -> list[Insertion]:
         """Insert the enabled modules per layer, then a gate controller whose gates they read."""
-        out = []
+        out, tokens = [], TokenMask()
+        surgery.hook_call(model, "", tokens)
         for layer in self._layers(model, params, sites):
             anchor: ModelSite = layer["anchor"]
             q = surgery.get_module(model, anchor.module)
@@ -286,6 +323,7 @@ class UniPELTMethod:
             with torch.device(q.weight.device):
                 ctl = GateController(width, list(params.modules), params.gate, params.gate_hidden,
                                      params.temperature)
+            ctl.tokens = tokens
             gate_path = surgery.attach(model, anchor.module, "gate", ctl)
             surgery.hook_input(model, anchor.module, _gate_hook)
             inserted: list[Insertion] = []

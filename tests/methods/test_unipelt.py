@@ -141,3 +141,30 @@ def test_bad_modules_rejected() -> None:
         _recipe("bert", modules=["lora", "lora"])
     with pytest.raises(rc.RecipeError, match="'lorra' is not one of lora, prefix, adapter"):
         _recipe("bert", modules=["lorra"])
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_gates_pool_over_real_tokens_only(gate: str) -> None:
+    """A sequence's gates and outputs are the same alone and padded in a batch beside a longer one (≤ 1e-6)."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    insert_recipe(model, rc.load("unipelt-softmax" if gate == "softmax" else "unipelt"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "pelt_" in n:
+                p.normal_(std=0.3)  # trained-looking modules and gates: padding would show if it leaked in
+        short = torch.tensor([[5, 6, 7, 8]])
+        alone = model(input_ids=short, attention_mask=torch.ones_like(short)).last_hidden_state
+        gates_alone = {s: c.current.clone() for s, c in gate_controllers(model).items()}
+        batch = torch.tensor([[5, 6, 7, 8, 0, 0, 0, 0, 0], [9, 10, 11, 12, 13, 14, 15, 16, 17]])
+        mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0, 0], [1] * 9])
+        padded = model(input_ids=batch, attention_mask=mask).last_hidden_state
+        for site, ctl in gate_controllers(model).items():
+            assert (ctl.current[0] - gates_alone[site][0]).abs().max().item() <= 1e-6, site
+        assert (padded[0, :4] - alone[0]).abs().max().item() <= 1e-6
+        unmasked = model(input_ids=batch).last_hidden_state  # without a mask the pads count: a real difference
+        assert (unmasked[0, :4] - alone[0]).abs().max().item() > 1e-4
