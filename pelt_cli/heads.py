@@ -203,18 +203,34 @@ def new_head_spec(run_model: nn.Module, base_class: str, rows: list[Any], task: 
 
     cls = task_class(run_model.config, task)
     prefix = getattr(cls, "base_model_prefix", "") if cls is not None else ""
-    if cls is None or (task == "audio-classification" and not hasattr(run_model, prefix)):
-        if task == "audio-classification":
-            return None
+    bare = bool(rows) and not all(r.site.startswith(prefix + ".") for r in rows)
+    holds = cls is not None and _holds(cls, run_model.config, rows, prefix if bare else "")
+    if not holds and task == "audio-classification":
+        return None  # e.g. Whisper: the audio class has no decoder for the run's decoder modules
+    if cls is None:
         raise UsageError(f"{type(run_model).__name__}: transformers has no {AUTO_CLASS[task]} class for "
                          f"{run_model.config.model_type} models, so {task} has no head here",
                          hint="pick a base of a family with a sequence-classification class (BERT, LLaMA, GPT-2, …)")
+    if not holds:
+        raise UsageError(f"{cls.__name__} lacks modules this run's recipe inserts into {type(run_model).__name__}, "
+                         f"so {task} cannot train its head here", hint="apply a recipe on the modules it keeps")
     if base_class == cls.__name__ and not new_head:
         _check_fits(run_model.config, labels)
-    bare = bool(rows) and not all(r.site.startswith(prefix + ".") for r in rows)
     return {"task": task, "labels": list(labels), "class": cls.__name__, "root": prefix if bare else "",
             "problem_type": "single_label_classification", "pad_token_id": pad_token_id, "new_head": new_head,
             "params": []}
+
+
+def _holds(cls: type, config: Any, rows: list[Any], root: str) -> bool:
+    """Whether the task class has every module the run's insertions sit on (built on ``meta``)."""
+    with torch.device("meta"):
+        model = cls(config)
+    try:
+        for r in rows:
+            model.get_submodule(f"{root}.{r.site}" if root else r.site)
+    except AttributeError:
+        return False
+    return True
 
 
 def _check_fits(config: Any, labels: list[str]) -> None:

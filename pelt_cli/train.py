@@ -324,7 +324,8 @@ def _task_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any) -> torch.nn.Modu
         return model
     model = heads.create_task_model(run.base().directory, spec)
     run.meta.head = spec
-    inserted_model(model, run.recipe, spec)
+    if [r.key for r in inserted_model(model, run.recipe, spec)] != [r.key for r in run.insertions]:
+        raise TrainingError(f"{run.dir}: the recipe inserts other modules into {spec['class']} than it recorded")
     surgery.load_inserted_state(model, run.read_adapter())
     return model
 

@@ -55,9 +55,10 @@ def test_jsonl_csv_and_stdin_give_the_same_rows_in_input_order(root: Path, minil
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in enumerate(rows)))
     with open(tmp_path / "in.csv", "w", newline="") as f:
         csv.writer(f).writerows([["text", "id"], *[[r["text"], i] for i, r in enumerate(rows)]])
+    (tmp_path / "in.txt").write_text("\n".join(r["text"] for r in rows))
     got = [
         lines(pelt_main("predict", str(run), "--data", str(tmp_path / name), "-b", "8"))
-        for name in ("in.jsonl", "in.csv")
+        for name in ("in.jsonl", "in.csv", "in.txt")
     ]
     got.append(
         lines(
@@ -95,6 +96,7 @@ def test_pair_rows_read_text_a_and_text_b(root: Path, minilm: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ batch invariance
 
+
 @pytest.mark.parametrize("method", fp.METHODS)
 def test_scores_do_not_depend_on_the_batch(root: Path, minilm: Path, method: str) -> None:
     from pelt_cli.predict import load_predictor, predict_rows
@@ -111,30 +113,30 @@ def test_scores_do_not_depend_on_the_batch(root: Path, minilm: Path, method: str
 
 
 def test_greedy_generation_equals_model_generate(root: Path) -> None:
-    import transformers
+    from conftest import make_run
 
     from pelt_cli.predict import GenerateOptions, load_predictor, predict_rows
+    from pelt_cli.run import Run
 
     llama = fp.causal_lm(root)
+    run = fp.once("llama-lora", lambda: make_run("lora", llama, root / "llama-lora"))
     prompts = [r["text"] for r in fp.sentences(7, 5)]
-    r = pelt_main("predict", str(llama), "--data", "-", "-b", "4", "--max-new-tokens", "6", stdin="\n".join(prompts))
-    got = [o["generated"] for o in lines(r)]
-    model = transformers.LlamaForCausalLM.from_pretrained(llama).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(llama)
-    want = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt")["input_ids"]
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id
-        )
-        want.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    assert got == want and all(got)
     pred = load_predictor(llama)
+    for target, model in ((llama, pred.model), (run, Run.open(run).load_model().eval())):
+        r = pelt_main(
+            "predict", str(target), "--data", "-", "-b", "4", "--max-new-tokens", "6", stdin="\n".join(prompts)
+        )
+        want = []
+        for p in prompts:
+            ids = pred.tokenizer(p, return_tensors="pt")["input_ids"]
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+            want.append(pred.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        assert [o["generated"] for o in lines(r)] == want and all(want)
     rows = [{"text": p} for p in prompts]
     sampled = [
         list(predict_rows(pred, rows, batch_size=4, opts=GenerateOptions(6, True, 1.5, seed=3))) for _ in range(2)
     ]
-    assert sampled[0] == sampled[1]
+    assert sampled[0] == sampled[1] and sampled[0] != list(predict_rows(pred, rows, batch_size=4))
 
 
 # ------------------------------------------------------------------------------------------------ bundles, pipeline
