@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict
@@ -31,7 +32,7 @@ from pelt_cli.io.fingerprint import tensor_digest
 from pelt_cli.io.reader import TensorReader
 from pelt_cli.io.writer import save_file
 from pelt_cli.recipe import Recipe
-from pelt_cli.run import ADAPTER_FILE, GATES_FILE, Base, PlanRow, Run, check_state, now
+from pelt_cli.run import ADAPTER_FILE, GATES_FILE, TOKENIZER_FILES, Base, PlanRow, Run, check_state, now
 
 BUNDLE_FILE = "bundle.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -97,7 +98,9 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     digests = {n: tensor_digest(i) for n, i in adapter.tensors.items()}
     refs = _base_refs(run, adapter, digests)
     manifest = _manifest(run, adapter, digests, refs)
-    files = [MANIFEST_FILE, BUNDLE_FILE]
+    tokenizer = run.tokenizer_files()  # the tokenizer travels with the bundle
+    manifest["tokenizer"] = [f.name for f in tokenizer]
+    files = [MANIFEST_FILE, BUNDLE_FILE, *manifest["tokenizer"]]
     peft_files = None
     if peft:
         from pelt_cli.peft_format import PEFT_CONFIG, PEFT_WEIGHTS, peft_adapter, write_peft
@@ -112,6 +115,8 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         (d / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if peft_files is not None:
             write_peft(d, *peft_files)
+        for f in tokenizer:
+            shutil.copy2(f, d / f.name)
 
     if str(out) == "-":
         if stream is None:
@@ -135,19 +140,28 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
 
 
 def _open_bundle(path: Path, scratch: Path) -> Path:
-    """A bundle directory, or a tar of one (extracted into ``scratch``: only the two bundle files, plain)."""
+    """A bundle directory, or a tar of one (extracted into ``scratch``: only the bundle's own files, plain)."""
     if path.is_dir():
         return path
     if not (path.is_file() and tarfile.is_tarfile(path)):
         raise CheckpointError(f"{path}: not a bundle (a directory with {MANIFEST_FILE}, or a tar of one)")
     with tarfile.open(path) as tar:
         for member in tar.getmembers():
-            if member.name in (MANIFEST_FILE, BUNDLE_FILE) and member.isfile():
+            if member.name in (MANIFEST_FILE, BUNDLE_FILE, *TOKENIZER_FILES) and member.isfile():
                 src = tar.extractfile(member)
                 if src is None:
                     raise CheckpointError(f"{path}: cannot read {member.name} from the tar")
                 (scratch / member.name).write_bytes(src.read())
     return scratch
+
+
+def _tokenizer_files(bdir: Path, manifest: dict[str, Any], keep: Path) -> list[Path]:
+    """The tokenizer files the manifest lists, copied out of the bundle (which may be a temporary extraction)."""
+    names = [n for n in manifest.get("tokenizer") or [] if n in TOKENIZER_FILES and (bdir / n).is_file()]
+    keep.mkdir(exist_ok=True)
+    for n in names:
+        shutil.copy2(bdir / n, keep / n)
+    return [keep / n for n in names]
 
 
 def _read_manifest(bdir: Path) -> dict[str, Any]:
@@ -193,20 +207,21 @@ def apply_bundle(bundle_dir: str | os.PathLike[str], model: str | os.PathLike[st
         manifest = _read_manifest(bdir)
         _check_base(base, manifest, model, force)
         state = _bundle_tensors(bdir, manifest, base.ckpt)
-    recipe = Recipe.from_dict(manifest["recipe"], str(Path(bundle_dir) / MANIFEST_FILE))
-    run = Run.create(base, recipe, [PlanRow.from_dict(r) for r in manifest["insertions"]], "", 0,
-                     from_bundle={"base_fingerprint": manifest["base"]["fingerprint"],
-                                  "created": manifest.get("created")})
-    run.meta.head = manifest.get("head")
-    skel, rows = run.skeleton(base)
-    run.check_rows(rows, base)
-    check_state(state, skel, Path(bundle_dir))
-    from pelt_cli.surgery import freeze_base
-
-    run.meta.new_params, _ = freeze_base(skel)
-    run.meta.base.model_class, run.meta.insertions = type(skel).__name__, rows
-    gates = {GATES_FILE: json.dumps(manifest["gates"], indent=2) + "\n"} if manifest.get("gates") else {}
-    return run.write(out, state, force=force, note="rebuilt from a pelt bundle", files=gates)
+        tokenizer = _tokenizer_files(bdir, manifest, Path(scratch) / "tok")
+        recipe = Recipe.from_dict(manifest["recipe"], str(Path(bundle_dir) / MANIFEST_FILE))
+        run = Run.create(base, recipe, [PlanRow.from_dict(r) for r in manifest["insertions"]], "", 0,
+                         from_bundle={"base_fingerprint": manifest["base"]["fingerprint"],
+                                      "created": manifest.get("created")})
+        run.meta.head = manifest.get("head")
+        skel, rows = run.skeleton(base)
+        run.check_rows(rows, base)
+        check_state(state, skel, Path(bundle_dir))
+        run.meta.new_params, run.meta.insertions = sum(r.new_params for r in rows), rows
+        run.meta.base.model_class = type(base.skeleton()).__name__
+        gates = {GATES_FILE: json.dumps(manifest["gates"], indent=2) + "\n"} if manifest.get("gates") else {}
+        if tokenizer:  # the run keeps the bundle's tokenizer, and merge copies it from there
+            run.meta.extra["tokenizer"] = str(out.resolve())
+        return run.write(out, state, force=force, note="rebuilt from a pelt bundle", files=gates, copy_files=tokenizer)
 
 
 def _bundle_tensors(bdir: Path, manifest: dict, ckpt: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +185,11 @@ def export_peft(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = Path(out)
     tensors, config = peft_adapter(run_dir)
     prepare_out(out, force)
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
     with atomic_dir(out, force) as tmp:
         write_peft(tmp, tensors, config)
+        for f in run.tokenizer_files():  # AutoTokenizer.from_pretrained(DIR) works beside AutoPeftModel…
+            shutil.copy2(f, tmp / f.name)
     return out
 
 

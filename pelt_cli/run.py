@@ -42,6 +42,10 @@ PRUNED_FILE = "pruned.safetensors"
 METRICS_FILE = "metrics.jsonl"
 STATE_DIR = "train"
 RUN_FORMAT = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "processor_config.json")
 
 
 def now() -> str:
@@ -391,6 +395,11 @@ class Run:
         p = self.path(name)
         return load_file(p) if p.is_file() else {}
 
+    def tokenizer_files(self) -> list[Path]:
+        """The tokenizer (and processor) files the run goes with: those ``pelt train`` recorded, else the base's."""
+        d = Path(self.meta.extra.get("tokenizer") or self.meta.base.path)
+        return [d / n for n in TOKENIZER_FILES if (d / n).is_file()] if d.is_dir() else []
+
     def gates(self) -> dict[str, Any] | None:
         """``gates.json`` (the gate statistics ``pelt train`` records), or None."""
         p = self.path(GATES_FILE)
@@ -434,7 +443,7 @@ class Run:
 
     def write(self, out: str | os.PathLike[str], tensors: dict[str, Any], *, force: bool = False,
               note: str = "", files: dict[str, str] | None = None, tensor_files: dict[str, dict] | None = None,
-              copy_from: Path | None = None, skip: tuple[str, ...] = ()) -> Path:
+              copy_from: Path | None = None, skip: tuple[str, ...] = (), copy_files: list[Path] = ()) -> Path:
         """Write the whole run into ``out`` in one atomic step (a temporary sibling renamed into place).
 
         Args:
@@ -445,6 +454,8 @@ class Run:
             files: more text files (name → content), e.g. ``gates.json``.
             tensor_files: more safetensors files (name → tensors), e.g. ``pruned.safetensors``.
             copy_from: copy every other file and folder of this directory (except ``skip`` and hidden ones).
+            skip: names ``copy_from`` leaves out.
+            copy_files: more files to copy in by name (e.g. a tokenizer's).
         """
         from pelt_cli.io.writer import save_file
         from pelt_cli.recipe import dump
@@ -453,6 +464,8 @@ class Run:
         with atomic_dir(Path(out), force) as tmp:
             if copy_from is not None:
                 copy_tree(copy_from, tmp, own)
+            for f in copy_files:
+                shutil.copy2(f, tmp / f.name)
             save_file(tensors, tmp / ADAPTER_FILE, metadata={"pelt_run_format": str(RUN_FORMAT)})
             for name, state in (tensor_files or {}).items():
                 if state:

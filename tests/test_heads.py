@@ -117,3 +117,29 @@ def test_causal_lm_merge_generates_with_pipeline(tiny_dir: Path, words: Path, tm
     tok = transformers.AutoTokenizer.from_pretrained(words)
     ids = model.generate(**tok("the film", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert list(got) == ids[0].tolist() and len(got) == 2 + 4
+
+
+def test_the_tokenizer_travels_through_bundles(tiny_bert: Path, sentiment: tuple[Path, Path], words: Path,
+                                               tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from pelt_cli.bundle import apply_bundle, export_bundle
+
+    run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
+    train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, max_steps=2)))
+    manifest = export_bundle(run, tmp_path / "bundle")
+    assert "tokenizer.json" in manifest["tokenizer"] and (tmp_path / "bundle" / "vocab.txt").is_file()
+    buf = io.BytesIO()
+    export_bundle(run, "-", stream=buf)
+    names = tarfile.open(fileobj=io.BytesIO(buf.getvalue())).getnames()
+    assert names[:2] == ["manifest.json", "bundle.safetensors"] and "tokenizer.json" in names
+    (tmp_path / "b.tar").write_bytes(buf.getvalue())
+    rebuilt = apply_bundle(tmp_path / "b.tar", tiny_bert, tmp_path / "rebuilt")
+    assert (rebuilt / "tokenizer.json").read_bytes() == (tiny_bert / "tokenizer.json").read_bytes()
+    assert Run.open(rebuilt).meta.extra["tokenizer"] == str(rebuilt.resolve())
+    merge_run(rebuilt, tmp_path / "merged")
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "merged"), top_k=None)
+    want = _run_probs(run, tiny_bert)
+    for row, p in zip(pipe(SENTENCES), want, strict=True):
+        assert abs({d["label"]: d["score"] for d in row}["positive"] - p[1].item()) <= 1e-5
