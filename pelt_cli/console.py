@@ -637,8 +637,17 @@ class RowProgress:
                 return
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("rows"), TimeRemainingColumn(), console=_stderr_console(), transient=True)
+            self.bar = Progress(
+                TextColumn(f"[bold]{self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("rows"),
+                TimeRemainingColumn(),
+                console=_stderr_console(),
+                transient=True,
+                redirect_stdout=False,  # stdout carries the rows
+                redirect_stderr=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=total)
         if self.bar is not None:

@@ -171,8 +171,12 @@ def classification_report(preds: list[int], golds: list[int], labels: list[str])
         f1 = 2 * tp / (predicted + support) if predicted + support else 0.0
         per_class.append({"label": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
     accuracy = sum(matrix[c][c] for c in range(n)) / max(len(golds), 1)
-    return {"accuracy": accuracy, "macro_f1": macro_f1(preds, golds, n), "per_class": per_class,
-            "confusion": {"labels": list(labels), "matrix": matrix}}
+    return {
+        "accuracy": accuracy,
+        "macro_f1": macro_f1(preds, golds, n),
+        "per_class": per_class,
+        "confusion": {"labels": list(labels), "matrix": matrix},
+    }
 
 
 def eval_data(pred: Any, data: str) -> Any:
@@ -181,7 +185,8 @@ def eval_data(pred: Any, data: str) -> Any:
     Raises:
         DataError: rows that do not fit the model's task, or labels the model never saw in training.
     """
-    from pelt_cli.data import DataError, load_data, resolve_data
+    from pelt_cli.data import load_data, resolve_data
+    from pelt_cli.errors import DataError
     from pelt_cli.predict import CAUSAL_LM
 
     path, builtin_eval = resolve_data(data)
@@ -190,17 +195,20 @@ def eval_data(pred: Any, data: str) -> Any:
         return load_data(path, task="causal-lm")
     td = load_data(path)
     if td.task not in ("text-classification", "pair-classification"):
-        raise DataError(f"{path}: task {td.task}; expected text,label (or text_a,text_b,label) rows to evaluate "
-                        f"the classifier {pred.source}")
+        raise DataError(
+            f"{path}: task {td.task}; expected text,label (or text_a,text_b,label) rows to evaluate "
+            f"the classifier {pred.source}"
+        )
     unseen = [lab for lab in td.labels or [] if lab not in pred.labels]
     if unseen:
-        raise DataError(f"{path}: label(s) {', '.join(map(repr, unseen))} never seen in training; the model knows "
-                        f"{', '.join(pred.labels)}")
+        raise DataError(
+            f"{path}: label(s) {', '.join(map(repr, unseen))} never seen in training; the model knows "
+            f"{', '.join(pred.labels)}"
+        )
     return td
 
 
-def evaluate_predictor(pred: Any, data: str, batch_size: int = EVAL_BATCH,
-                       on_batch: Any = None) -> dict[str, Any]:
+def evaluate_predictor(pred: Any, data: str, batch_size: int = EVAL_BATCH, on_batch: Any = None) -> dict[str, Any]:
     """``pelt eval``: a loaded model (see :func:`pelt_cli.predict.load_predictor`) measured on ``data``.
 
     Classifiers: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the mean cross-entropy
@@ -217,8 +225,11 @@ def evaluate_predictor(pred: Any, data: str, batch_size: int = EVAL_BATCH,
         tokens = sum(n for _, n in nll)
         loss = sum(s for s, _ in nll) / max(tokens, 1)
         return {**doc, "tokens": tokens, "loss": loss, "perplexity": math.exp(min(loss, 50))}
-    rows = list(batched(pred, td.rows, columns, batch_size, lambda f: logits(pred, f).log_softmax(-1).tolist(),
-                        on_batch=on_batch))
+    rows = list(
+        batched(
+            pred, td.rows, columns, batch_size, lambda f: logits(pred, f).log_softmax(-1).tolist(), on_batch=on_batch
+        )
+    )
     index = {lab: i for i, lab in enumerate(pred.labels)}
     golds = [index[r["label"]] for r in td.rows]
     preds = [max(range(len(lp)), key=lp.__getitem__) for lp in rows]

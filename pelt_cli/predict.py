@@ -40,9 +40,8 @@ CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 WINDOW_BATCHES = 16  # rows are sorted by length within windows of this many batches
 PAIR_COLUMNS = (("text_a", "text_b"), ("text", "text_pair"))
 MANIFEST = "manifest.json"
-TOKENIZER_FILES = (
+VOCAB_FILES = (
     "tokenizer.json",
-    "tokenizer_config.json",
     "vocab.txt",
     "vocab.json",
     "tokenizer.model",
@@ -88,7 +87,7 @@ class GenerateOptions:
 
 
 def task_of_class(name: str | None) -> str | None:
-    """``classification`` for a transformers sequence/audio-classification class name, ``causal-lm`` for a causal LM
+    """``classification`` for a transformers sequence-classification class name, ``causal-lm`` for a causal LM
     class, else None."""
     from transformers.models.auto import modeling_auto as ma
 
@@ -156,7 +155,7 @@ def run_task(run: Any, where: str | os.PathLike[str]) -> str:
     return task
 
 
-def _from_run(run_dir: Path, tokenizer_dir: Path | None = None, source: str | None = None) -> Predictor:
+def _from_run(run_dir: Path, source: str | None = None) -> Predictor:
     from pelt_cli.keymap import quiet_transformers
     from pelt_cli.run import Run
 
@@ -164,7 +163,7 @@ def _from_run(run_dir: Path, tokenizer_dir: Path | None = None, source: str | No
     task = run_task(run, source or run_dir)
     quiet_transformers()
     model = run.load_model()
-    tok_dir = tokenizer_dir or run.meta.extra.get("tokenizer") or run.meta.base.path
+    tok_dir = run.meta.extra.get("tokenizer") or run.meta.base.path
     labels = (run.head or {}).get("labels")
     return _predictor(model, tok_dir, task, source or str(run_dir), labels)
 
@@ -220,10 +219,9 @@ def _from_bundle(path: Path) -> Predictor:
             f"{path}: the bundle's base {base} does not exist",
             hint=f"pelt apply-bundle {path} BASE -o RUN puts it on a base elsewhere; then predict with RUN",
         )
-    own_tok = path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES[:2])
     with tempfile.TemporaryDirectory(prefix="pelt-predict-") as tmp:
         run_dir = apply_bundle(path, base, Path(tmp) / "run")
-        return _from_run(run_dir, path if own_tok else None, str(path))
+        return _from_run(run_dir, str(path))  # apply_bundle records the bundle's tokenizer, if it has one
 
 
 def load_tokenizer(src: str | os.PathLike[str]) -> Any:
@@ -234,10 +232,10 @@ def load_tokenizer(src: str | os.PathLike[str]) -> Any:
     """
     import transformers
 
-    if not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
+    if not any((Path(src) / f).is_file() for f in VOCAB_FILES):
         # transformers would build an empty tokenizer (special tokens only) from config.json alone
         raise UsageError(
-            f"{src}: no tokenizer found (none of {', '.join(TOKENIZER_FILES[:3])}, …)",
+            f"{src}: no tokenizer found (none of {', '.join(VOCAB_FILES[:3])}, …)",
             hint="save the tokenizer beside the model: tokenizer.save_pretrained(DIR)",
         )
     try:

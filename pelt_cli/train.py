@@ -309,6 +309,9 @@ def _task_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any) -> torch.nn.Modu
     """The run's model, with a classification head created on its first training (a transformers task class where
     the family has one, else pelt's own head)."""
     if d.task not in heads.CLASSIFICATION or run.head:
+        if run.head and d.task in heads.CLASSIFICATION and run.head.get("task") not in heads.CLASSIFICATION:
+            raise UsageError(f"{run.dir}: its model ({run.head.get('class')}) has no classification head for "
+                             f"{d.task}", hint="apply the recipe to the base for a new run")
         if run.head and cfg.new_head:
             raise UsageError(f"{run.dir}: already has a trained head; --new-head applies to a run's first training",
                              hint="apply the recipe again for a new run")

@@ -118,6 +118,29 @@ def causal_lm(root: Path) -> Path:
     return once("llama", build)
 
 
+def decoder_classifier(root: Path, family: str) -> Path:
+    """A tiny ``LlamaForSequenceClassification`` or ``GPT2ForSequenceClassification`` (labels neg/pos, head weights
+    spread) with :func:`causal_lm`'s word-level tokenizer: decoders pool the last token that is not padding."""
+
+    def build() -> Path:
+        import tiny_models
+        import transformers
+
+        config = tiny_models.build(family).config
+        config.update({"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}})
+        cls = getattr(transformers, f"{'Llama' if family == 'llama' else 'GPT2'}ForSequenceClassification")
+        torch.manual_seed(0)
+        model = cls(config)
+        with torch.no_grad():
+            model.score.weight.normal_(0, 1.0)
+        model.save_pretrained(root / f"{family}-cls")
+        for f in causal_lm(root).glob("tokenizer*"):
+            shutil.copy(f, root / f"{family}-cls" / f.name)
+        return root / f"{family}-cls"
+
+    return once(f"{family}-cls", build)
+
+
 def sentences(n: int, seed: int = 0, labels: bool = False) -> list[dict[str, Any]]:
     """``n`` rows of 1 to 12 words (seeded), with a ``label`` (pos when "good"/"great"/"fun" occurs) if asked."""
     import random

@@ -109,6 +109,18 @@ def test_scores_do_not_depend_on_the_batch(root: Path, minilm: Path, method: str
     assert max(max_diff(beside_long, want), max_diff(batched, want)) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decoder_classifiers_pool_the_last_real_token_in_any_batch(root: Path, family: str) -> None:
+    from pelt_cli.predict import load_predictor, predict_rows
+
+    pred = load_predictor(fp.decoder_classifier(root, family))
+    assert pred.pad_id == pred.tokenizer.eos_token_id  # the tokenizer has no pad token: eos pads
+    rows = fp.sentences(12, 4)
+    want = alone(pred, rows)
+    got = list(predict_rows(pred, [*rows, LONG], batch_size=13))[:-1]
+    assert max_diff(got, want) <= 1e-5 and len({round(w["score"], 3) for w in want}) > 3
+
+
 # ------------------------------------------------------------------------------------------------ causal LM
 
 
