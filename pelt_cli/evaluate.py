@@ -32,8 +32,9 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: s
     raise UsageError(f"task {task!r}: expected one of {', '.join(heads.CLASSIFICATION)}, causal-lm, domain-matching")
 
 
-def evaluate(model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: torch.device,
-             labels: list[str] | None) -> tuple[dict[str, float], dict[str, Any]]:
+def evaluate(
+    model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: torch.device, labels: list[str] | None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics on the eval set (loss; accuracy and macro-F1, perplexity, or feature MSE/cosine) and gate stats."""
     model.eval()
     gatestats.reset(model)
@@ -70,8 +71,14 @@ def evaluate(model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: 
     elif task == "causal-lm":
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     else:
-        metrics.update({"feature_mse": metrics["eval_loss"], "feature_mse_unadapted": mse_before / max(n, 1),
-                        "cosine": cos_after / max(n, 1), "cosine_unadapted": cos_before / max(n, 1)})
+        metrics.update(
+            {
+                "feature_mse": metrics["eval_loss"],
+                "feature_mse_unadapted": mse_before / max(n, 1),
+                "cosine": cos_after / max(n, 1),
+                "cosine_unadapted": cos_before / max(n, 1),
+            }
+        )
     model.train()
     return metrics, gatestats.snapshot(model, meter)
 
@@ -107,8 +114,9 @@ VOCAB_FILES = (
 )
 
 
-def load_tokenizer(src: str | os.PathLike[str], hint: str = "save the tokenizer beside the model: "
-                   "tokenizer.save_pretrained(DIR)") -> Any:
+def load_tokenizer(
+    src: str | os.PathLike[str], hint: str = "save the tokenizer beside the model: tokenizer.save_pretrained(DIR)"
+) -> Any:
     """``AutoTokenizer`` of a directory, with ``pad_token`` set (to eos, else unk) when it has none.
 
     Raises:
@@ -150,8 +158,11 @@ def data_inputs(base_path: str | os.PathLike[str], task: str, tokenizer_path: st
     return load_tokenizer(src, hint="pass --tokenizer DIR pointing at tokenizer files for this model"), None
 
 
-def measure_run(run_dir: str | os.PathLike[str], data: str, batch_size: int = EVAL_BATCH,
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_run(
+    run_dir: str | os.PathLike[str],
+    data: str,
+    batch_size: int = EVAL_BATCH,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(metrics, gate statistics)`` of a run on ``data`` (a file, or a built-in dataset's eval split); the
     statistics in ``gates.json`` layout, the metrics with the eval wall time and row count."""
     from types import SimpleNamespace

@@ -168,4 +168,3 @@ def _header(ckpt: Checkpoint) -> dict[str, Any]:
         "total_params": ckpt.total_params,
         "total_bytes": ckpt.total_bytes,
     }
-

@@ -17,8 +17,22 @@ from .io.header import TensorInfo
 
 UNKNOWN = "unknown"
 ROLES = [
-    "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.up", "ffn.gate", "ffn.down",
-    "embed", "lm_head", "norm", "conv", "projector", "pooler", "head", UNKNOWN,
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.qkv",
+    "attn.o",
+    "ffn.up",
+    "ffn.gate",
+    "ffn.down",
+    "embed",
+    "lm_head",
+    "norm",
+    "conv",
+    "projector",
+    "pooler",
+    "head",
+    UNKNOWN,
 ]
 
 
@@ -177,5 +191,5 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    head, tail = pattern[: m.start()], pattern[m.end():]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
     return [x for alt in m.group(1).split(",") for x in expand_braces(head + alt + tail)]

@@ -77,7 +77,9 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def select(
-    mv: ModelView, targets: list[str] | tuple[str, ...], layers: tuple[int, ...] | None = None,
+    mv: ModelView,
+    targets: list[str] | tuple[str, ...],
+    layers: tuple[int, ...] | None = None,
     blocks: tuple[str, ...] = (),
 ) -> tuple[list[ModelSite], list[str]]:
     """Sites matching any target (a role or a glob on the disk or memory path), restricted by layers and blocks.

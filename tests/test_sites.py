@@ -158,4 +158,3 @@ def test_globs() -> None:
     assert not matches("model.layers.0.self_attn.k_proj.weight", ["*.{q,v}_proj.*"])
     assert matches("encoder.layer.0.output.dense.bias", ["encoder.layer.0"])
     assert not matches("encoder.layer.10.output.dense.bias", ["encoder.layer.1"])
-
