@@ -57,6 +57,14 @@ def run_pelt(*args: str, stdin: str | None = None, env: dict | None = None) -> s
     )
 
 
+def pelt_pipeline(*stages: str) -> subprocess.CompletedProcess:
+    """Run ``pelt STAGE | pelt STAGE | …`` through bash in fresh processes, one torch thread each (the stages run
+    side by side: no oversubscription); returns the completed pipeline with text stdout/stderr."""
+    cmd = " | ".join(" ".join([*PELT, stage]) for stage in stages)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
+
+
 def pelt_main(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``pelt_cli.cli.main`` in this process (no interpreter start-up); the same result as :func:`run_pelt`.
 
@@ -118,15 +126,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tinybert") / "bert"
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    transformers.BertModel(cfg).save_pretrained(d)
+    transformers.BertModel(tiny_models.config("bert", vocab_size=30522)).save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm / f, d / f)
     return d

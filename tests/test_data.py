@@ -144,29 +144,26 @@ def err(path: Path, **kw) -> str:
     return str(e.value)
 
 
+BAD_FILES = {  # file name: (its text, what the error says)
+    "miss.jsonl": (
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n',
+        ["miss.jsonl:3", "'label'", "missing"],
+    ),
+    "empty.csv": ('text,label\nok,a\n"fine, really",b\n  ,a\n', ["empty.csv:4", "'text'", "empty"]),
+    "bad.jsonl": ('{"text": "a"}\n{"text": "b",}\n', ["bad.jsonl:2: bad JSON"]),
+    "type.jsonl": ('{"text": "a"}\n{"text": 5}\n', ["type.jsonl:2", "'text'", "int"]),
+    "wide.tsv": ("text\tlabel\na\tb\nc\td\te\n", ["wide.tsv:3: 3 fields but the header has 2"]),
+    "zero.jsonl": ("\n \n", ["zero.jsonl: the file is empty"]),
+    "head.csv": ("text,label\n", ["head.csv: no data rows"]),
+}
+
+
 def test_errors_name_file_line_and_column(tmp_path: Path) -> None:
-    p = tmp_path / "miss.jsonl"
-    p.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n')
-    msg = err(p)
-    assert "miss.jsonl:3" in msg and "'label'" in msg and "missing" in msg
-    p = tmp_path / "empty.csv"
-    p.write_text('text,label\nok,a\n"fine, really",b\n  ,a\n')
-    msg = err(p)
-    assert "empty.csv:4" in msg and "'text'" in msg and "empty" in msg
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"text": "a"}\n{"text": "b",}\n')
-    assert "bad.jsonl:2: bad JSON" in err(p)
-    p = tmp_path / "type.jsonl"
-    p.write_text('{"text": "a"}\n{"text": 5}\n')
-    msg = err(p)
-    assert "type.jsonl:2" in msg and "'text'" in msg and "int" in msg
-    p = tmp_path / "wide.tsv"
-    p.write_text("text\tlabel\na\tb\nc\td\te\n")
-    assert "wide.tsv:3: 3 fields but the header has 2" in err(p)
-    (tmp_path / "zero.jsonl").write_text("\n \n")
-    assert "zero.jsonl: the file is empty" in err(tmp_path / "zero.jsonl")
-    (tmp_path / "head.csv").write_text("text,label\n")
-    assert "head.csv: no data rows" in err(tmp_path / "head.csv")
+    for name, (text, says) in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+        msg = err(tmp_path / name)
+        for part in says:
+            assert part in msg, (name, msg)
     (tmp_path / "unk.csv").write_text("hello world,positive\nbad day,negative\n")  # header row forgotten
     msg = err(tmp_path / "unk.csv")
     assert msg.startswith(str(tmp_path / "unk.csv")) and "hello world, positive" in msg and "text+label" in msg

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import transformers
 from conftest import pelt_main, word_tokenizer
@@ -68,15 +69,7 @@ def test_classification_merges_into_a_pipeline_model(
 
 
 def test_a_task_model_base_keeps_its_head(tiny_dir: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
+    cfg = tiny_models.config("bert", num_labels=2)
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
     word_tokenizer(tmp_path / "cls")
@@ -102,14 +95,7 @@ def test_a_task_model_base_keeps_its_head(tiny_dir: Path, sentiment: tuple[Path,
 
 
 def test_causal_lm_on_a_base_without_an_lm_head_is_one_line(tmp_path: Path, words: Path) -> None:
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
+    cfg = tiny_models.config("llama")
     transformers.LlamaModel(cfg).save_pretrained(tmp_path / "bare")
     data = tmp_path / "lm.jsonl"
     data.write_text("".join(json.dumps({"text": "the film was good"}) + "\n" for _ in range(8)))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import transformers as tf
 from conftest import REPO, hash_tree, make_run, outputs, pelt_main, set_gate_means
@@ -73,16 +74,7 @@ def test_tied_head_is_untied(tiny_dir: Path, tmp_path: Path, family: str) -> Non
     base_dir = tiny_dir / family
     if family == "qwen2-tied":
         torch.manual_seed(0)
-        cfg = tf.Qwen2Config(
-            vocab_size=100,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            tie_word_embeddings=True,
-        )
+        cfg = tiny_models.config("qwen2", tie_word_embeddings=True)
         base_dir = tmp_path / "base"
         tf.Qwen2ForCausalLM(cfg).save_pretrained(base_dir)
     glob, method, untied = TIED[family]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import transformers
 from conftest import hash_tree, make_run, outputs, pelt_main, randomise
@@ -249,16 +250,7 @@ def test_head_adapter_refusals_are_one_line(tiny_dir: Path, tmp_path: Path) -> N
         peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]),
         tmp_path / "seq",
     )
-    lm = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-        )
-    )
+    lm = transformers.LlamaForCausalLM(tiny_models.config("llama"))
     lm.model.save_pretrained(tmp_path / "bare-llama")
     _peft_adapter(lm, peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), tmp_path / "lm")
     apply(rc.load("adapter"), tiny_dir / "bert", tmp_path / "adapter")

@@ -4,14 +4,12 @@ exact, refusals, and the whole shell pipeline apply | train | prune | merge."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, hash_tree, pelt_main, set_gate_means
+from conftest import hash_tree, pelt_main, pelt_pipeline, set_gate_means
 
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
@@ -160,15 +158,12 @@ def test_refusals(tiny_bert: Path, trained_unipelt: Path, tmp_path: Path) -> Non
 
 
 def test_pipeline_apply_train_prune_merge(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    py = f"{sys.executable} -m pelt_cli.cli"
-    cmd = (
-        f"{py} apply unipelt {tiny_bert} -o {tmp_path / 'run'} | "
-        f"{py} train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 -q | "
-        f"{py} prune - --keep-top-k 1 --per method | "
-        f"{py} merge - -o {tmp_path / 'merged'} --freeze-gates mean --keep-unmerged --verify"
+    r = pelt_pipeline(
+        f"apply unipelt {tiny_bert} -o {tmp_path / 'run'}",
+        f"train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 -q",
+        "prune - --keep-top-k 1 --per method",
+        f"merge - -o {tmp_path / 'merged'} --freeze-gates mean --keep-unmerged --verify",
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the stages run side by side: one thread each, no oversubscription
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "merged")
     assert "pruned 3 of 6 gated modules" in r.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, hash_tree, pelt_main
+from conftest import REPO, hash_tree, pelt_main, pelt_pipeline
 
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
@@ -156,13 +156,10 @@ def test_gate_statistics_recorded(tiny_bert: Path, sentiment: tuple[Path, Path],
 
 
 def test_cli_pipeline_prints_run(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    cmd = (
-        f"{sys.executable} -m pelt_cli.cli apply lora {tiny_bert} -o {tmp_path / 'run'} | "
-        f"{sys.executable} -m pelt_cli.cli train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 "
-        f"--batch-size 32"
+    r = pelt_pipeline(
+        f"apply lora {tiny_bert} -o {tmp_path / 'run'}",
+        f"train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 --batch-size 32",
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the stages run side by side: one thread each, no oversubscription
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
     assert "epoch 1: eval_loss" in r.stderr and "training" in r.stderr

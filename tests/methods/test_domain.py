@@ -80,15 +80,7 @@ def tiny_llava() -> nn.Module:
             patch_size=8,
             projection_dim=32,
         ),
-        text_config=tf.LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        ),
+        text_config=tiny_models.config("llama"),
         image_token_index=98,
         vision_feature_layer=-1,
     )
