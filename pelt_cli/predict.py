@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pelt_cli.errors import CheckpointError, DataError, UsageError
-from pelt_cli.evaluate import load_tokenizer
+from pelt_cli.tokenizer import load_tokenizer
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 WINDOW_BATCHES = 16  # rows are sorted by length within windows of this many batches

@@ -320,17 +320,24 @@ def _write(
 
     if data is not None:
         report.evaluation = {"before": evaluate_run(run.dir, data, batch_size)}
+    _rewrite(run, new, target, adapter, force, pruned)
+    if data is not None:
+        report.evaluation["after"] = evaluate_run(target, data, batch_size)
+
+
+def _rewrite(run: Run, new: Run, target: Path, adapter: dict, force: bool, pruned: dict | None = None) -> None:
+    """Write ``new`` (a prune or restore of ``run``) to ``target``: ``adapter`` as its tensors, ``pruned`` (if any) as
+    its pruned weights, and the run's other files, less its training state; rewriting ``run`` in place needs no
+    ``force``."""
     new.write(
         target,
         adapter,
         force=True if target == run.dir else force,
         copy_from=run.dir,
         skip=(PRUNED_FILE, STATE_DIR),
-        tensor_files={PRUNED_FILE: pruned},
+        tensor_files=None if pruned is None else {PRUNED_FILE: pruned},
         note=f"rewritten by pelt prune from {run.dir}",
     )
-    if data is not None:
-        report.evaluation["after"] = evaluate_run(target, data, batch_size)
 
 
 def restore_run(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False) -> PruneReport:
@@ -356,14 +363,7 @@ def restore_run(run_dir: str | Path, out: str | Path | None = None, *, force: bo
         for entry in pruning["history"]
         for h in entry["pruned"]
     ]
-    restored.write(
-        target,
-        adapter,
-        force=True if target == run.dir else force,
-        copy_from=run.dir,
-        skip=(PRUNED_FILE, STATE_DIR),
-        note=f"rewritten by pelt prune from {run.dir}",
-    )
+    _rewrite(run, restored, target, adapter, force)
     return PruneReport(
         str(run.dir),
         str(target),

@@ -26,20 +26,14 @@ TABLES = {
         cls.predictions.decoder                      lm_head   -
     """,
     "roberta": """
-        encoder.layer.0.attention.self.query    attn.q    encoder
-        encoder.layer.0.attention.self.key      attn.k    encoder
-        encoder.layer.0.attention.self.value    attn.v    encoder
-        encoder.layer.0.attention.output.dense  attn.o    encoder
-        encoder.layer.0.intermediate.dense      ffn.up    encoder
-        encoder.layer.0.output.dense            ffn.down  encoder
-        pooler.dense                            pooler    -
+        pooler.dense  pooler  -
     """,
     "gpt2": """
+        transformer.h.0.ln_1         norm      decoder
         transformer.h.0.attn.c_attn  attn.qkv  decoder
         transformer.h.0.attn.c_proj  attn.o    decoder
         transformer.h.0.mlp.c_fc     ffn.up    decoder
         transformer.h.0.mlp.c_proj   ffn.down  decoder
-        transformer.h.0.ln_1         norm      decoder
         transformer.wte              embed     -
         lm_head                      lm_head   -
     """,
@@ -98,6 +92,8 @@ EXPECTED = {
     fam: {m: (role, block) for m, role, block in map(str.split, t.strip().splitlines())} for fam, t in TABLES.items()
 }
 EXPECTED["qwen2"] = EXPECTED["llama"]
+bert_encoder = {m.removeprefix("bert."): site for m, site in EXPECTED["bert"].items() if m.startswith("bert.encoder.")}
+EXPECTED["roberta"].update(bert_encoder)  # RoBERTa's encoder is BERT's, without the "bert." prefix
 
 
 @pytest.mark.parametrize("family", FAMILIES)

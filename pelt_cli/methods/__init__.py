@@ -29,11 +29,16 @@ Adding a method = one file here + a recipe + a test; it registers itself when th
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from pelt_cli.errors import PeltError, RecipeError
+
+
+def choice(default: str, choices: Iterable[str], help_text: str) -> Any:
+    """A ``Params`` field whose value is one of ``choices`` (checked by :mod:`pelt_cli.recipe`), with its help."""
+    return field(default=default, metadata={"choices": list(choices), "help": help_text})
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,31 @@ class ModelSite:
     block: str
 
 
+def linear_sites(
+    model: Any, sites: list[ModelSite], method: str, problems: list[str], why: str = ""
+) -> Iterator[tuple[ModelSite, Any]]:
+    """Each site with its module, for a ``check`` that needs Linear or Conv1D layers.
+
+    Args:
+        model: the model (or its ``meta`` skeleton).
+        sites: the sites to check.
+        method: the method's name, for the problem.
+        problems: where a problem goes for each site whose module is of another kind (that site is skipped).
+        why: what the problem adds after "needs a Linear or Conv1D layer".
+
+    Yields:
+        ``(site, module)`` for each Linear or Conv1D site, in order.
+    """
+    from pelt_cli import surgery
+
+    for s in sites:
+        mod = surgery.get_module(model, s.module)
+        if surgery.is_linear(mod):
+            yield s, mod
+        else:
+            problems.append(f"{s.disk_module} is a {type(mod).__name__}; {method} needs a Linear or Conv1D layer{why}")
+
+
 @dataclass
 class Insertion:
     """What one method attached at one site: the site, and the paths of the ``pelt_*`` modules it added."""
@@ -73,6 +103,11 @@ class FoldOp:
 
     fn: Callable[[Any], Any]
     late: bool = False
+
+
+def always_exact(method: Any, row: Any) -> str:
+    """``foldable`` of a method whose every row folds exactly (``foldable = always_exact`` in its class)."""
+    return "exact"
 
 
 def fold_tensor(t: Any, ops: list[FoldOp]) -> Any:

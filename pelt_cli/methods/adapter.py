@@ -26,7 +26,7 @@ from torch import nn
 
 from pelt_cli import surgery
 from pelt_cli.errors import PeltError
-from pelt_cli.methods import Insertion, ModelSite, register
+from pelt_cli.methods import Insertion, ModelSite, choice, linear_sites, register
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 PLACEMENTS = ("after_ffn", "after_attn", "parallel")
@@ -153,13 +153,10 @@ class AdapterParams:
         default=None, metadata={"min": 1e-9, "help": "r = d / reduction (16 when neither size nor reduction is given)"}
     )
     activation: str = field(default="relu", metadata={"choices": list(ACTIVATIONS), "help": "σ in the bottleneck"})
-    placement: str = field(
-        default="after_ffn",
-        metadata={
-            "choices": list(PLACEMENTS),
-            "help": "after_ffn (targets ffn.down), after_attn (targets attn.o) or "
-            "parallel to the FFN (targets ffn.down)",
-        },
+    placement: str = choice(
+        "after_ffn",
+        PLACEMENTS,
+        "after_ffn (targets ffn.down), after_attn (targets attn.o) or parallel to the FFN (targets ffn.down)",
     )
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999, "help": "dropout inside the branch"})
     scale: float = field(default=1.0, metadata={"help": "s, the branch multiplier (initial value if learned)"})
@@ -200,14 +197,7 @@ class AdapterMethod:
         problems = []
         all_sites = _all_sites(model) if params.placement == "parallel" else []
         expected = PLACEMENT_ROLE[params.placement]
-        for s in sites:
-            mod = surgery.get_module(model, s.module)
-            if not surgery.is_linear(mod):
-                problems.append(
-                    f"{s.disk_module} is a {type(mod).__name__}; adapter needs a Linear or Conv1D "
-                    "layer (its output is what the adapter transforms)"
-                )
-                continue
+        for s, mod in linear_sites(model, sites, self.name, problems, " (its output is what the adapter transforms)"):
             if s.role not in (expected, "unknown"):
                 problems.append(
                     f"placement {params.placement} expects {expected} sites; {s.disk_module} has role "

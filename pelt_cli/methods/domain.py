@@ -22,7 +22,7 @@ from torch import nn
 
 from pelt_cli import surgery
 from pelt_cli.errors import PeltError
-from pelt_cli.methods import GateUnit, Insertion, ModelSite, register
+from pelt_cli.methods import GateUnit, Insertion, ModelSite, choice, register
 
 # preset → (layers, heads, ffn); the ffn size is taken as given whatever the model's width (see ``ffn_ratio``)
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -161,12 +161,8 @@ def _domain_hook(module: nn.Module, args: tuple) -> tuple:
 class DomainParams:
     """Hyper-parameters of ``domain``."""
 
-    preset: str = field(
-        default="lightweight",
-        metadata={
-            "choices": list(PRESETS),
-            "help": "lightweight (1 layer, 4 heads, FFN 1024), standard (2, 8, 2048), heavy (4, 16, 4096)",
-        },
+    preset: str = choice(
+        "lightweight", PRESETS, "lightweight (1 layer, 4 heads, FFN 1024), standard (2, 8, 2048), heavy (4, 16, 4096)"
     )
     layers: int | None = field(default=None, metadata={"min": 1, "help": "encoder layers (overrides the preset)"})
     heads: int | None = field(default=None, metadata={"min": 1, "help": "attention heads; must divide the width"})

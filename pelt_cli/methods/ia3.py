@@ -16,7 +16,7 @@ Merging is exact: :func:`fold_output_scale` for output scales, :func:`fold_input
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from pelt_cli import surgery
 from pelt_cli.errors import ExportRefused
-from pelt_cli.methods import FoldOp, Insertion, ModelSite, register
+from pelt_cli.methods import FoldOp, Insertion, ModelSite, always_exact, choice, linear_sites, register
 
 FFN_PLACEMENTS = ("down_input", "up_output")
 FFN_ROLE = {"down_input": "ffn.down", "up_output": "ffn.up"}
@@ -109,13 +109,11 @@ def _input_hook(module: nn.Module, args: tuple) -> tuple:
 class IA3Params:
     """Hyper-parameters of ``ia3``."""
 
-    ffn_placement: str = field(
-        default="down_input",
-        metadata={
-            "choices": list(FFN_PLACEMENTS),
-            "help": "down_input: scale the input of ffn.down (after the activation; target ffn.down); "
-            "up_output: scale the output of ffn.up (before the activation; target ffn.up)",
-        },
+    ffn_placement: str = choice(
+        "down_input",
+        FFN_PLACEMENTS,
+        "down_input: scale the input of ffn.down (after the activation; target ffn.down); "
+        "up_output: scale the output of ffn.up (before the activation; target ffn.up)",
     )
 
 
@@ -142,11 +140,7 @@ class IA3Method:
     def check(self, model: nn.Module, params: IA3Params, sites: list[ModelSite]) -> list[str]:
         """Sites must be Linear/Conv1D; an FFN site must fit ``ffn_placement``; a fused QKV width must be 3·d."""
         problems = []
-        for s in sites:
-            mod = surgery.get_module(model, s.module)
-            if not surgery.is_linear(mod):
-                problems.append(f"{s.disk_module} is a {type(mod).__name__}; ia3 needs a Linear or Conv1D layer")
-                continue
+        for s, mod in linear_sites(model, sites, self.name, problems):
             kind = site_kind(s.role, params)
             if kind == "bad":
                 want = FFN_ROLE[params.ffn_placement]
@@ -167,31 +161,29 @@ class IA3Method:
 
     def insert(self, model: nn.Module, params: IA3Params, sites: list[ModelSite]) -> list[Insertion]:
         """Attach ``pelt_ia3`` to each layer and scale its output (or, for ffn ``down_input``, its input)."""
-        out = []
-        for s in sites:
-            mod = surgery.get_module(model, s.module)
-            in_f, out_f, _ = surgery.features(mod)
-            kind = site_kind(s.role, params)
-            with torch.device(mod.weight.device):
-                if kind == "input":
-                    vec = IA3Vector(in_f, side="input")
-                elif kind == "qkv":
-                    vec = IA3Vector(out_f, fixed=out_f // 3)
-                else:
-                    vec = IA3Vector(out_f)
-            path = surgery.attach(model, s.module, "ia3", vec)
-            if kind == "input":
-                surgery.hook_input(model, s.module, _input_hook)
-                note = "scales the input"
-            else:
-                surgery.hook_output(model, s.module, _output_hook)
-                note = "scales the k and v thirds of the output" if kind == "qkv" else "scales the output"
-            out.append(Insertion(s.module, s.role, self.name, [path], note))
-        return out
+        return [self._insert_at(model, s, site_kind(s.role, params)) for s in sites]
 
-    def foldable(self, row: Any) -> str | None:
-        """``exact``: a scale on a layer's output or input is a scale of its weight (and bias) rows or columns."""
-        return "exact"
+    def _insert_at(self, model: nn.Module, s: ModelSite, kind: str) -> Insertion:
+        """Attach one vector at ``s`` and hook it to scale what ``kind`` (:func:`site_kind`) says."""
+        mod = surgery.get_module(model, s.module)
+        in_f, out_f, _ = surgery.features(mod)
+        with torch.device(mod.weight.device):
+            if kind == "input":
+                vec = IA3Vector(in_f, side="input")
+            elif kind == "qkv":
+                vec = IA3Vector(out_f, fixed=out_f // 3)
+            else:
+                vec = IA3Vector(out_f)
+        path = surgery.attach(model, s.module, "ia3", vec)
+        if kind == "input":
+            surgery.hook_input(model, s.module, _input_hook)
+            note = "scales the input"
+        else:
+            surgery.hook_output(model, s.module, _output_hook)
+            note = "scales the k and v thirds of the output" if kind == "qkv" else "scales the output"
+        return Insertion(s.module, s.role, self.name, [path], note)
+
+    foldable = always_exact  # a scale on a layer's output or input is a scale of its weight (and bias) rows or columns
 
     def fold(
         self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor], gate: float | None = None
