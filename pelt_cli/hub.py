@@ -1,24 +1,27 @@
 """Hugging Face Hub ids as MODEL: ``org/name[@revision]``.
 
 Resolved offline from the local Hugging Face cache (``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``) to
-the snapshot directory, or, for ``pelt inspect`` only, read over HTTP from the safetensors headers (a few KB per
-shard, via huggingface_hub's safetensors-metadata API) and ``config.json``, so a large model inspects without
+the snapshot directory, or, for ``pelt inspect`` only, read over HTTP from ``config.json``, the shard index and
+each shard's safetensors header (one 16 KB Range request per shard, as huggingface_hub's safetensors-metadata API
+does with 100 KB; huggingface_hub's session, URLs, token and errors), so a large model inspects without
 downloading its weights. huggingface_hub is imported inside functions: never on ``pelt --help``'s path.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, PeltError, UsageError
 from .io.checkpoint import Checkpoint, resolve_files
-from .io.header import TensorInfo
+from .io.header import INDEX_NAME, MAX_HEADER, SINGLE_NAME, TensorInfo, _parse_entries
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^\s@]+))?")
@@ -140,57 +143,119 @@ def _cached_revisions(repo_dir: Path) -> list[str]:
 
 
 def remote_checkpoint(hub: HubId) -> Checkpoint:
-    """Read a Hub model's safetensors headers (HTTP Range requests) and ``config.json``; no weights are fetched.
+    """Read a Hub model's ``config.json``, shard index and safetensors headers over HTTP; no weights are fetched.
 
-    Tensor offsets are relative to each shard's data region (the header length is not fetched); sizes, dtypes
-    and shapes are exact. Every file is a name relative to the repo.
+    Each shard costs one Range request of :data:`FIRST_RANGE` bytes (a second one only for a longer header), and
+    the header is validated as on disk, so the tensor table (dtypes, shapes, byte ranges) is the one the files
+    would give. Files are names relative to the repo; nothing is written to the cache.
 
     Raises:
         CheckpointError: the repo or revision does not exist, or holds no safetensors weights.
         PeltError: the Hub could not be reached.
     """
-    from huggingface_hub import HfApi
+    from concurrent.futures import ThreadPoolExecutor
 
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
-    with _hub_errors(hub, api.endpoint):
-        config = _remote_config(api, hub)  # first: it tells a missing repo or revision from a missing file
-        meta = api.get_safetensors_metadata(hub.repo_id, revision=hub.revision)
-    names = list(dict.fromkeys(meta.weight_map.values())) or list(meta.files_metadata)
+    from huggingface_hub import constants
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    with _hub_errors(hub, endpoint):
+        config = _remote_json(hub, endpoint, "config.json")  # first: it tells a missing repo or revision apart
+        index = _remote_json(hub, endpoint, INDEX_NAME)
+        names = _shard_names(hub, index)
+        with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+            headers = list(pool.map(lambda n: _remote_header(hub, endpoint, n), names))
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
-    for fname in names:
-        fm = meta.files_metadata[fname]
-        for name, t in fm.tensors.items():
-            begin, end = t.data_offsets
-            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), Path(fname), begin, end)
-        metadata.update(fm.metadata or {})
+    for shard_tensors, shard_meta in headers:
+        tensors.update(shard_tensors)
+        metadata.update(shard_meta)
+    missing = [k for k in (index or {}).get("weight_map", {}) if k not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{hub}: {len(missing)} tensor(s) in the Hub's shard index are in no shard header, e.g. {missing[0]!r}"
+        )
     return Checkpoint(
         root=Path(str(hub)),
         files=[Path(n) for n in names],
         tensors=tensors,
         metadata=metadata,
         config=config,
-        sharded=meta.sharded,
+        sharded=index is not None,
     )
 
 
-def _remote_config(api: Any, hub: HubId) -> dict[str, Any] | None:
-    """``config.json`` fetched over HTTP (not cached); None when the repo has none."""
+FIRST_RANGE = 16 * 1024  # bytes asked for first: the 8-byte length and, for most shards, the whole header
+
+
+def _url(hub: HubId, endpoint: str, filename: str) -> str:
     from huggingface_hub import hf_hub_url
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    return hf_hub_url(hub.repo_id, filename, revision=hub.revision, endpoint=endpoint)
+
+
+def _get(url: str, first: int | None = None, last: int | None = None) -> Any:
+    """GET ``url`` (bytes ``first..last`` when given), following the Hub's redirects; raises the Hub's errors."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    url = hf_hub_url(hub.repo_id, "config.json", revision=hub.revision, endpoint=api.endpoint)
-    response = get_session().get(url, headers=build_hf_headers(), follow_redirects=True)
+    headers = build_hf_headers()
+    if first is not None:
+        headers["Range"] = f"bytes={first}-{last}"
+    response = get_session().get(url, headers=headers, follow_redirects=True)
+    hf_raise_for_status(response)
+    return response
+
+
+def _remote_json(hub: HubId, endpoint: str, filename: str) -> dict[str, Any] | None:
+    """A small JSON file of the repo over HTTP (not cached); None when the repo has no such file."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
     try:
-        hf_raise_for_status(response)
+        doc = _get(_url(hub, endpoint, filename)).json()
     except RemoteEntryNotFoundError:
         return None
-    try:
-        doc = response.json()
     except ValueError as e:
-        raise CheckpointError(f"{hub}: config.json on the Hub is not valid JSON ({e})") from None
+        raise CheckpointError(f"{hub}: {filename} on the Hub is not valid JSON ({e})") from None
     return doc if isinstance(doc, dict) else None
+
+
+def _shard_names(hub: HubId, index: dict[str, Any] | None) -> list[str]:
+    """The safetensors files to read: the index's shards in order, or ``model.safetensors``."""
+    if index is None:
+        return [SINGLE_NAME]
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{hub}: {INDEX_NAME} on the Hub has no 'weight_map' object")
+    return list(dict.fromkeys(wm.values()))
+
+
+def _remote_header(hub: HubId, endpoint: str, filename: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """One shard's header over HTTP Range requests, validated as :func:`~pelt_cli.io.header.read_header` does."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    url = _url(hub, endpoint, filename)
+    try:
+        r = _get(url, 0, FIRST_RANGE - 1)
+    except RemoteEntryNotFoundError:
+        raise CheckpointError(
+            f"{hub}: the Hub repo has no {filename} (nor {INDEX_NAME}); pelt reads safetensors only"
+        ) from None
+    head, total = r.content, r.headers.get("Content-Range", "").rpartition("/")[2]
+    size = int(total) if total.isdigit() else len(head)
+    where = Path(f"{hub}/{filename}")
+    if len(head) < 8:
+        raise CheckpointError(f"{where}: truncated: {size} bytes, a safetensors file starts with an 8-byte length")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{where}: header length {n} does not fit the file ({size} bytes)")
+    raw = head[8 : 8 + n] if len(head) >= 8 + n else _get(url, 8, 8 + n - 1).content
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: header is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: header is JSON {type(doc).__name__}, expected an object of tensors")
+    tensors, metadata = _parse_entries(where, doc, 8 + n, size)
+    return {k: replace(t, file=Path(filename)) for k, t in tensors.items()}, metadata
 
 
 @contextmanager
@@ -219,13 +284,6 @@ def _mapped(hub: HubId, where: str, exc: Exception) -> PeltError | None:
             f"{hub}: no such file or directory, and no such model on the Hub ({where}; "
             "private models need: hf auth login)"
         )
-    if isinstance(exc, e.NotASafetensorsRepoError):
-        return CheckpointError(
-            f"{hub}: the Hub repo has no model.safetensors or model.safetensors.index.json "
-            "(pelt reads safetensors only)"
-        )
-    if isinstance(exc, e.SafetensorsParsingError):
-        return CheckpointError(f"{hub}: a safetensors header on the Hub does not parse ({exc})")
     if isinstance(exc, (e.HfHubHTTPError, OSError)) or type(exc).__module__.startswith(("httpx", "httpcore")):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return PeltError(f"{hub}: the Hub at {where} could not be read ({first}); for files on disk: {hub.download}")

@@ -38,10 +38,17 @@ def resolve_model(arg: str, stdin: Any = None) -> Path:
         if spec is None or spec.origin is None:
             raise UsageError(f"short name {arg!r} needs the package {dist}", hint=f"pip install {dist}")
         return Path(spec.origin).parent / "model"
-    from .hub import cached_snapshot, parse_hub_id
+    from .hub import HubNotCached, cached_snapshot, parse_hub_id
 
     hub = parse_hub_id(arg)
-    return Path(arg) if hub is None else cached_snapshot(hub)
+    if hub is None:
+        return Path(arg)
+    try:
+        return cached_snapshot(hub)
+    except HubNotCached:
+        if Path(arg).parent.is_dir():  # runs/typo: a local path mistyped, not an id
+            return Path(arg)
+        raise
 
 
 def resolve_source(arg: str, stdin: Any = None) -> Path | Checkpoint:
