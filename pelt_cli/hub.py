@@ -9,19 +9,18 @@ downloading its weights. huggingface_hub is imported inside functions: never on 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, PeltError, UsageError
 from .io.checkpoint import Checkpoint, resolve_files
-from .io.header import INDEX_NAME, MAX_HEADER, SINGLE_NAME, TensorInfo, _parse_entries
+from .io.header import INDEX_NAME, MAX_HEADER, SINGLE_NAME, TensorInfo, parse_header
 
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^\s@]+))?")
@@ -106,7 +105,7 @@ def cached_snapshot(hub: HubId) -> Path:
             the ``hf download`` command.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     cache = cache_dir()
     repo_dir = cache / ("models--" + hub.repo_id.replace("/", "--"))
@@ -117,6 +116,8 @@ def cached_snapshot(hub: HubId) -> Path:
         )
     try:
         snap = Path(snapshot_download(hub.repo_id, revision=hub.revision, cache_dir=cache, local_files_only=True))
+    except IncompleteSnapshotError:
+        raise HubNotCached(f"{hub}: the cached snapshot is incomplete; download it first: {hub.download}") from None
     except LocalEntryNotFoundError:
         have = ", ".join(_cached_revisions(repo_dir)) or "none"
         raise HubNotCached(
@@ -147,7 +148,7 @@ def remote_checkpoint(hub: HubId) -> Checkpoint:
 
     Each shard costs one Range request of :data:`FIRST_RANGE` bytes (a second one only for a longer header), and
     the header is validated as on disk, so the tensor table (dtypes, shapes, byte ranges) is the one the files
-    would give. Files are names relative to the repo; nothing is written to the cache.
+    would give. Files are ``org/name[@rev]/FILE``; nothing is written to the cache.
 
     Raises:
         CheckpointError: the repo or revision does not exist, or holds no safetensors weights.
@@ -176,7 +177,7 @@ def remote_checkpoint(hub: HubId) -> Checkpoint:
         )
     return Checkpoint(
         root=Path(str(hub)),
-        files=[Path(n) for n in names],
+        files=[Path(f"{hub}/{n}") for n in names],
         tensors=tensors,
         metadata=metadata,
         config=config,
@@ -248,14 +249,8 @@ def _remote_header(hub: HubId, endpoint: str, filename: str) -> tuple[dict[str, 
     if n > MAX_HEADER or 8 + n > size:
         raise CheckpointError(f"{where}: header length {n} does not fit the file ({size} bytes)")
     raw = head[8 : 8 + n] if len(head) >= 8 + n else _get(url, 8, 8 + n - 1).content
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where}: header is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{where}: header is JSON {type(doc).__name__}, expected an object of tensors")
-    tensors, metadata = _parse_entries(where, doc, 8 + n, size)
-    return {k: replace(t, file=Path(filename)) for k, t in tensors.items()}, metadata
+    shard = parse_header(where, raw, size)
+    return shard.tensors, shard.metadata
 
 
 @contextmanager
