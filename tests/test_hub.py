@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -224,7 +225,7 @@ def hub(tmp_path: Path, saved: dict[str, Path], monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))  # where huggingface_hub keeps a shard index
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))
     try:
         yield FakeHub
     finally:
@@ -241,6 +242,8 @@ def test_inspect_over_http_matches_disk(hub: type[FakeHub], saved: dict[str, Pat
     shards = len(remote["files"])
     assert 0 < fetched <= shards * 16 * 1024 and fetched < weights / 100, (fetched, weights)
     assert remote["total_bytes"] > 0.9 * weights
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    assert not cache.exists() or not any(cache.rglob("*.safetensors*"))  # headers only, nothing cached
 
 
 def test_inspect_over_http_long_header(hub: type[FakeHub], saved: dict[str, Path]) -> None:
