@@ -14,11 +14,11 @@ from typing import Any
 # (``conv_layers`` of audio feature extractors are not transformer blocks).
 LAYER_LIST = re.compile(r"(?:^|\.)(?!conv)(h|[A-Za-z_]*layers?|[A-Za-z_]*blocks?)\.(\d+)(?=\.|$)")
 
-Q = {"q", "query", "q_proj", "q_lin", "wq", "query_proj", "q_linear", "to_q"}
-K = {"k", "key", "k_proj", "k_lin", "wk", "key_proj", "k_linear", "to_k"}
-V = {"v", "value", "v_proj", "v_lin", "wv", "value_proj", "v_linear", "to_v"}
+Q_NAMES = {"q", "query", "q_proj", "q_lin", "wq", "query_proj", "q_linear", "to_q"}
+K_NAMES = {"k", "key", "k_proj", "k_lin", "wk", "key_proj", "k_linear", "to_k"}
+V_NAMES = {"v", "value", "v_proj", "v_lin", "wv", "value_proj", "v_linear", "to_v"}
 QKV = {"c_attn", "query_key_value", "qkv_proj", "wqkv", "qkv", "in_proj", "w_pack", "to_qkv"}
-O = {"o", "o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj", "out", "proj", "to_out", "out_linear"}
+O_NAMES = {"o", "o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj", "out", "proj", "to_out", "out_linear"}
 GATE = {"gate_proj", "wi_0", "w1"}
 UP = {"up_proj", "fc1", "c_fc", "dense_h_to_4h", "lin1", "wi", "wi_1", "fc_in", "intermediate_dense", "ffn", "w3",
       "linear1", "gate_up_proj"}
@@ -78,7 +78,8 @@ def infer_role(path: str) -> str:
     parent = inner[-2].lower() if len(inner) >= 2 else ""
     attn = any("attn" in p.lower() or "attention" in p.lower() for p in inner[:-1])
     if attn:
-        for names, role in ((QKV, "attn.qkv"), (Q, "attn.q"), (K, "attn.k"), (V, "attn.v"), (O, "attn.o")):
+        for names, role in ((QKV, "attn.qkv"), (Q_NAMES, "attn.q"), (K_NAMES, "attn.k"), (V_NAMES, "attn.v"),
+                            (O_NAMES, "attn.o")):
             if leaf in names:
                 return role
         return "unknown"
