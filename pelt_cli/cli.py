@@ -296,7 +296,7 @@ def inspect(
         return
     report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
     if report["family"] is None:
-        console.info(f"note: {report['path']}: model family not recognised, roles are 'unknown'")
+        console.info(f"note: {report['path']}: no role table for this family; roles are inferred from its naming")
     console.emit_inspect(report, chosen, summary)
 
 

@@ -167,7 +167,7 @@ def _filter_layers(pool: list[ModelSite], layers: tuple[int, ...]) -> list[Model
 
 
 def _no_match(mv: ModelView, target: str, layers: tuple[int, ...] | None, blocks: tuple[str, ...]) -> str:
-    fam = mv.family or "unknown-family"
+    fam = mv.family or getattr(getattr(mv.model, "config", None), "model_type", None) or "unknown-family"
     where = []
     if layers is not None:
         where.append(f"layers {list(layers)}")
