@@ -91,8 +91,12 @@ PELT = [
     ("pelt unipelt w/o prefix", "unipelt", ["inserts.0.params.modules=[lora,adapter]"], True, "-"),
 ]
 CONTROL = "base copy (control)"
-PAPER = {name: paper for name, _, _, _, paper in PELT} | {"base": "-", CONTROL: "-", "peft lora": "none",
-                                                          "peft ia3": "none"}
+PAPER = {name: paper for name, _, _, _, paper in PELT} | {
+    "base": "-",
+    CONTROL: "-",
+    "peft lora": "none",
+    "peft ia3": "none",
+}
 IA3_TARGETS = r".*\.layer\.\d+\.(attention\.self\.(key|value)|output\.dense)"
 IA3_FFN = r".*\.layer\.\d+\.output\.dense"
 
@@ -168,8 +172,17 @@ def build(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[s
         out = forward(model, batch)
         diff = (out - ref).abs().max().item() if out.shape == ref.shape else float("inf")
         ok = out.shape == ref.shape and (not identity or diff <= IDENTITY_TOL)
-        checks.append({"variant": name, "insertions": len(rows), "shape": list(out.shape), "shape_ok":
-                       out.shape == ref.shape, "identity_expected": identity, "max_abs_diff": diff, "ok": ok})
+        checks.append(
+            {
+                "variant": name,
+                "insertions": len(rows),
+                "shape": list(out.shape),
+                "shape_ok": out.shape == ref.shape,
+                "identity_expected": identity,
+                "max_abs_diff": diff,
+                "ok": ok,
+            }
+        )
         randomise(surgery.inserted_parameters(model))
         models[name] = model
     for kind in ("lora", "ia3"):
@@ -179,16 +192,26 @@ def build(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[s
         expected = 12 if kind == "lora" else 18
         bad = [w for w in wrapped if "attention.output" in w]
         ok = out.shape == ref.shape and diff <= IDENTITY_TOL and len(wrapped) == expected and not bad
-        checks.append({"variant": f"peft {kind}", "insertions": len(wrapped), "shape": list(out.shape),
-                       "shape_ok": out.shape == ref.shape, "identity_expected": True, "max_abs_diff": diff,
-                       "ok": ok, "info_only": True})
+        checks.append(
+            {
+                "variant": f"peft {kind}",
+                "insertions": len(wrapped),
+                "shape": list(out.shape),
+                "shape_ok": out.shape == ref.shape,
+                "identity_expected": True,
+                "max_abs_diff": diff,
+                "ok": ok,
+                "info_only": True,
+            }
+        )
         randomise(peft_parameters(model))
         models[f"peft {kind}"] = model
     return models, checks
 
 
-def measure(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor],
-            rounds: int) -> tuple[dict[str, list], dict[str, list]]:
+def measure(
+    models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int
+) -> tuple[dict[str, list], dict[str, list]]:
     """Warm-up, then ``rounds`` interleaved rounds (order rotated each round); seconds and page faults per variant."""
     names = list(models)
     for name in names:
@@ -210,6 +233,7 @@ def measure(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor],
 
 # ---------------------------------------------------------------------------------------------- --profile
 
+
 @contextlib.contextmanager
 def hook_timers(acc: dict[str, float]):
     """Wrap pelt's hook functions and the ``pelt`` attention function (before insertion) to sum their seconds."""
@@ -222,13 +246,24 @@ def hook_timers(acc: dict[str, float]):
                 return fn(*args, **kwargs)
             finally:
                 acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+
         return inner
 
-    saved = [(unipelt, "_gate_hook"), (lora, "_lora_hook"), (adapter, "_sequential_hook"),
-             (prefix, "prefix_attention"), (prefix, "_guard")]
+    saved = [
+        (unipelt, "_gate_hook"),
+        (lora, "_lora_hook"),
+        (adapter, "_sequential_hook"),
+        (prefix, "prefix_attention"),
+        (prefix, "_guard"),
+    ]
     originals = [getattr(mod, attr) for mod, attr in saved]
-    keys = ["gate hook (GateController.compute)", "lora hooks (q, v)", "adapter hook",
-            "attention (pelt: prefix + sdpa)", "prefix guard pre-hook"]
+    keys = [
+        "gate hook (GateController.compute)",
+        "lora hooks (q, v)",
+        "adapter hook",
+        "attention (pelt: prefix + sdpa)",
+        "prefix guard pre-hook",
+    ]
     try:
         for (mod, attr), fn, key in zip(saved, originals, keys, strict=True):
             setattr(mod, attr, wrap(fn, key))
@@ -286,14 +321,21 @@ def profile(base: torch.nn.Module, batch: dict[str, torch.Tensor], calls: int = 
             ops[ev.key][name] = ev.self_cpu_time_total / 1e3 / calls  # ms per forward
             if name == "unipelt":
                 ops[ev.key]["count_unipelt"] = ev.count / calls
-    return {"base_ms": 1e3 * statistics.median(t_base), "unipelt_ms": 1e3 * statistics.median(t_uni),
-            "hooks_ms": {k: 1e3 * v for k, v in hooks.items()}, "base_sdpa_ms": 1e3 * base_attn, "ops_ms": ops}
+    return {
+        "base_ms": 1e3 * statistics.median(t_base),
+        "unipelt_ms": 1e3 * statistics.median(t_uni),
+        "hooks_ms": {k: 1e3 * v for k, v in hooks.items()},
+        "base_sdpa_ms": 1e3 * base_attn,
+        "ops_ms": ops,
+    }
 
 
 def print_profile(p: dict[str, Any]) -> None:
     """The --profile report."""
-    print(f"\n--profile: {p['base_ms']:.1f} ms base, {p['unipelt_ms']:.1f} ms unipelt "
-          f"(+{p['unipelt_ms'] - p['base_ms']:.1f} ms), medians of a few calls")
+    print(
+        f"\n--profile: {p['base_ms']:.1f} ms base, {p['unipelt_ms']:.1f} ms unipelt "
+        f"(+{p['unipelt_ms'] - p['base_ms']:.1f} ms), medians of a few calls"
+    )
     print("wall time inside pelt hooks per forward (6 layers; includes the base work they wrap where noted):")
     for k, v in sorted(p["hooks_ms"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:<40} {v:8.1f} ms")
@@ -302,32 +344,44 @@ def print_profile(p: dict[str, Any]) -> None:
     print("aten ops, self CPU ms per forward, largest UniPELT - base differences:")
     print(f"  {'op':<42} {'base':>8} {'unipelt':>8} {'diff':>8} {'calls':>6}")
     for k, v in rows[:14]:
-        print(f"  {k:<42} {v['base']:8.1f} {v['unipelt']:8.1f} {v['unipelt'] - v['base']:+8.1f} "
-              f"{v['count_unipelt']:6.0f}")
+        print(
+            f"  {k:<42} {v['base']:8.1f} {v['unipelt']:8.1f} {v['unipelt'] - v['base']:+8.1f} {v['count_unipelt']:6.0f}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- main
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line: --rounds, --profile, --malloc-tuned."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default {ROUNDS})")
     ap.add_argument("--profile", action="store_true", help="also profile pelt UniPELT against the base")
-    ap.add_argument("--malloc-tuned", action="store_true",
-                    help="mallopt: no mmap/trim churn of freed activations (diagnostic; default is glibc's default)")
+    ap.add_argument(
+        "--malloc-tuned",
+        action="store_true",
+        help="mallopt: no mmap/trim churn of freed activations (diagnostic; default is glibc's default)",
+    )
     return ap.parse_args(argv)
 
 
 def print_checks(checks: list[dict]) -> None:
     """The shape/identity checks made before randomising."""
-    print("\nchecks before randomising (pelt: shape == base, and lora/adapter/ia3/unipelt w/o prefix == base "
-          f"within {IDENTITY_TOL:g}; peft rows for information):")
+    print(
+        "\nchecks before randomising (pelt: shape == base, and lora/adapter/ia3/unipelt w/o prefix == base "
+        f"within {IDENTITY_TOL:g}; peft rows for information):"
+    )
     for c in checks:
-        what = (f"identity max|diff| {c['max_abs_diff']:.2e}" if c["identity_expected"]
-                else f"not an identity at init (max|diff| {c['max_abs_diff']:.2e})")
+        what = (
+            f"identity max|diff| {c['max_abs_diff']:.2e}"
+            if c["identity_expected"]
+            else f"not an identity at init (max|diff| {c['max_abs_diff']:.2e})"
+        )
         tag = "PASS" if c["ok"] else "FAIL"
-        print(f"  {c['variant']:<25} {c['insertions']:3d} insertions  shape {tuple(c['shape'])}  {what}   "
-              f"{tag}{' (info)' if c.get('info_only') else ''}")
+        print(
+            f"  {c['variant']:<25} {c['insertions']:3d} insertions  shape {tuple(c['shape'])}  {what}   "
+            f"{tag}{' (info)' if c.get('info_only') else ''}"
+        )
 
 
 def summarise(times: dict[str, list], faults: dict[str, list]) -> dict[str, Any]:
@@ -339,20 +393,60 @@ def summarise(times: dict[str, list], faults: dict[str, list]) -> dict[str, Any]
     return {"med": med, "paired": paired, "ratio": ratio, "flt": flt, "goal_ok": ratio[GOAL_VARIANT] <= GOAL}
 
 
-def print_timings(models: dict[str, torch.nn.Module], s: dict[str, Any], rounds: int, load_start: tuple,
-                  load_end: tuple) -> None:
+def print_timings(
+    models: dict[str, torch.nn.Module], s: dict[str, Any], rounds: int, load_start: tuple, load_end: tuple
+) -> None:
     """The latency table, page faults and the goal line."""
     med, ratio = s["med"], s["ratio"]
-    print(f"\n{WARMUP} warm-up calls each, then {rounds} interleaved rounds; medians (load average 1/5/15 min: "
-          f"{' '.join(f'{x:.2f}' for x in load_start)} at start, {' '.join(f'{x:.2f}' for x in load_end)} after "
-          "timing; about 2 is this script alone)\n")
+    print(
+        f"\n{WARMUP} warm-up calls each, then {rounds} interleaved rounds; medians (load average 1/5/15 min: "
+        f"{' '.join(f'{x:.2f}' for x in load_start)} at start, {' '.join(f'{x:.2f}' for x in load_end)} after "
+        "timing; about 2 is this script alone)\n"
+    )
     print(f"| {'variant':<25} | {'median ms':>9} | {'ratio to base':>13} | paper overhead |")
     print(f"|{'-' * 27}|{'-' * 11}|{'-' * 15}|{'-' * 16}|")
     for n in models:
         print(f"| {n:<25} | {med[n]:9.1f} | {ratio[n]:12.3f}x | {PAPER[n]:<14} |")
     print("\ninfo: minor page faults per forward (median): " + ", ".join(f"{n} {v}" for n, v in s["flt"].items()))
-    print(f"\nunmerged UniPELT <= {GOAL:.2f}x base: {ratio[GOAL_VARIANT]:.3f}x "
-          f"(median of per-round ratios {s['paired'][GOAL_VARIANT]:.3f}x)   {'PASS' if s['goal_ok'] else 'MISS'}")
+    print(
+        f"\nunmerged UniPELT <= {GOAL:.2f}x base: {ratio[GOAL_VARIANT]:.3f}x "
+        f"(median of per-round ratios {s['paired'][GOAL_VARIANT]:.3f}x)   {'PASS' if s['goal_ok'] else 'MISS'}"
+    )
+
+
+def result_doc(facts: dict, times: dict, s: dict, checks: list, checks_ok: bool, prof: dict | None) -> dict:
+    """Every number of the run as one JSON-ready document (the last line of stdout)."""
+    load_start, load_end, malloc = facts["load_start"], facts["load_end"], facts["malloc"]
+    return {
+        "load_avg_start": [round(x, 2) for x in load_start],
+        "load_avg_end": [round(x, 2) for x in load_end],
+        "malloc": malloc,
+        "batch": BATCH,
+        "seq": SEQ,
+        "threads": torch.get_num_threads(),
+        "rounds": facts["rounds"],
+        "warmup": WARMUP,
+        "median_ms": {n: round(v, 2) for n, v in s["med"].items()},
+        "ratio_to_base": {n: round(v, 4) for n, v in s["ratio"].items()},
+        "paired_ratio_median": {n: round(v, 4) for n, v in s["paired"].items()},
+        "times_ms": {n: [round(1e3 * t, 2) for t in ts] for n, ts in times.items()},
+        "minor_faults_median": s["flt"],
+        "paper_overhead": PAPER,
+        "goal": {
+            "variant": GOAL_VARIANT,
+            "max_ratio": GOAL,
+            "ratio": round(s["ratio"][GOAL_VARIANT], 4),
+            "pass": s["goal_ok"],
+        },
+        "checks": checks,
+        "checks_pass": checks_ok,
+        **({"profile": {k: v for k, v in prof.items() if k != "ops_ms"}} if prof else {}),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,10 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base()
     ids = torch.randint(1000, base.config.vocab_size, (BATCH, SEQ))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    print(f"all-MiniLM-L6-v2 ({type(base).__name__}, {base.config.num_hidden_layers} layers, "
-          f"d={base.config.hidden_size}, attn {base.config._attn_implementation}); batch {BATCH}x{SEQ}, fp32, CPU, "
-          f"no_grad, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}; malloc {malloc}")
+    print(
+        f"all-MiniLM-L6-v2 ({type(base).__name__}, {base.config.num_hidden_layers} layers, "
+        f"d={base.config.hidden_size}, attn {base.config._attn_implementation}); batch {BATCH}x{SEQ}, fp32, CPU, "
+        f"no_grad, {torch.get_num_threads()} threads; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}; malloc {malloc}"
+    )
 
     models, checks = build(base, batch)
     print_checks(checks)
@@ -386,22 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         print_profile(prof)
 
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
-    print(json.dumps({
-        "load_avg_start": [round(x, 2) for x in load_start], "load_avg_end": [round(x, 2) for x in load_end],
-        "malloc": malloc, "batch": BATCH, "seq": SEQ, "threads": torch.get_num_threads(), "rounds": args.rounds,
-        "warmup": WARMUP,
-        "median_ms": {n: round(v, 2) for n, v in s["med"].items()},
-        "ratio_to_base": {n: round(v, 4) for n, v in s["ratio"].items()},
-        "paired_ratio_median": {n: round(v, 4) for n, v in s["paired"].items()},
-        "times_ms": {n: [round(1e3 * t, 2) for t in ts] for n, ts in times.items()},
-        "minor_faults_median": s["flt"],
-        "paper_overhead": PAPER, "goal": {"variant": GOAL_VARIANT, "max_ratio": GOAL, "ratio": round(
-            s["ratio"][GOAL_VARIANT], 4), "pass": s["goal_ok"]},
-        "checks": checks, "checks_pass": checks_ok,
-        **({"profile": {k: v for k, v in prof.items() if k != "ops_ms"}} if prof else {}),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
-    }))
+    facts = {"load_start": load_start, "load_end": load_end, "malloc": malloc, "rounds": args.rounds}
+    print(json.dumps(result_doc(facts, times, s, checks, checks_ok, prof)))
     return 0 if checks_ok else 1
 
 

@@ -103,9 +103,8 @@ def import_list() -> tuple[set[str], list[tuple[int, str]]]:
     return mods, sorted(slow, reverse=True)[:10]
 
 
-def main() -> int:
-    if not os.access(PELT, os.X_OK):
-        raise SystemExit(f"{PELT}: console script not found; run with the project's .venv python")
+def measure_all() -> tuple[dict, dict]:
+    """Interleaved start-up times of every command, and of pelt and the baseline with a .pyc cache."""
     with tempfile.TemporaryDirectory(prefix="pelt-bench-help-") as tmp:
         mini = Path(tmp) / "mini_typer_app.py"
         mini.write_text(MINI_APP, encoding="utf-8")
@@ -118,7 +117,13 @@ def main() -> int:
         times = measure(cmds)
         pyc_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         pyc_env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
-        times_pyc = measure({PELT_K: cmds[PELT_K], BASE_K: cmds[BASE_K]}, pyc_env)
+        return times, measure({PELT_K: cmds[PELT_K], BASE_K: cmds[BASE_K]}, pyc_env)
+
+
+def main() -> int:
+    if not os.access(PELT, os.X_OK):
+        raise SystemExit(f"{PELT}: console script not found; run with the project's .venv python")
+    times, times_pyc = measure_all()
     med = {k: statistics.median(v) for k, v in times.items()}
     med_pyc = {k: statistics.median(v) for k, v in times_pyc.items()}
     pm, bm = med[PELT_K], med[BASE_K]

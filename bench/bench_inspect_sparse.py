@@ -118,8 +118,10 @@ def check_sparse_support(d: Path) -> None:
     st = probe.stat()
     probe.unlink()
     if st.st_blocks * 512 > 1 << 20:
-        raise SystemExit(f"{d}: filesystem does not make sparse files ({st.st_blocks * 512} bytes allocated for "
-                         "a 1 GiB truncated file); refusing to write 20 GB")
+        raise SystemExit(
+            f"{d}: filesystem does not make sparse files ({st.st_blocks * 512} bytes allocated for "
+            "a 1 GiB truncated file); refusing to write 20 GB"
+        )
 
 
 def build(d: Path) -> dict[str, object]:
@@ -151,12 +153,24 @@ def build(d: Path) -> dict[str, object]:
         total_size += data
         weight_map.update({name: fname for name, _ in shard})
     (d / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False,
-        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
-        "vocab_size": VOCAB, "torch_dtype": "bfloat16",
-    }, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n"
+    )
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "tie_word_embeddings": False,
+                "hidden_size": HIDDEN,
+                "intermediate_size": INTERMEDIATE,
+                "num_hidden_layers": LAYERS,
+                "vocab_size": VOCAB,
+                "torch_dtype": "bfloat16",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return {
         "shards": n,
         "tensors": len(tensors),
@@ -190,12 +204,14 @@ def measure(cmds: dict[str, list[str]], env: dict[str, str] | None = None) -> di
 
 def slowest_imports(d: Path, n: int = 8) -> list[tuple[int, str]]:
     """The slowest imports (cumulative us, nesting depth <= 1) of one in-process ``pelt inspect`` run."""
-    code = ("import sys, os; from pelt_cli.cli import main; sys.stdout = open(os.devnull, 'w'); "
-            f"raise SystemExit(main(['inspect', {str(d)!r}, '--summary', '--format', 'json']))")
+    code = (
+        "import sys, os; from pelt_cli.cli import main; sys.stdout = open(os.devnull, 'w'); "
+        f"raise SystemExit(main(['inspect', {str(d)!r}, '--summary', '--format', 'json']))"
+    )
     r = subprocess.run([PYTHON, "-X", "importtime", "-c", code], capture_output=True, text=True, cwd=ROOT)
     out: list[tuple[int, str]] = []
     for line in r.stderr.splitlines():
-        parts = line[len("import time:"):].split("|") if line.startswith("import time:") else []
+        parts = line[len("import time:") :].split("|") if line.startswith("import time:") else []
         if len(parts) != 3 or "cumulative" in line:
             continue
         raw = parts[2].rstrip()[1:]
@@ -219,8 +235,10 @@ def build_checked(tmp: Path) -> tuple[Path, dict[str, object]]:
     d.mkdir()
     check_sparse_support(tmp)
     facts = build(d)
-    print(f"built {d}: {facts['shards']} shards, {facts['tensors']} tensors, {facts['params']:,} params, "
-          f"{facts['apparent_bytes'] / 1e9:.2f} GB apparent, {facts['allocated_bytes'] / 1e6:.2f} MB allocated")
+    print(
+        f"built {d}: {facts['shards']} shards, {facts['tensors']} tensors, {facts['params']:,} params, "
+        f"{facts['apparent_bytes'] / 1e9:.2f} GB apparent, {facts['allocated_bytes'] / 1e6:.2f} MB allocated"
+    )
     if facts["allocated_bytes"] > 64 * 2**20:  # type: ignore[operator]
         raise SystemExit("shards are not sparse; stopping")
     return d, facts
@@ -265,8 +283,16 @@ def run_bench(tmp: Path) -> dict[str, object]:
     slow = slowest_imports(d)
     lib_t, open_t = time_in_process(d)
     shutil.rmtree(d)
-    return {"facts": facts, "pelt_params": pelt_params, "plain_params": plain_params, "times": times,
-            "times_pyc": times_pyc, "slow": slow, "lib_t": lib_t, "open_t": open_t}
+    return {
+        "facts": facts,
+        "pelt_params": pelt_params,
+        "plain_params": plain_params,
+        "times": times,
+        "times_pyc": times_pyc,
+        "slow": slow,
+        "lib_t": lib_t,
+        "open_t": open_t,
+    }
 
 
 def summarise(r: dict[str, Any]) -> dict[str, Any]:
@@ -274,30 +300,47 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in r["times"].items()}
     med_pyc = {k: statistics.median(v) for k, v in r["times_pyc"].items()}
     pm, bm = med[A_K], med[B_K]
-    return {"med": med, "med_pyc": med_pyc, "pm": pm, "bm": bm, "ratio": pm / bm,
-            "ratio_pyc": med_pyc[A_K] / med_pyc[B_K], "lm": statistics.median(r["lib_t"]),
-            "om": statistics.median(r["open_t"]), "ratio_ok": pm / bm <= GOAL_RATIO, "abs_ok": pm <= GOAL_ABS_S,
-            "params_ok": r["pelt_params"] == r["plain_params"] == r["facts"]["params"]}
+    return {
+        "med": med,
+        "med_pyc": med_pyc,
+        "pm": pm,
+        "bm": bm,
+        "ratio": pm / bm,
+        "ratio_pyc": med_pyc[A_K] / med_pyc[B_K],
+        "lm": statistics.median(r["lib_t"]),
+        "om": statistics.median(r["open_t"]),
+        "ratio_ok": pm / bm <= GOAL_RATIO,
+        "abs_ok": pm <= GOAL_ABS_S,
+        "params_ok": r["pelt_params"] == r["plain_params"] == r["facts"]["params"],
+    }
 
 
 def print_table(r: dict[str, Any], s: dict[str, Any]) -> None:
     """The human-readable report: timings table, PASS/MISS lines and the slowest imports."""
     facts = r["facts"]
-    print(f"\ninspect --summary on {facts['apparent_bytes'] / 1e9:.1f} GB / {facts['shards']} shards "
-          f"({RUNS} runs each, interleaved, medians)")
+    print(
+        f"\ninspect --summary on {facts['apparent_bytes'] / 1e9:.1f} GB / {facts['shards']} shards "
+        f"({RUNS} runs each, interleaved, medians)"
+    )
     print(f"{'what':<72}{'median s':>10}{'min s':>9}{'max s':>9}")
     rows = list(r["times"].items())
     rows += [(f"info, with .pyc cache: {k}", v) for k, v in r["times_pyc"].items()]
-    rows += [("info: inspect_checkpoint(DIR) in-process", r["lib_t"]),
-             ("info: open_checkpoint(DIR) in-process", r["open_t"])]
+    rows += [
+        ("info: inspect_checkpoint(DIR) in-process", r["lib_t"]),
+        ("info: open_checkpoint(DIR) in-process", r["open_t"]),
+    ]
     for label, ts in rows:
         print(f"{label:<72}{statistics.median(ts):>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}")
     print(f"ratio pelt/plain: {s['ratio']:.2f}x   goal <= {GOAL_RATIO}x   {'PASS' if s['ratio_ok'] else 'MISS'}")
     print(f"pelt absolute:    {s['pm']:.3f} s   goal <= {GOAL_ABS_S} s   {'PASS' if s['abs_ok'] else 'MISS'}")
-    print(f"total_params: pelt {r['pelt_params']:,}  plain loop {r['plain_params']:,}  layout {facts['params']:,}   "
-          f"{'PASS' if s['params_ok'] else 'MISS'}")
-    print(f"info: ratio with .pyc cache {s['ratio_pyc']:.2f}x; pelt minus plain loop = {s['pm'] - s['bm']:.3f} s of "
-          f"which the in-process work is {s['lm']:.3f} s; python -c 'import typer' alone takes {s['med'][C_K]:.3f} s")
+    print(
+        f"total_params: pelt {r['pelt_params']:,}  plain loop {r['plain_params']:,}  layout {facts['params']:,}   "
+        f"{'PASS' if s['params_ok'] else 'MISS'}"
+    )
+    print(
+        f"info: ratio with .pyc cache {s['ratio_pyc']:.2f}x; pelt minus plain loop = {s['pm'] - s['bm']:.3f} s of "
+        f"which the in-process work is {s['lm']:.3f} s; python -c 'import typer' alone takes {s['med'][C_K]:.3f} s"
+    )
     print("slowest imports of pelt inspect (cumulative ms, -X importtime, one run; indented = imported by the above):")
     for us, n in r["slow"]:
         print(f"  {us / 1000:8.1f}  {n}")

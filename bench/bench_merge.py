@@ -96,11 +96,16 @@ inserts:
     params: {{rank: {RANK}, alpha: {ALPHA}}}
 """
 PELT, PELT_NOFP, PELT_HALF, PEFT, CP = "pelt", "pelt (no fingerprint check)", "pelt, half checkpoint", "peft", "cp -r"
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "PYTHONWARNINGS": "ignore"}
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 # ---------------------------------------------------------------------------------------------------- the checkpoint
+
 
 def layers_for(size_gb: float, dims: dict[str, int]) -> int:
     h, i, v = dims["hidden"], dims["inter"], dims["vocab"]
@@ -117,8 +122,11 @@ def tensor_plan(dims: dict[str, int], layers: int) -> list[tuple[str, tuple[int,
         p = f"model.layers.{n}."
         out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
         out += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-        out += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
+        out += [
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
     out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     return out
 
@@ -129,11 +137,18 @@ def build_checkpoint(d: Path, dims: dict[str, int], layers: int, seed: int) -> N
     import transformers
     from safetensors.torch import save_file
 
-    cfg = transformers.LlamaConfig(hidden_size=dims["hidden"], intermediate_size=dims["inter"],
-                                   num_hidden_layers=layers, num_attention_heads=dims["heads"],
-                                   num_key_value_heads=dims["heads"], vocab_size=dims["vocab"],
-                                   tie_word_embeddings=False, max_position_embeddings=2048, dtype="bfloat16",
-                                   architectures=["LlamaForCausalLM"])
+    cfg = transformers.LlamaConfig(
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["inter"],
+        num_hidden_layers=layers,
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["heads"],
+        vocab_size=dims["vocab"],
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
     cfg.save_pretrained(d)
     plan = tensor_plan(dims, layers)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -221,8 +236,11 @@ def ensure_checkpoint(work: Path, dims: dict[str, int], layers: int, seed: int) 
         return d, True
     t0 = time.perf_counter()
     out = run_child("build", spec)
-    print(f"  built {d.name}: weights {out['build_s']:.1f} s, apply + randomise + export_peft {out['apply_s']:.1f} s "
-          f"(total {time.perf_counter() - t0:.1f} s)", flush=True)
+    print(
+        f"  built {d.name}: weights {out['build_s']:.1f} s, apply + randomise + export_peft {out['apply_s']:.1f} s "
+        f"(total {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
     return d, False
 
 
@@ -237,6 +255,7 @@ def largest_tensor(d: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- children
+
 
 def child_pelt_setup(a: dict[str, Any]) -> dict[str, Any]:
     """merge_run's work before streaming (imports, recipe, meta skeleton with the recipe inserted, adapter)."""
@@ -254,8 +273,13 @@ def child_pelt(a: dict[str, Any]) -> dict[str, Any]:
     t1 = time.perf_counter()
     rep = merge_run(a["run"], a["out"], check_fingerprint=a["check"])
     t2 = time.perf_counter()
-    return {"import_s": t1 - t0, "work_s": t2 - t1, "folded": rep.tensors_folded, "written": rep.tensors_written,
-            "bytes": rep.bytes_written}
+    return {
+        "import_s": t1 - t0,
+        "work_s": t2 - t1,
+        "folded": rep.tensors_folded,
+        "written": rep.tensors_written,
+        "bytes": rep.bytes_written,
+    }
 
 
 def child_peft(a: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +299,14 @@ def child_peft(a: dict[str, Any]) -> dict[str, Any]:
     t3 = time.perf_counter()
     merged.save_pretrained(a["out"])
     t4 = time.perf_counter()
-    return {"import_s": t1 - t0, "load_s": t2 - t1, "merge_s": t3 - t2, "save_s": t4 - t3,
-            "work_s": t4 - t1, "dtype": str(model.dtype)}
+    return {
+        "import_s": t1 - t0,
+        "load_s": t2 - t1,
+        "merge_s": t3 - t2,
+        "save_s": t4 - t3,
+        "work_s": t4 - t1,
+        "dtype": str(model.dtype),
+    }
 
 
 def child_forward(a: dict[str, Any]) -> dict[str, Any]:
@@ -288,9 +318,11 @@ def child_forward(a: dict[str, Any]) -> dict[str, Any]:
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(2)
-    models = {"base": transformers.AutoModel.from_pretrained(a["base"]).eval(),
-              "merged": transformers.AutoModel.from_pretrained(a["merged"]).eval(),
-              "base, 2nd load (control)": transformers.AutoModel.from_pretrained(a["base"]).eval()}
+    models = {
+        "base": transformers.AutoModel.from_pretrained(a["base"]).eval(),
+        "merged": transformers.AutoModel.from_pretrained(a["merged"]).eval(),
+        "base, 2nd load (control)": transformers.AutoModel.from_pretrained(a["base"]).eval(),
+    }
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, models["base"].config.vocab_size, (32, 128), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -302,17 +334,27 @@ def child_forward(a: dict[str, Any]) -> dict[str, Any]:
             m(**batch)
         keys = list(models)
         for r in range(a["rounds"]):
-            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 t0 = time.perf_counter()
                 models[k](**batch)
                 times[k].append(time.perf_counter() - t0)
-    return {"times": times, "base_vs_merged_max_abs": diff, "threads": torch.get_num_threads(),
-            "dtype": str(models["merged"].dtype), "class": type(models["merged"]).__name__,
-            "attn": sorted({m.config._attn_implementation for m in models.values()})}
+    return {
+        "times": times,
+        "base_vs_merged_max_abs": diff,
+        "threads": torch.get_num_threads(),
+        "dtype": str(models["merged"].dtype),
+        "class": type(models["merged"]).__name__,
+        "attn": sorted({m.config._attn_implementation for m in models.values()}),
+    }
 
 
-CHILDREN = {"build": child_build, "pelt_setup": child_pelt_setup, "pelt": child_pelt, "peft": child_peft,
-            "forward": child_forward}
+CHILDREN = {
+    "build": child_build,
+    "pelt_setup": child_pelt_setup,
+    "pelt": child_pelt,
+    "peft": child_peft,
+    "forward": child_forward,
+}
 
 
 def spawn(cmd: list[str], log: Path) -> tuple[float, int, str]:
@@ -377,9 +419,15 @@ def load_str() -> str:
 
 # ---------------------------------------------------------------------------------------------------- section 1
 
+
 def check_tensors(layers: int) -> list[str]:
-    return ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{layers // 2}.self_attn.v_proj.weight",
-            f"model.layers.{layers - 1}.mlp.down_proj.weight", "model.embed_tokens.weight", "lm_head.weight"]
+    return [
+        "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{layers // 2}.self_attn.v_proj.weight",
+        f"model.layers.{layers - 1}.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    ]
 
 
 def grab(d: Path, names: list[str]) -> dict[str, Any]:
@@ -408,17 +456,20 @@ def compare(base: Path, run: Path, got: dict[str, dict[str, Any]], layers: int) 
         want = w if a is None else (w.float() + (ALPHA / RANK) * (b.float() @ a.float())).to(torch.bfloat16)
         pelt, peft = got[PELT][n], got[PEFT][n]
         ulp = w.float().abs().max().item() * 2.0**-7  # BF16: 8 significant bits
-        row = {"tensor": n, "folded": a is not None,
-               "pelt_vs_peft": (pelt.float() - peft.float()).abs().max().item(),
-               "pelt_vs_ref": (pelt.float() - want.float()).abs().max().item(),
-               "peft_vs_ref": (peft.float() - want.float()).abs().max().item(),
-               "pelt_vs_base": (pelt.float() - w.float()).abs().max().item(),
-               "ulp": ulp, "dtypes": [str(pelt.dtype), str(peft.dtype)]}
+        row = {
+            "tensor": n,
+            "folded": a is not None,
+            "pelt_vs_peft": (pelt.float() - peft.float()).abs().max().item(),
+            "pelt_vs_ref": (pelt.float() - want.float()).abs().max().item(),
+            "peft_vs_ref": (peft.float() - want.float()).abs().max().item(),
+            "pelt_vs_base": (pelt.float() - w.float()).abs().max().item(),
+            "ulp": ulp,
+            "dtypes": [str(pelt.dtype), str(peft.dtype)],
+        }
         if a is None:
             row["ok"] = torch.equal(pelt, w) and torch.equal(peft, w)
         else:
-            row["ok"] = (row["pelt_vs_peft"] <= 2 * ulp and row["pelt_vs_ref"] <= 2 * ulp
-                         and row["pelt_vs_base"] > 0)
+            row["ok"] = row["pelt_vs_peft"] <= 2 * ulp and row["pelt_vs_ref"] <= 2 * ulp and row["pelt_vs_base"] > 0
         rows.append(row)
     return rows
 
@@ -441,9 +492,12 @@ def prepare_checkpoints(work: Path, dims: dict[str, int], size_gb: float) -> dic
     """Build (or reuse) the full and the half checkpoint with their runs, warm them; facts about them."""
     layers = layers_for(size_gb, dims)
     half_layers = max(1, layers // 2)
-    print(f"== 1. merge: LLaMA-shaped BF16 checkpoint, hidden {dims['hidden']}, intermediate {dims['inter']}, "
-          f"{dims['heads']} heads, vocab {dims['vocab']}, {layers} layers (half: {half_layers}); "
-          f"LoRA r={RANK} alpha={ALPHA} on q,k,v,o,gate,up,down", flush=True)
+    print(
+        f"== 1. merge: LLaMA-shaped BF16 checkpoint, hidden {dims['hidden']}, intermediate {dims['inter']}, "
+        f"{dims['heads']} heads, vocab {dims['vocab']}, {layers} layers (half: {half_layers}); "
+        f"LoRA r={RANK} alpha={ALPHA} on q,k,v,o,gate,up,down",
+        flush=True,
+    )
     full, cached = ensure_checkpoint(work, dims, layers, seed=0)
     half, cached_h = ensure_checkpoint(work, dims, half_layers, seed=1)
     if cached and cached_h:
@@ -454,12 +508,23 @@ def prepare_checkpoints(work: Path, dims: dict[str, int], size_gb: float) -> dic
 
     n_tensors = len(open_checkpoint(full / "base").tensors)
     n_shards = len(list((full / "base").glob("*.safetensors")))
-    print(f"  full: {size / GB:.2f} GB in {n_shards} shards, {n_tensors} tensors, largest tensor {big / MB:.0f} MB; "
-          f"half: {size_h / GB:.2f} GB ({size_h / size:.2f}x)")
+    print(
+        f"  full: {size / GB:.2f} GB in {n_shards} shards, {n_tensors} tensors, largest tensor {big / MB:.0f} MB; "
+        f"half: {size_h / GB:.2f} GB ({size_h / size:.2f}x)"
+    )
     for d in (full, half):
         warm(d / "base")
-    return {"layers": layers, "half_layers": half_layers, "full": full, "half": half, "size": size,
-            "size_h": size_h, "big": big, "n_tensors": n_tensors, "n_shards": n_shards}
+    return {
+        "layers": layers,
+        "half_layers": half_layers,
+        "full": full,
+        "half": half,
+        "size": size,
+        "size_h": size_h,
+        "big": big,
+        "n_tensors": n_tensors,
+        "n_shards": n_shards,
+    }
 
 
 def merge_once(m: str, ck: dict[str, Any], out: Path) -> tuple[dict[str, Any], float, int]:
@@ -482,19 +547,25 @@ def time_merges(work: Path, ck: dict[str, Any], rounds: int) -> tuple[Results, d
     out_root.mkdir()
     res: Results = {m: [] for m in METHODS}
     got: dict[str, dict[str, Any]] = {}
-    print(f"  {rounds} round(s), interleaved; base files read once into the page cache before timing "
-          f"(hot cache: no root to drop it); load before: {load_str()}", flush=True)
+    print(
+        f"  {rounds} round(s), interleaved; base files read once into the page cache before timing "
+        f"(hot cache: no root to drop it); load before: {load_str()}",
+        flush=True,
+    )
     for r in range(rounds):
-        for m in METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]:
+        for m in METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]:
             out = out_root / f"{m.split()[0].strip(',')}-{r}"
             load = load_str()
             extra, wall, rss = merge_once(m, ck, out)
             fs = fsync_tree(out)
             nbytes = ck["size_h"] if m == PELT_HALF else ck["size"]
-            res[m].append({"wall": wall + fs, "fsync": fs, "rss": rss, "gbps": nbytes / (wall + fs) / GB,
-                           "load": load, **extra})
-            print(f"  round {r + 1} {m:<28} {wall + fs:7.2f} s (fsync {fs:5.2f})  RSS {rss / MB:7.0f} MB  "
-                  f"load {load}", flush=True)
+            res[m].append(
+                {"wall": wall + fs, "fsync": fs, "rss": rss, "gbps": nbytes / (wall + fs) / GB, "load": load, **extra}
+            )
+            print(
+                f"  round {r + 1} {m:<28} {wall + fs:7.2f} s (fsync {fs:5.2f})  RSS {rss / MB:7.0f} MB  load {load}",
+                flush=True,
+            )
             if r == 0 and m in (PELT, PEFT):
                 got[m] = grab(out, check_tensors(ck["layers"]))
             shutil.rmtree(out)
@@ -504,25 +575,35 @@ def time_merges(work: Path, ck: dict[str, Any], rounds: int) -> tuple[Results, d
 
 def print_merge_table(res: Results, base_rss: float) -> None:
     """Wall, fsync, GB/s and RSS per method, then where peft's and pelt's time goes."""
-    print(f"\n  {'method':<30}{'wall s':>8}{'fsync s':>9}{'GB/s':>7}{'RSS MB max':>12}{'median':>8}{'runs s':>22}"
-          f"{'runs RSS MB':>20}")
+    print(
+        f"\n  {'method':<30}{'wall s':>8}{'fsync s':>9}{'GB/s':>7}{'RSS MB max':>12}{'median':>8}{'runs s':>22}"
+        f"{'runs RSS MB':>20}"
+    )
     for m in METHODS:
         runs = " ".join(f"{x['wall']:.1f}" for x in res[m])
         runs_rss = " ".join(f"{x['rss'] / MB:.0f}" for x in res[m])
-        print(f"  {m:<30}{med(res, m, 'wall'):>8.2f}{med(res, m, 'fsync'):>9.2f}{med(res, m, 'gbps'):>7.2f}"
-              f"{mx(res, m, 'rss') / MB:>12.0f}{med(res, m, 'rss') / MB:>8.0f}{runs:>22}{runs_rss:>20}")
-    print(f"  info: peak RSS of merge_run's set-up alone (imports, recipe, meta skeleton, adapter; no tensor read): "
-          f"{base_rss / MB:.0f} MB")
+        print(
+            f"  {m:<30}{med(res, m, 'wall'):>8.2f}{med(res, m, 'fsync'):>9.2f}{med(res, m, 'gbps'):>7.2f}"
+            f"{mx(res, m, 'rss') / MB:>12.0f}{med(res, m, 'rss') / MB:>8.0f}{runs:>22}{runs_rss:>20}"
+        )
+    print(
+        f"  info: peak RSS of merge_run's set-up alone (imports, recipe, meta skeleton, adapter; no tensor read): "
+        f"{base_rss / MB:.0f} MB"
+    )
     pe = res[PEFT]
-    print(f"  peft split (median s): import {statistics.median(x['import_s'] for x in pe):.1f}, from_pretrained "
-          f"{statistics.median(x['load_s'] for x in pe):.1f}, PeftModel + merge_and_unload "
-          f"{statistics.median(x['merge_s'] for x in pe):.1f}, save_pretrained "
-          f"{statistics.median(x['save_s'] for x in pe):.1f}, + fsync {med(res, PEFT, 'fsync'):.1f}; model dtype "
-          f"{pe[0]['dtype']}")
+    print(
+        f"  peft split (median s): import {statistics.median(x['import_s'] for x in pe):.1f}, from_pretrained "
+        f"{statistics.median(x['load_s'] for x in pe):.1f}, PeftModel + merge_and_unload "
+        f"{statistics.median(x['merge_s'] for x in pe):.1f}, save_pretrained "
+        f"{statistics.median(x['save_s'] for x in pe):.1f}, + fsync {med(res, PEFT, 'fsync'):.1f}; model dtype "
+        f"{pe[0]['dtype']}"
+    )
     pl = res[PELT]
-    print(f"  pelt split (median s): start + import pelt_cli.merge {statistics.median(x['import_s'] for x in pl):.2f}, "
-          f"merge_run {statistics.median(x['work_s'] for x in pl):.2f} (incl. torch import, fingerprint, fsync); "
-          f"{pl[0]['folded']} of {pl[0]['written']} tensors folded")
+    print(
+        f"  pelt split (median s): start + import pelt_cli.merge {statistics.median(x['import_s'] for x in pl):.2f}, "
+        f"merge_run {statistics.median(x['work_s'] for x in pl):.2f} (incl. torch import, fingerprint, fsync); "
+        f"{pl[0]['folded']} of {pl[0]['written']} tensors folded"
+    )
 
 
 def merge_goals(res: Results, ck: dict[str, Any], base_rss: float) -> dict[str, tuple[bool, str]]:
@@ -536,37 +617,62 @@ def merge_goals(res: Results, ck: dict[str, Any], base_rss: float) -> dict[str, 
     peft_rss = mx(res, PEFT, "rss")
     return {
         "peft_over_pelt": (ratio_peft >= GOAL_PEFT, f"peft wall / pelt wall: {ratio_peft:.2f}x   goal >= {GOAL_PEFT}x"),
-        "pelt_over_cp": (ratio_cp >= GOAL_CP, f"pelt GB/s / cp GB/s: {ratio_cp:.2f}x   goal >= {GOAL_CP}x   "
-                                              f"(info: without the fingerprint check "
-                                              f"{med(res, PELT_NOFP, 'gbps') / med(res, CP, 'gbps'):.2f}x)"),
-        "rss_bound": (rss <= bound, f"pelt peak RSS {rss / MB:.0f} MB   goal <= 3 x {big / MB:.0f} MB + 300 MB "
-                                    f"= {bound / MB:.0f} MB   (peft: {peft_rss / MB:.0f} MB, "
-                                    f"{peft_rss / rss:.1f}x pelt; above the set-up alone: "
-                                    f"{(rss - base_rss) / MB:.0f} MB = {(rss - base_rss) / big:.1f} x largest tensor)"),
-        "rss_flat": (abs(flat) <= GOAL_FLAT, f"pelt peak RSS full / half checkpoint, medians: {rss_med / MB:.0f} / "
-                                             f"{rss_h / MB:.0f} MB ({flat:+.1%}) for {size / size_h:.2f}x the bytes"
-                                             f"   goal within {GOAL_FLAT:.0%}"),
+        "pelt_over_cp": (
+            ratio_cp >= GOAL_CP,
+            f"pelt GB/s / cp GB/s: {ratio_cp:.2f}x   goal >= {GOAL_CP}x   "
+            f"(info: without the fingerprint check "
+            f"{med(res, PELT_NOFP, 'gbps') / med(res, CP, 'gbps'):.2f}x)",
+        ),
+        "rss_bound": (
+            rss <= bound,
+            f"pelt peak RSS {rss / MB:.0f} MB   goal <= 3 x {big / MB:.0f} MB + 300 MB "
+            f"= {bound / MB:.0f} MB   (peft: {peft_rss / MB:.0f} MB, "
+            f"{peft_rss / rss:.1f}x pelt; above the set-up alone: "
+            f"{(rss - base_rss) / MB:.0f} MB = {(rss - base_rss) / big:.1f} x largest tensor)",
+        ),
+        "rss_flat": (
+            abs(flat) <= GOAL_FLAT,
+            f"pelt peak RSS full / half checkpoint, medians: {rss_med / MB:.0f} / "
+            f"{rss_h / MB:.0f} MB ({flat:+.1%}) for {size / size_h:.2f}x the bytes"
+            f"   goal within {GOAL_FLAT:.0%}",
+        ),
     }
 
 
 def print_correctness(rows: list[dict[str, Any]]) -> None:
     """Per checked tensor: pelt vs peft, vs the fp32 reference, vs the base, in ulps."""
-    print(f"\n  correctness (round 1; ulp = 2^-7 x max|W| of the base tensor; ref = bf16(W + {ALPHA // RANK} B A) "
-          "in fp32)")
+    print(
+        f"\n  correctness (round 1; ulp = 2^-7 x max|W| of the base tensor; ref = bf16(W + {ALPHA // RANK} B A) "
+        "in fp32)"
+    )
     print(f"  {'tensor':<42}{'pelt-peft':>11}{'pelt-ref':>10}{'peft-ref':>10}{'pelt-base':>11}{'ulp':>10}")
     for row in rows:
-        print(f"  {row['tensor']:<42}{row['pelt_vs_peft']:>11.2e}{row['pelt_vs_ref']:>10.2e}"
-              f"{row['peft_vs_ref']:>10.2e}{row['pelt_vs_base']:>11.2e}{row['ulp']:>10.2e}  "
-              f"{'folded' if row['folded'] else 'untouched'}")
+        print(
+            f"  {row['tensor']:<42}{row['pelt_vs_peft']:>11.2e}{row['pelt_vs_ref']:>10.2e}"
+            f"{row['peft_vs_ref']:>10.2e}{row['pelt_vs_base']:>11.2e}{row['ulp']:>10.2e}  "
+            f"{'folded' if row['folded'] else 'untouched'}"
+        )
 
 
-def merge_result(res: Results, ck: dict[str, Any], rounds: int, base_rss: float, rows: list[dict[str, Any]],
-                 goals: dict[str, tuple[bool, str]]) -> dict[str, Any]:
+def merge_result(
+    res: Results,
+    ck: dict[str, Any],
+    rounds: int,
+    base_rss: float,
+    rows: list[dict[str, Any]],
+    goals: dict[str, tuple[bool, str]],
+) -> dict[str, Any]:
     """Section 1's part of the JSON line."""
     rss_med, rss_h = med(res, PELT, "rss"), med(res, PELT_HALF, "rss")
     return {
-        "layers": ck["layers"], "half_layers": ck["half_layers"], "bytes": ck["size"], "half_bytes": ck["size_h"],
-        "largest_tensor": ck["big"], "tensors": ck["n_tensors"], "shards": ck["n_shards"], "dtype": "bfloat16",
+        "layers": ck["layers"],
+        "half_layers": ck["half_layers"],
+        "bytes": ck["size"],
+        "half_bytes": ck["size_h"],
+        "largest_tensor": ck["big"],
+        "tensors": ck["n_tensors"],
+        "shards": ck["n_shards"],
+        "dtype": "bfloat16",
         "rounds": rounds,
         "median_wall_s": {m: round(med(res, m, "wall"), 3) for m in METHODS},
         "median_fsync_s": {m: round(med(res, m, "fsync"), 3) for m in METHODS},
@@ -595,8 +701,11 @@ def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int)
     goals = merge_goals(res, ck, base_rss)
     rows = compare(ck["full"] / "base", ck["full"] / "run", got, ck["layers"])
     print_correctness(rows)
-    goals["correct"] = (all(r["ok"] for r in rows), "merged tensors: folded ones within 2 ulps of peft and of the "
-                                                    "fp32 reference, untouched ones bit-identical to the base")
+    goals["correct"] = (
+        all(r["ok"] for r in rows),
+        "merged tensors: folded ones within 2 ulps of peft and of the "
+        "fp32 reference, untouched ones bit-identical to the base",
+    )
     print()
     for ok, line in goals.values():
         print(f"  {line}   {'PASS' if ok else 'MISS'}")
@@ -604,6 +713,7 @@ def section_merge(work: Path, dims: dict[str, int], size_gb: float, rounds: int)
 
 
 # ---------------------------------------------------------------------------------------------------- sections 2, 3
+
 
 def trained_bytes(run: Path) -> tuple[int, int, int]:
     """(bytes of the run's inserted parameters, bytes of all its tensors, adapter.safetensors file size)."""
@@ -614,8 +724,11 @@ def trained_bytes(run: Path) -> tuple[int, int, int]:
     model, _ = Run.open(run).skeleton()
     params = {n for n, _ in model.named_parameters() if is_inserted(n)}
     ck = open_checkpoint(run / "adapter.safetensors")
-    return (sum(i.nbytes for n, i in ck.tensors.items() if n in params), ck.total_bytes,
-            (run / "adapter.safetensors").stat().st_size)
+    return (
+        sum(i.nbytes for n, i in ck.tensors.items() if n in params),
+        ck.total_bytes,
+        (run / "adapter.safetensors").stat().st_size,
+    )
 
 
 def minilm_runs(d: Path, base: Path) -> dict[str, Path]:
@@ -639,29 +752,44 @@ def section_latency(d: Path, base: Path, lora_run: Path, rounds: int) -> dict[st
 
     rep = merge_run(lora_run, d / "merged")
     vdiff = verify_merge(lora_run, d / "merged")
-    print(f"\n== 2. latency after merge: all-MiniLM-L6-v2 + recipe lora (B ~ N(0, {B_STD}²)), merged with merge_run "
-          f"({rep.tensors_folded} tensors folded); verify_merge max |Δ| {vdiff:.2e} (goal <= 1e-4: "
-          f"{'PASS' if vdiff <= 1e-4 else 'MISS'}); load before: {load_str()}", flush=True)
+    print(
+        f"\n== 2. latency after merge: all-MiniLM-L6-v2 + recipe lora (B ~ N(0, {B_STD}²)), merged with merge_run "
+        f"({rep.tensors_folded} tensors folded); verify_merge max |Δ| {vdiff:.2e} (goal <= 1e-4: "
+        f"{'PASS' if vdiff <= 1e-4 else 'MISS'}); load before: {load_str()}",
+        flush=True,
+    )
     fw = run_child("forward", {"base": str(base), "merged": str(d / "merged"), "rounds": rounds})
     tb, tm, tc = fw["times"]["base"], fw["times"]["merged"], fw["times"]["base, 2nd load (control)"]
     mb, mm = statistics.median(tb), statistics.median(tm)
     per_round = statistics.median(m / b for b, m in zip(tb, tm, strict=True))
     mc = statistics.median(tc)
     lat_ok = mm / mb <= GOAL_LATENCY
-    print(f"  {fw['class']}, {fw['dtype']}, attention {'/'.join(fw['attn'])}, {fw['threads']} threads, batch 32 x 128, "
-          f"{rounds} interleaved rounds after 2 warm-ups; outputs base vs merged differ by up to "
-          f"{fw['base_vs_merged_max_abs']:.2e}")
+    print(
+        f"  {fw['class']}, {fw['dtype']}, attention {'/'.join(fw['attn'])}, {fw['threads']} threads, batch 32 x 128, "
+        f"{rounds} interleaved rounds after 2 warm-ups; outputs base vs merged differ by up to "
+        f"{fw['base_vs_merged_max_abs']:.2e}"
+    )
     print(f"  {'model':<26}{'median ms':>10}{'ratio':>8}   runs ms")
     for k, ts in fw["times"].items():
         med_k = statistics.median(ts)
         print(f"  {k:<26}{med_k * 1e3:>10.1f}{med_k / mb:>7.3f}x   {' '.join(f'{t * 1e3:.0f}' for t in ts)}")
-    print(f"  merged / base: {mm / mb:.3f}x (median of per-round ratios {per_round:.3f}x; the control, the same base "
-          f"loaded twice: {mc / mb:.3f}x)   goal <= {GOAL_LATENCY}x   {'PASS' if lat_ok else 'MISS'}   "
-          f"load after: {load_str()}")
-    return {"base_ms": round(mb * 1e3, 2), "merged_ms": round(mm * 1e3, 2), "ratio": round(mm / mb, 4),
-            "per_round_ratio": round(per_round, 4), "control_ms": round(mc * 1e3, 2),
-            "control_ratio": round(mc / mb, 4), "rounds": rounds, "verify_merge_max_abs": vdiff,
-            "goal": GOAL_LATENCY, "pass": lat_ok}
+    print(
+        f"  merged / base: {mm / mb:.3f}x (median of per-round ratios {per_round:.3f}x; the control, the same base "
+        f"loaded twice: {mc / mb:.3f}x)   goal <= {GOAL_LATENCY}x   {'PASS' if lat_ok else 'MISS'}   "
+        f"load after: {load_str()}"
+    )
+    return {
+        "base_ms": round(mb * 1e3, 2),
+        "merged_ms": round(mm * 1e3, 2),
+        "ratio": round(mm / mb, 4),
+        "per_round_ratio": round(per_round, 4),
+        "control_ms": round(mc * 1e3, 2),
+        "control_ratio": round(mc / mb, 4),
+        "rounds": rounds,
+        "verify_merge_max_abs": vdiff,
+        "goal": GOAL_LATENCY,
+        "pass": lat_ok,
+    }
 
 
 def bundle_sizes(d: Path, name: str, run: Path) -> dict[str, Any]:
@@ -676,24 +804,41 @@ def bundle_sizes(d: Path, name: str, run: Path) -> dict[str, Any]:
     trained, all_bytes, adapter_file = trained_bytes(run)
     by_ref = sum(1 for t in manifest["tensors"] if t["stored"] == "base")
     ratio = st / trained
-    print(f"  {name:<16}{len(manifest['tensors']):>8}{trained:>11}{st:>13}{ratio:>8.4f}{mf:>12}{by_ref:>8}"
-          f"{len(buf.getvalue()):>10}{adapter_file:>14}")
-    return {"tensors": len(manifest["tensors"]), "trained_bytes": trained, "all_run_tensor_bytes": all_bytes,
-            "bundle_safetensors_bytes": st, "manifest_bytes": mf, "tar_bytes": len(buf.getvalue()), "by_ref": by_ref,
-            "adapter_file_bytes": adapter_file, "ratio": round(ratio, 5), "pass": ratio <= GOAL_BUNDLE}
+    print(
+        f"  {name:<16}{len(manifest['tensors']):>8}{trained:>11}{st:>13}{ratio:>8.4f}{mf:>12}{by_ref:>8}"
+        f"{len(buf.getvalue()):>10}{adapter_file:>14}"
+    )
+    return {
+        "tensors": len(manifest["tensors"]),
+        "trained_bytes": trained,
+        "all_run_tensor_bytes": all_bytes,
+        "bundle_safetensors_bytes": st,
+        "manifest_bytes": mf,
+        "tar_bytes": len(buf.getvalue()),
+        "by_ref": by_ref,
+        "adapter_file_bytes": adapter_file,
+        "ratio": round(ratio, 5),
+        "pass": ratio <= GOAL_BUNDLE,
+    }
 
 
 def section_bundles(d: Path, runs: dict[str, Path]) -> dict[str, Any]:
     """Section 3: bundle sizes of every run, and the goal line of each."""
-    print("\n== 3. bundle size vs the trained tensors (export_bundle of MiniLM runs; B randomised, and in "
-          "unipelt-trained every tensor perturbed)")
-    print(f"  {'run':<16}{'tensors':>8}{'trained B':>11}{'bundle.st B':>13}{'ratio':>8}{'manifest B':>12}"
-          f"{'by ref':>8}{'tar B':>10}{'adapter.st B':>14}")
+    print(
+        "\n== 3. bundle size vs the trained tensors (export_bundle of MiniLM runs; B randomised, and in "
+        "unipelt-trained every tensor perturbed)"
+    )
+    print(
+        f"  {'run':<16}{'tensors':>8}{'trained B':>11}{'bundle.st B':>13}{'ratio':>8}{'manifest B':>12}"
+        f"{'by ref':>8}{'tar B':>10}{'adapter.st B':>14}"
+    )
     bundles = {name: bundle_sizes(d, name, run) for name, run in runs.items()}
     for name, b in bundles.items():
-        print(f"  {name}: bundle.safetensors / trained bytes {b['ratio']:.4f}x (+ manifest {b['manifest_bytes']} B, "
-              f"{b['manifest_bytes'] / b['trained_bytes']:.1%} of the trained bytes)   goal <= {GOAL_BUNDLE}x   "
-              f"{'PASS' if b['pass'] else 'MISS'}")
+        print(
+            f"  {name}: bundle.safetensors / trained bytes {b['ratio']:.4f}x (+ manifest {b['manifest_bytes']} B, "
+            f"{b['manifest_bytes'] / b['trained_bytes']:.1%} of the trained bytes)   goal <= {GOAL_BUNDLE}x   "
+            f"{'PASS' if b['pass'] else 'MISS'}"
+        )
     return bundles
 
 
@@ -720,6 +865,7 @@ def section_minilm(work: Path, rounds: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--size-gb", type=float, default=None, help="checkpoint size in GB (default 3.2; --quick 0.3)")
@@ -743,8 +889,11 @@ def main(argv: list[str] | None = None) -> int:
     if free < need:
         raise SystemExit(f"{work}: only {free / GB:.1f} GB free, need {need / GB:.1f} GB")
     t_start = time.perf_counter()
-    print(f"bench_merge: workdir {work}, {os.cpu_count()} CPUs, load {load_str()}; "
-          f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}", flush=True)
+    print(
+        f"bench_merge: workdir {work}, {os.cpu_count()} CPUs, load {load_str()}; "
+        f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}",
+        flush=True,
+    )
     result: dict[str, Any] = {"bench": "merge", "quick": args.quick, "size_gb": size_gb, "load_start": load_str()}
     try:
         result["merge"] = section_merge(work, dims, size_gb, rounds)
@@ -767,8 +916,10 @@ def main(argv: list[str] | None = None) -> int:
     goals["latency"] = result["latency"]["pass"]
     goals.update({f"bundle.{k}": v["pass"] for k, v in result["bundles"].items()})
     result["goals"] = goals
-    print(f"\ntotal {result['seconds']:.0f} s; load at end {result['load_end']}; uptime: "
-          f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(
+        f"\ntotal {result['seconds']:.0f} s; load at end {result['load_end']}; uptime: "
+        f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
+    )
     print(json.dumps(result))
     return 0
 

@@ -22,8 +22,9 @@ def skeleton(kind: str):
     import torch
     import transformers as tf
 
-    common = dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
-                  vocab_size=1000)
+    common = dict(
+        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128, vocab_size=1000
+    )
     with torch.device("meta"):
         if kind == "llama":
             return tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common))
@@ -47,8 +48,11 @@ def time_roles(model) -> tuple[float, float, int, int]:
         fresh = []
         for s in mv.sites:
             role, how = role_how(s.disk_module, mv.family)
-            fresh.append(replace(s, role=role, how=how, layer=layer_of(s.disk_module),
-                                 block=block_of(s.disk_module, mv.family, cfg)))
+            fresh.append(
+                replace(
+                    s, role=role, how=how, layer=layer_of(s.disk_module), block=block_of(s.disk_module, mv.family, cfg)
+                )
+            )
         sites, _ = select(replace(mv, sites=fresh), ["attn.q", "attn.v"])
         best = min(best, time.perf_counter() - t)
         role_how.cache_clear()
@@ -65,9 +69,11 @@ def main() -> None:
         model = skeleton(kind)
         s, whole, n, k = time_roles(model)
         ok = "ok" if s <= BUDGET_S else "OVER BUDGET"
-        print(f"{kind:9s} {LAYERS} layers: {n} sites, {k} selected; role inference {s:.3f} s "
-              f"({s / BUDGET_S:.2f} of the {BUDGET_S} s budget) {ok}; whole view with key map {whole:.3f} s "
-              f"({whole / BUDGET_S:.2f})")
+        print(
+            f"{kind:9s} {LAYERS} layers: {n} sites, {k} selected; role inference {s:.3f} s "
+            f"({s / BUDGET_S:.2f} of the {BUDGET_S} s budget) {ok}; whole view with key map {whole:.3f} s "
+            f"({whole / BUDGET_S:.2f})"
+        )
 
 
 if __name__ == "__main__":

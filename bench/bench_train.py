@@ -115,6 +115,7 @@ def kinds(names: dict[str, int]) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------- (a), (b)
 
+
 def pelt_model(recipe_name: str, base: Path, tmp: Path) -> torch.nn.Module:
     """A run made by ``apply`` and rebuilt by ``load_run``, with a seeded head; only inserted parameters train."""
     model, _ = load_run(apply(rc.load(recipe_name), base, tmp / f"step-{recipe_name}"))
@@ -137,8 +138,11 @@ def step_batch() -> dict[str, torch.Tensor]:
     """One batch of BATCH × SEQ random token ids, mask all ones, random labels."""
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.randint(0, 2, (BATCH,), generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (BATCH,), generator=g),
+    }
 
 
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], float]:
@@ -156,8 +160,9 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callabl
     return step
 
 
-def time_steps(models: dict[str, torch.nn.Module], rounds: int, steps: int,
-               warmup: int) -> dict[str, list[list[float]]]:
+def time_steps(
+    models: dict[str, torch.nn.Module], rounds: int, steps: int, warmup: int
+) -> dict[str, list[list[float]]]:
     """Seconds per step, per variant and round (interleaved rounds, order rotated each round)."""
     batch = step_batch()
     fns = {k: make_step(m, batch) for k, m in models.items()}
@@ -180,47 +185,65 @@ def time_steps(models: dict[str, torch.nn.Module], rounds: int, steps: int,
 
 def step_section(base: Path, tmp: Path, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
     """(a) and (b): build the three variants, check what trains, time them."""
-    models = {"pelt lora": pelt_model("lora", base, tmp), "peft lora": peft_model(base),
-              "pelt unipelt": pelt_model("unipelt", base, tmp)}
+    models = {
+        "pelt lora": pelt_model("lora", base, tmp),
+        "peft lora": peft_model(base),
+        "pelt unipelt": pelt_model("unipelt", base, tmp),
+    }
     counts = {k: trainable_names(m) for k, m in models.items()}
-    same = kinds(counts["pelt lora"]) == kinds(counts["peft lora"]) and \
-        sorted(counts["pelt lora"].values()) == sorted(counts["peft lora"].values())
+    same = kinds(counts["pelt lora"]) == kinds(counts["peft lora"]) and sorted(counts["pelt lora"].values()) == sorted(
+        counts["peft lora"].values()
+    )
     times = time_steps(models, rounds, steps, warmup)
     del models
     gc.collect()
     med = {k: statistics.median(t for r in v for t in r) for k, v in times.items()}
 
     def paired(a: str, b: str) -> float:
-        return statistics.median(statistics.median(x) / statistics.median(y)
-                                 for x, y in zip(times[a], times[b], strict=True))
+        return statistics.median(
+            statistics.median(x) / statistics.median(y) for x, y in zip(times[a], times[b], strict=True)
+        )
 
     r_peft, r_uni = med["pelt lora"] / med["peft lora"], med["pelt unipelt"] / med["pelt lora"]
-    return {"median_ms": {k: 1e3 * v for k, v in med.items()},
-            "times_ms": {k: [[round(1e3 * t, 1) for t in r] for r in v] for k, v in times.items()},
-            "trainable": {k: sum(v.values()) for k, v in counts.items()},
-            "trainable_kinds": {k: kinds(v) for k, v in counts.items()}, "same_trainable_set": same,
-            "pelt_over_peft": r_peft, "pelt_over_peft_paired": paired("pelt lora", "peft lora"),
-            "unipelt_over_lora": r_uni, "unipelt_over_lora_paired": paired("pelt unipelt", "pelt lora"),
-            "pass_peft": r_peft <= GOAL_PEFT and same, "pass_unipelt": r_uni <= GOAL_UNIPELT}
+    return {
+        "median_ms": {k: 1e3 * v for k, v in med.items()},
+        "times_ms": {k: [[round(1e3 * t, 1) for t in r] for r in v] for k, v in times.items()},
+        "trainable": {k: sum(v.values()) for k, v in counts.items()},
+        "trainable_kinds": {k: kinds(v) for k, v in counts.items()},
+        "same_trainable_set": same,
+        "pelt_over_peft": r_peft,
+        "pelt_over_peft_paired": paired("pelt lora", "peft lora"),
+        "unipelt_over_lora": r_uni,
+        "unipelt_over_lora_paired": paired("pelt unipelt", "pelt lora"),
+        "pass_peft": r_peft <= GOAL_PEFT and same,
+        "pass_unipelt": r_uni <= GOAL_UNIPELT,
+    }
 
 
 def print_steps(s: dict[str, Any], rounds: int, steps: int, warmup: int) -> None:
     """The (a)/(b) table and goal lines."""
-    print(f"\n(a, b) training step: batch {BATCH} × {SEQ}, forward + backward + AdamW, train mode; {warmup} warm-up "
-          f"steps each, then {rounds} interleaved rounds × {steps} steps; medians")
+    print(
+        f"\n(a, b) training step: batch {BATCH} × {SEQ}, forward + backward + AdamW, train mode; {warmup} warm-up "
+        f"steps each, then {rounds} interleaved rounds × {steps} steps; medians"
+    )
     print(f"  {'variant':<14} {'median ms':>10} {'vs pelt lora':>13} {'trainable':>10}  what trains")
     for k, ms in s["median_ms"].items():
         what = ", ".join(f"{n} {c:,}" for n, c in sorted(s["trainable_kinds"][k].items()))
         print(f"  {k:<14} {ms:>10.1f} {ms / s['median_ms']['pelt lora']:>12.3f}x {s['trainable'][k]:>10,}  {what}")
     same = "same trainable set" if s["same_trainable_set"] else "TRAINABLE SETS DIFFER"
-    print(f"  (a) pelt lora / peft lora: {s['pelt_over_peft']:.3f}x (per-round {s['pelt_over_peft_paired']:.3f}x; "
-          f"{same})   goal <= {GOAL_PEFT:.2f}x   {'PASS' if s['pass_peft'] else 'MISS'}")
-    print(f"  (b) pelt unipelt / pelt lora: {s['unipelt_over_lora']:.3f}x (per-round "
-          f"{s['unipelt_over_lora_paired']:.3f}x)   goal <= {GOAL_UNIPELT:.2f}x   "
-          f"{'PASS' if s['pass_unipelt'] else 'MISS'}")
+    print(
+        f"  (a) pelt lora / peft lora: {s['pelt_over_peft']:.3f}x (per-round {s['pelt_over_peft_paired']:.3f}x; "
+        f"{same})   goal <= {GOAL_PEFT:.2f}x   {'PASS' if s['pass_peft'] else 'MISS'}"
+    )
+    print(
+        f"  (b) pelt unipelt / pelt lora: {s['unipelt_over_lora']:.3f}x (per-round "
+        f"{s['unipelt_over_lora_paired']:.3f}x)   goal <= {GOAL_UNIPELT:.2f}x   "
+        f"{'PASS' if s['pass_unipelt'] else 'MISS'}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- (c)
+
 
 class StepClock:
     """``on_event`` callback for ``train_run``/``train._epoch``: times between consecutive optimizer steps.
@@ -252,9 +275,15 @@ def table_pelt(name: str, base: Path, tmp: Path, cfg: train.TrainConfig) -> dict
     clock = StepClock()
     t0 = time.perf_counter()
     res = train.train_run(run, "vader", None, cfg, on_event=clock)
-    return {"method": f"pelt {name}", "accuracy": res.best_metric, "best_epoch": res.best_epoch,
-            "trainable": res.trainable, "step_ms": clock.median_ms(), "steps": res.steps,
-            "wall_s": time.perf_counter() - t0}
+    return {
+        "method": f"pelt {name}",
+        "accuracy": res.best_metric,
+        "best_epoch": res.best_epoch,
+        "trainable": res.trainable,
+        "step_ms": clock.median_ms(),
+        "steps": res.steps,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def head_spec(model: torch.nn.Module, labels: list[str]) -> dict[str, Any]:
@@ -300,8 +329,9 @@ def table_peft(base: Path, tmp: Path, cfg: train.TrainConfig, same_start: bool) 
                     site, which = key.rsplit(LORA_SUFFIX, 1)
                     layer = model.get_submodule(site)
                     getattr(layer, f"lora_{which}")["default"].weight.copy_(value)
-        model.pelt_head.load_state_dict({k.removeprefix("pelt_head."): v for k, v in start.items()
-                                         if k.startswith("pelt_head.")})
+        model.pelt_head.load_state_dict(
+            {k.removeprefix("pelt_head."): v for k, v in start.items() if k.startswith("pelt_head.")}
+        )
         torch.set_rng_state(rng)
     device = torch.device("cpu")
     model.to(device).train()
@@ -319,8 +349,9 @@ def table_peft(base: Path, tmp: Path, cfg: train.TrainConfig, same_start: bool) 
     clock = StepClock()
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        done = train._epoch(model, train_b, cfg, td.task, device, opt, sched, params, st, epoch, 0, 1, clock,
-                            total_steps)
+        done = train._epoch(
+            model, train_b, cfg, td.task, device, opt, sched, params, st, epoch, 0, 1, clock, total_steps
+        )
         clock({"kind": "eval"})
         metrics, _ = train.evaluate(model, eval_b, cfg, td.task, device, labels)
         if metrics["accuracy"] > best:
@@ -330,8 +361,15 @@ def table_peft(base: Path, tmp: Path, cfg: train.TrainConfig, same_start: bool) 
         if done or (cfg.patience and bad >= cfg.patience):
             break
     name = "peft lora" if same_start else "peft lora (own init)"
-    return {"method": name, "accuracy": best, "best_epoch": best_epoch, "trainable": sum(p.numel() for p in params),
-            "step_ms": clock.median_ms(), "steps": st["step"], "wall_s": time.perf_counter() - t0}
+    return {
+        "method": name,
+        "accuracy": best,
+        "best_epoch": best_epoch,
+        "trainable": sum(p.numel() for p in params),
+        "step_ms": clock.median_ms(),
+        "steps": st["step"],
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def table_section(base: Path, tmp: Path, cfg: train.TrainConfig) -> dict[str, Any]:
@@ -349,20 +387,29 @@ def table_section(base: Path, tmp: Path, cfg: train.TrainConfig) -> dict[str, An
 def print_table(t: dict[str, Any], cfg: train.TrainConfig) -> None:
     """The (c) table and goal line."""
     steps = f"max {cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epochs"
-    print(f"\n(c) vader (4,746 train / 837 eval rows), `pelt train` defaults: {steps}, batch {cfg.batch_size}, lr "
-          f"{cfg.lr:g}, linear schedule, warm-up {cfg.warmup:g}, max length {cfg.max_length}, seed {cfg.seed}; "
-          "accuracy of the best epoch")
-    print(f"  {'method':<22} {'accuracy':>9} {'best ep.':>8} {'trainable':>10} {'step ms':>8} {'vs pelt lora':>13} "
-          f"{'steps':>6} {'wall s':>7}")
+    print(
+        f"\n(c) vader (4,746 train / 837 eval rows), `pelt train` defaults: {steps}, batch {cfg.batch_size}, lr "
+        f"{cfg.lr:g}, linear schedule, warm-up {cfg.warmup:g}, max length {cfg.max_length}, seed {cfg.seed}; "
+        "accuracy of the best epoch"
+    )
+    print(
+        f"  {'method':<22} {'accuracy':>9} {'best ep.':>8} {'trainable':>10} {'step ms':>8} {'vs pelt lora':>13} "
+        f"{'steps':>6} {'wall s':>7}"
+    )
     for r in t["rows"]:
-        print(f"  {r['method']:<22} {r['accuracy']:>9.4f} {r['best_epoch']:>8} {r['trainable']:>10,} "
-              f"{r['step_ms']:>8.1f} {r['vs_pelt_lora']:>12.3f}x {r['steps']:>6} {r['wall_s']:>7.1f}")
-    print(f"  pelt lora - peft lora (same start): {t['gap_points']:+.2f} accuracy points   goal within "
-          f"±{GOAL_POINTS:g}   {'PASS' if t['pass'] else 'MISS'}   (info: vs peft's own init "
-          f"{t['gap_points_own_init']:+.2f})")
+        print(
+            f"  {r['method']:<22} {r['accuracy']:>9.4f} {r['best_epoch']:>8} {r['trainable']:>10,} "
+            f"{r['step_ms']:>8.1f} {r['vs_pelt_lora']:>12.3f}x {r['steps']:>6} {r['wall_s']:>7.1f}"
+        )
+    print(
+        f"  pelt lora - peft lora (same start): {t['gap_points']:+.2f} accuracy points   goal within "
+        f"±{GOAL_POINTS:g}   {'PASS' if t['pass'] else 'MISS'}   (info: vs peft's own init "
+        f"{t['gap_points_own_init']:+.2f})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- main
+
 
 def finite(x: Any) -> Any:
     """``x`` with every NaN/inf float replaced by None (strict JSON)."""
@@ -377,8 +424,11 @@ def finite(x: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run: {QUICK_ROUNDS} round × {QUICK_STEPS} step, {QUICK_MAX_STEPS} steps a method")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_ROUNDS} round × {QUICK_STEPS} step, {QUICK_MAX_STEPS} steps a method",
+    )
     ap.add_argument("--rounds", type=int, default=None, help=f"timed rounds for (a)/(b) (default {ROUNDS})")
     ap.add_argument("--json", metavar="FILE", default=None, help="also write the JSON result to FILE")
     args = ap.parse_args(argv)
@@ -390,17 +440,30 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, epochs=1) if args.quick else cfg
     base = resolve_model("minilm")
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    print(f"bench_train: all-MiniLM-L6-v2, CPU, {torch.get_num_threads()} threads, fp32; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}; "
-          f"load average {' '.join(f'{x:.2f}' for x in load_start)}{'; --quick' if args.quick else ''}")
-    doc: dict[str, Any] = {"bench": "train", "quick": args.quick, "threads": torch.get_num_threads(),
-                           "load_avg_start": [round(x, 2) for x in load_start]}
+    print(
+        f"bench_train: all-MiniLM-L6-v2, CPU, {torch.get_num_threads()} threads, fp32; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}; "
+        f"load average {' '.join(f'{x:.2f}' for x in load_start)}{'; --quick' if args.quick else ''}"
+    )
+    doc: dict[str, Any] = {
+        "bench": "train",
+        "quick": args.quick,
+        "threads": torch.get_num_threads(),
+        "load_avg_start": [round(x, 2) for x in load_start],
+    }
     with tempfile.TemporaryDirectory(prefix="pelt-bench-train-") as d:
         tmp = Path(d)
         steps_doc = step_section(base, tmp, rounds, steps, warmup)
         print_steps(steps_doc, rounds, steps, warmup)
-        doc["step"] = {"batch": BATCH, "seq": SEQ, "rounds": rounds, "steps": steps, "warmup": warmup, **steps_doc,
-                       "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+        doc["step"] = {
+            "batch": BATCH,
+            "seq": SEQ,
+            "rounds": rounds,
+            "steps": steps,
+            "warmup": warmup,
+            **steps_doc,
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        }
         table = table_section(base, tmp, cfg)
         print_table(table, cfg)
         doc["table"] = {"config": asdict(cfg), **table}
@@ -409,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     doc["seconds"] = round(time.perf_counter() - t_start, 1)
     doc["pass"] = {"a": steps_doc["pass_peft"], "b": steps_doc["pass_unipelt"], "c": table["pass"]}
     doc["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    print(f"\ntotal {doc['seconds']:.0f} s; load average {' '.join(f'{x:.2f}' for x in load_end)} at the end "
-          f"(about 2 is this script alone)")
+    print(
+        f"\ntotal {doc['seconds']:.0f} s; load average {' '.join(f'{x:.2f}' for x in load_end)} at the end "
+        f"(about 2 is this script alone)"
+    )
     text = json.dumps(finite(doc))
     if args.json:
         Path(args.json).write_text(text + "\n", encoding="utf-8")

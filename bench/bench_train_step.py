@@ -64,8 +64,9 @@ def pelt_model(name: str, base: Path, tmp: Path) -> torch.nn.Module:
 def peft_model(base: Path) -> torch.nn.Module:
     import peft
 
-    model = peft.get_peft_model(load_base(base), peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                                 target_modules=["query", "value"]))
+    model = peft.get_peft_model(
+        load_base(base), peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
+    )
     torch.manual_seed(0)
     model.pelt_head = heads.ClassificationHead(HEAD["hidden"], 2, HEAD["dropout"])  # the same head as pelt's
     return model.train()
@@ -83,9 +84,11 @@ def trainable(model: torch.nn.Module) -> int:
 
 def step_times(models: dict[str, torch.nn.Module], rounds: int, steps: int) -> dict[str, list[float]]:
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, 20000, (32, 128), generator=g),
-             "attention_mask": torch.ones(32, 128, dtype=torch.long),
-             "labels": torch.randint(0, 2, (32,), generator=g)}
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (32, 128), generator=g),
+        "attention_mask": torch.ones(32, 128, dtype=torch.long),
+        "labels": torch.randint(0, 2, (32,), generator=g),
+    }
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR) for k, m in models.items()}
 
     def step(k: str) -> float:
@@ -100,7 +103,7 @@ def step_times(models: dict[str, torch.nn.Module], rounds: int, steps: int) -> d
     times: dict[str, list[float]] = {k: [] for k in models}
     order = list(models)
     for r in range(rounds):
-        for k in order[r % len(order):] + order[:r % len(order)]:
+        for k in order[r % len(order) :] + order[: r % len(order)]:
             times[k] += [step(k) for _ in range(steps)]
     return times
 
@@ -137,8 +140,12 @@ def train_peft(base: Path, max_steps: int | None) -> dict:
     model.base_model.model.pelt_head = model.pelt_head  # evaluate() reads model.pelt_head through heads
     metrics, _ = evaluate(model.base_model.model, eb, cfg, "text-classification", torch.device("cpu"), HEAD["labels"])
     seconds = time.perf_counter() - t0  # like pelt's TrainResult.seconds: training plus the evaluation
-    return {"accuracy": metrics["accuracy"], "trainable": trainable(model), "step_ms": 1000 * seconds / steps,
-            "steps": steps}
+    return {
+        "accuracy": metrics["accuracy"],
+        "trainable": trainable(model),
+        "step_ms": 1000 * seconds / steps,
+        "steps": steps,
+    }
 
 
 def train_pelt(name: str, base: Path, tmp: Path, max_steps: int | None) -> dict:
@@ -148,8 +155,13 @@ def train_pelt(name: str, base: Path, tmp: Path, max_steps: int | None) -> dict:
     t0 = time.perf_counter()
     res = train_run(run, "vader", None, TrainConfig(epochs=1, lr=LR, max_steps=max_steps))
     wall = time.perf_counter() - t0
-    return {"accuracy": res.best_metric, "trainable": res.trainable, "step_ms": 1000 * res.seconds / max(res.steps, 1),
-            "steps": res.steps, "wall_s": round(wall, 1)}
+    return {
+        "accuracy": res.best_metric,
+        "trainable": res.trainable,
+        "step_ms": 1000 * res.seconds / max(res.steps, 1),
+        "steps": res.steps,
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
@@ -167,8 +179,11 @@ def main() -> None:
     doc: dict = {"bench": "train_step", "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="pelt-bench-train-") as d:
         tmp = Path(d)
-        models = {"pelt lora": pelt_model("lora", base, tmp), "peft lora": peft_model(base),
-                  "pelt unipelt": pelt_model("unipelt", base, tmp)}
+        models = {
+            "pelt lora": pelt_model("lora", base, tmp),
+            "peft lora": peft_model(base),
+            "pelt unipelt": pelt_model("unipelt", base, tmp),
+        }
         counts = {k: trainable(m) for k, m in models.items()}
         times = step_times(models, rounds, steps)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -181,20 +196,27 @@ def main() -> None:
         r_uni = med["pelt unipelt"] / med["pelt lora"]
         print(f"  pelt lora / peft lora: {r_peft:.3f}x   goal <= 1.05x   {'PASS' if r_peft <= 1.05 else 'MISS'}")
         print(f"  pelt unipelt / pelt lora: {r_uni:.3f}x   goal <= 1.15x   {'PASS' if r_uni <= 1.15 else 'MISS'}")
-        doc["step"] = {"median_ms": {k: 1000 * v for k, v in med.items()}, "trainable": counts,
-                       "pelt_over_peft": r_peft, "unipelt_over_lora": r_uni}
+        doc["step"] = {
+            "median_ms": {k: 1000 * v for k, v in med.items()},
+            "trainable": counts,
+            "pelt_over_peft": r_peft,
+            "unipelt_over_lora": r_uni,
+        }
 
         print(f"\n(c) method table on vader: 1 epoch{' (40 steps)' if max_steps else ''}, lr {LR}, batch 32, seed 0")
-        table = {name: train_pelt(name, base, tmp, max_steps) for name in ("lora", "adapter", "prefix", "ia3",
-                                                                            "unipelt")}
+        table = {
+            name: train_pelt(name, base, tmp, max_steps) for name in ("lora", "adapter", "prefix", "ia3", "unipelt")
+        }
         table["peft lora"] = train_peft(base, max_steps)
         print(f"  {'method':<10} {'accuracy':>9} {'trainable':>10} {'ms/step':>8} {'vs pelt lora':>13}")
         for k, row in table.items():
             ratio = row["step_ms"] / table["lora"]["step_ms"]
             print(f"  {k:<10} {row['accuracy']:>9.4f} {row['trainable']:>10,} {row['step_ms']:>8.1f} {ratio:>12.3f}x")
         gap = 100 * (table["lora"]["accuracy"] - table["peft lora"]["accuracy"])
-        print(f"  pelt lora - peft lora: {gap:+.2f} accuracy points   goal within ±1   "
-              f"{'PASS' if abs(gap) <= 1 else 'MISS'}")
+        print(
+            f"  pelt lora - peft lora: {gap:+.2f} accuracy points   goal within ±1   "
+            f"{'PASS' if abs(gap) <= 1 else 'MISS'}"
+        )
         doc["table"], doc["accuracy_gap_points"] = table, gap
     doc["seconds"] = round(time.time() - t_start, 1)
     doc["load_end"] = os.getloadavg()[0]

@@ -103,8 +103,9 @@ def run_pelt_save(tensors: dict[str, torch.Tensor], dest: Path) -> tuple[float, 
 
 def run_dd(dest: Path) -> tuple[float, float, Path]:
     t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={dest}", "bs=16M", "count=64", "conv=fsync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={dest}", "bs=16M", "count=64", "conv=fsync"], check=True, capture_output=True
+    )
     return time.perf_counter() - t0, 0.0, dest
 
 
@@ -138,14 +139,15 @@ def write_once(key: str, tensors: dict[str, torch.Tensor], dest: Path) -> tuple[
     return run_dd(dest.with_suffix(".bin"))
 
 
-def run_rounds(tensors: dict[str, torch.Tensor], work: Path) -> tuple[dict[str, list[tuple[float, float, int]]],
-                                                                      Path, Path]:
+def run_rounds(
+    tensors: dict[str, torch.Tensor], work: Path
+) -> tuple[dict[str, list[tuple[float, float, int]]], Path, Path]:
     """ROUNDS interleaved rounds of every method; the results and the last round's two pelt outputs."""
     methods = [ST, SW, PS, DD]
     results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in methods}
     for r in range(ROUNDS):
-        for key in methods[r % 4:] + methods[: r % 4]:  # rotate the order so no method is always first
-            dest = work / f"{key[1:key.index(')')].replace(chr(39), 'p')}-{r}"
+        for key in methods[r % 4 :] + methods[: r % 4]:  # rotate the order so no method is always first
+            dest = work / f"{key[1 : key.index(')')].replace(chr(39), 'p')}-{r}"
             w, f, path = write_once(key, tensors, dest)
             size = path.stat().st_size
             results[key].append((w, f, size))
@@ -170,14 +172,19 @@ def print_table(results: dict[str, list[tuple[float, float, int]]], med: dict[st
         split = f"{wr:>9.2f}{fs:>9.2f}" if k in (ST, SW) else f"{'-':>9}{'-':>9}"
         runs = " ".join(f"{size / (w + f) / 1e6:.0f}" for w, f, size in rs)
         print(f"{k:<42}{med[k]:>8.0f}{tot:>9.2f}{split}{runs:>24}")
-    print(f"ratio pelt ShardedWriter / safetensors save_file: {ratio:.2f}x   goal >= {GOAL_RATIO}x   "
-          f"{'PASS' if ratio >= GOAL_RATIO else 'MISS'}")
-    print(f"info: pelt save_file / safetensors save_file: {ratio_ps:.2f}x;  "
-          f"ShardedWriter / dd: {med[SW] / med[DD]:.2f}x;  safetensors save_file / dd: {med[ST] / med[DD]:.2f}x")
+    print(
+        f"ratio pelt ShardedWriter / safetensors save_file: {ratio:.2f}x   goal >= {GOAL_RATIO}x   "
+        f"{'PASS' if ratio >= GOAL_RATIO else 'MISS'}"
+    )
+    print(
+        f"info: pelt save_file / safetensors save_file: {ratio_ps:.2f}x;  "
+        f"ShardedWriter / dd: {med[SW] / med[DD]:.2f}x;  safetensors save_file / dd: {med[ST] / med[DD]:.2f}x"
+    )
 
 
-def result_json(results: dict[str, list[tuple[float, float, int]]], med: dict[str, float], data_bytes: int,
-                ok_sw: bool, ok_ps: bool) -> dict[str, object]:
+def result_json(
+    results: dict[str, list[tuple[float, float, int]]], med: dict[str, float], data_bytes: int, ok_sw: bool, ok_ps: bool
+) -> dict[str, object]:
     """The last line's JSON object."""
     ratio = med[SW] / med[ST]
     return {
@@ -208,8 +215,10 @@ def bench(work: Path) -> None:
         raise SystemExit(f"{OUT}: only {free / 2**30:.1f} GiB free, need 4 GiB")
     tensors = make_tensors()
     data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    print(f"writing {len(tensors)} tensors, {data_bytes / 2**30:.2f} GiB, to {work} "
-          f"({ROUNDS} rounds, interleaved, fsync in every method)")
+    print(
+        f"writing {len(tensors)} tensors, {data_bytes / 2**30:.2f} GiB, to {work} "
+        f"({ROUNDS} rounds, interleaved, fsync in every method)"
+    )
     # untimed warm-up: the first large write of a process pays for faulting in page-cache pages
     _, _, p = run_pelt_save(tensors, work / "warmup.safetensors")
     p.unlink()

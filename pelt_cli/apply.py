@@ -36,8 +36,12 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plan."""
         return {
-            "recipe": self.recipe.name, "base": self.base, "family": self.family, "model_class": self.model_class,
-            "base_params": self.base_params, "new_params": self.new_params,
+            "recipe": self.recipe.name,
+            "base": self.base,
+            "family": self.family,
+            "model_class": self.model_class,
+            "base_params": self.base_params,
+            "new_params": self.new_params,
             "percent_of_base": round(100 * self.new_params / max(self.base_params, 1), 4),
             "insertions": [asdict(r) for r in self.rows],
         }
@@ -51,8 +55,14 @@ def plan(recipe: Recipe, base: str | os.PathLike[str] | Base) -> Plan:
     return Plan(recipe, str(b.root), b.family, type(model).__name__, b.ckpt.total_params, rows)
 
 
-def apply(recipe: Recipe, base: str | os.PathLike[str] | Base, out: str | os.PathLike[str], force: bool = False,
-          tensors: dict[str, Any] | None = None, **extra: Any) -> Path:
+def apply(
+    recipe: Recipe,
+    base: str | os.PathLike[str] | Base,
+    out: str | os.PathLike[str],
+    force: bool = False,
+    tensors: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     """Insert a recipe's modules into a checkpoint and write a run directory (atomically).
 
     Args:
@@ -93,10 +103,25 @@ def run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     tensors = []
     for name, info in header.tensors.items():
         ins = next((owner[m] for m in owner if name.startswith(m + ".")), None)
-        tensors.append({"name": name, "method": ins.method if ins else None, "site": ins.disk_site if ins
-                        else None, "role": ins.role if ins else None, "dtype": info.dtype,
-                        "shape": list(info.shape), "params": info.numel, "trainable": True})
+        tensors.append(
+            {
+                "name": name,
+                "method": ins.method if ins else None,
+                "site": ins.disk_site if ins else None,
+                "role": ins.role if ins else None,
+                "dtype": info.dtype,
+                "shape": list(info.shape),
+                "params": info.numel,
+                "trainable": True,
+            }
+        )
     meta = run.meta
-    return {"run": str(run_dir), "base": asdict(meta.base), "recipe": run.recipe.name, "new_params": meta.new_params,
-            "percent_of_base": round(100 * meta.new_params / max(meta.base.params, 1), 4),
-            "insertions": [asdict(r) for r in run.insertions], "tensors": tensors}
+    return {
+        "run": str(run_dir),
+        "base": asdict(meta.base),
+        "recipe": run.recipe.name,
+        "new_params": meta.new_params,
+        "percent_of_base": round(100 * meta.new_params / max(meta.base.params, 1), 4),
+        "insertions": [asdict(r) for r in run.insertions],
+        "tensors": tensors,
+    }

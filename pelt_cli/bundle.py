@@ -41,6 +41,7 @@ BUNDLE_FORMAT = 1
 
 # ---------------------------------------------------------------------------------------------------- bundles
 
+
 def _base_refs(run: Run, adapter: Any, digests: dict[str, str]) -> dict[str, str]:
     """Run tensor → base tensor with the same bytes. Only same dtype+shape base tensors are hashed."""
     try:
@@ -61,25 +62,47 @@ def _manifest(run: Run, adapter: Any, digests: dict[str, str], refs: dict[str, s
     tensors = []
     for name in sorted(adapter.tensors):
         info = adapter.tensors[name]
-        row = {"name": name, "dtype": info.dtype, "shape": list(info.shape), "nbytes": info.nbytes,
-               "blake2b_128": digests[name],
-               "stored": "base" if name in refs else "bundle"}
+        row = {
+            "name": name,
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "nbytes": info.nbytes,
+            "blake2b_128": digests[name],
+            "stored": "base" if name in refs else "bundle",
+        }
         if name in refs:
             row["base_tensor"] = refs[name]
         tensors.append(row)
     return {
-        "format": "pelt-bundle", "format_version": BUNDLE_FORMAT, "pelt_version": __version__,
+        "format": "pelt-bundle",
+        "format_version": BUNDLE_FORMAT,
+        "pelt_version": __version__,
         "created": now(),
-        "base": {"fingerprint": b.fingerprint, "structure": b.structure, "path_hint": b.path,
-                 "family": b.family, "model_class": b.model_class, "params": b.params},
-        "recipe": run.meta.recipe, "new_params": run.meta.new_params,
-        "insertions": [asdict(r) for r in run.insertions], "head": run.head, "gates": run.gates(),
+        "base": {
+            "fingerprint": b.fingerprint,
+            "structure": b.structure,
+            "path_hint": b.path,
+            "family": b.family,
+            "model_class": b.model_class,
+            "params": b.params,
+        },
+        "recipe": run.meta.recipe,
+        "new_params": run.meta.new_params,
+        "insertions": [asdict(r) for r in run.insertions],
+        "head": run.head,
+        "gates": run.gates(),
         "tensors": tensors,
     }
 
 
-def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False,
-                  stream: BinaryIO | None = None, peft: bool = False) -> dict[str, Any]:
+def export_bundle(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    stream: BinaryIO | None = None,
+    peft: bool = False,
+) -> dict[str, Any]:
     """Write a run as a diffed adapter bundle (a directory, or a tar stream when ``out`` is ``"-"``).
 
     Args:
@@ -123,20 +146,25 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             raise UsageError("export to '-' needs a binary stream to write the tar to")
         with tempfile.TemporaryDirectory(prefix="pelt-bundle-") as d:
             fill(Path(d))
-            with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for name in files:
-                    info = tar.gettarinfo(str(Path(d) / name), arcname=name)
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    info.mode = 0o644
-                    with open(Path(d) / name, "rb") as f:
-                        tar.addfile(info, f)
+            _tar(Path(d), files, stream)
         return manifest
     out = Path(out)
     prepare_out(out, force)
     with atomic_dir(out, force) as tmp:
         fill(tmp)
     return manifest
+
+
+def _tar(d: Path, files: list[str], stream: BinaryIO) -> None:
+    """The files of ``d`` as an uncompressed tar stream, in this order, owner and modes normalised."""
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name in files:
+            info = tar.gettarinfo(str(d / name), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o644
+            with open(d / name, "rb") as f:
+                tar.addfile(info, f)
 
 
 def _open_bundle(path: Path, scratch: Path) -> Path:
@@ -169,8 +197,12 @@ def _read_manifest(bdir: Path) -> dict[str, Any]:
         manifest = json.loads((bdir / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{bdir}: no readable {MANIFEST_FILE} ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "pelt-bundle" or not isinstance(
-            manifest.get("format_version", 99), int) or manifest.get("format_version", 99) > BUNDLE_FORMAT:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != "pelt-bundle"
+        or not isinstance(manifest.get("format_version", 99), int)
+        or manifest.get("format_version", 99) > BUNDLE_FORMAT
+    ):
         got = manifest if not isinstance(manifest, dict) else (manifest.get("format"), manifest.get("format_version"))
         raise CheckpointError(f"{bdir}: not a pelt bundle this version understands (format {got})")
     return manifest
@@ -179,13 +211,20 @@ def _read_manifest(bdir: Path) -> dict[str, Any]:
 def _check_base(base: Base, manifest: dict[str, Any], model: Any, force: bool) -> None:
     want = manifest["base"]
     if base.fingerprint() != want["fingerprint"] and not force:
-        raise BaseMismatch(f"{model}: fingerprint {base.fingerprint()} differs from the bundle's base "
-                           f"{want['fingerprint']} (exported from {want.get('path_hint')})",
-                           hint="pass the base the bundle was exported from, or --force to use this one anyway")
+        raise BaseMismatch(
+            f"{model}: fingerprint {base.fingerprint()} differs from the bundle's base "
+            f"{want['fingerprint']} (exported from {want.get('path_hint')})",
+            hint="pass the base the bundle was exported from, or --force to use this one anyway",
+        )
 
 
-def apply_bundle(bundle_dir: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str],
-                 *, force: bool = False) -> Path:
+def apply_bundle(
+    bundle_dir: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> Path:
     """Rebuild a run directory from a bundle and a base checkpoint.
 
     Args:
@@ -209,9 +248,14 @@ def apply_bundle(bundle_dir: str | os.PathLike[str], model: str | os.PathLike[st
         state = _bundle_tensors(bdir, manifest, base.ckpt)
         tokenizer = _tokenizer_files(bdir, manifest, Path(scratch) / "tok")
         recipe = Recipe.from_dict(manifest["recipe"], str(Path(bundle_dir) / MANIFEST_FILE))
-        run = Run.create(base, recipe, [PlanRow.from_dict(r) for r in manifest["insertions"]], "", 0,
-                         from_bundle={"base_fingerprint": manifest["base"]["fingerprint"],
-                                      "created": manifest.get("created")})
+        run = Run.create(
+            base,
+            recipe,
+            [PlanRow.from_dict(r) for r in manifest["insertions"]],
+            "",
+            0,
+            from_bundle={"base_fingerprint": manifest["base"]["fingerprint"], "created": manifest.get("created")},
+        )
         run.meta.head = manifest.get("head")
         skel, rows = run.skeleton(base)
         run.check_rows(rows, base)
@@ -234,14 +278,18 @@ def _bundle_tensors(bdir: Path, manifest: dict, ckpt: Any) -> dict[str, Any]:
             if row["stored"] == "base":
                 info = ckpt.tensors.get(row["base_tensor"])
                 if info is None or tensor_digest(info) != row["blake2b_128"]:
-                    raise BaseMismatch(f"the bundle takes {name} from the base tensor {row['base_tensor']}, which "
-                                       "this base lacks or holds with other content; no --force can supply it")
+                    raise BaseMismatch(
+                        f"the bundle takes {name} from the base tensor {row['base_tensor']}, which "
+                        "this base lacks or holds with other content; no --force can supply it"
+                    )
                 state[name] = rbase.read(row["base_tensor"])
             else:
                 info = bundle.tensors.get(name)
                 if info is None or tensor_digest(info) != row["blake2b_128"]:
-                    raise CheckpointError(f"{bdir / BUNDLE_FILE}: tensor {name} is missing or its checksum differs "
-                                          "from the manifest (corrupt bundle)")
+                    raise CheckpointError(
+                        f"{bdir / BUNDLE_FILE}: tensor {name} is missing or its checksum differs "
+                        "from the manifest (corrupt bundle)"
+                    )
                 state[name] = rb.read(name)
     extra = sorted(set(bundle.tensors) - set(state))
     if extra:

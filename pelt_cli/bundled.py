@@ -39,8 +39,10 @@ def find_recipe(name: str) -> Path:
         return table[stem]
     close = difflib.get_close_matches(stem, table, n=3)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise RecipeError([f"recipe {name!r}: no such file and no bundled recipe of that name{hint}"],
-                      hint="pelt recipes ls lists the bundled recipes")
+    raise RecipeError(
+        [f"recipe {name!r}: no such file and no bundled recipe of that name{hint}"],
+        hint="pelt recipes ls lists the bundled recipes",
+    )
 
 
 def description(path: Path) -> str:

@@ -94,8 +94,9 @@ def _read(path: str | Path) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{n}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object per line") \
-                from None
+            raise DataError(
+                f"{p}:{n}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"{p}:{n}: a JSON {type(row).__name__}, not an object; expected one object per line")
         out.append((n, row))
@@ -108,8 +109,9 @@ def _read_csv(p: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
     header = [h.strip() for h in next(reader)]
     if not any(header) or "" in header:
-        raise DataError(f"{p}:1: the header row has an empty column name ({header!r}); expected names such as "
-                        "text,label")
+        raise DataError(
+            f"{p}:1: the header row has an empty column name ({header!r}); expected names such as text,label"
+        )
     dup = [h for h, c in Counter(header).items() if c > 1]
     if dup:
         raise DataError(f"{p}:1: column {dup[0]!r} appears twice in the header; expected unique column names")
@@ -118,8 +120,10 @@ def _read_csv(p: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != len(header):
-            raise DataError(f"{p}:{reader.line_num}: {len(row)} fields but the header has {len(header)} "
-                            f"({', '.join(header)}); expected one field per column")
+            raise DataError(
+                f"{p}:{reader.line_num}: {len(row)} fields but the header has {len(header)} "
+                f"({', '.join(header)}); expected one field per column"
+            )
         out.append((reader.line_num, dict(zip(header, row, strict=True))))
     return out
 
@@ -147,8 +151,10 @@ def infer_task(columns: set[str]) -> str:
         if set(COLUMNS[task]) <= set(columns):
             return task
     found = ", ".join(sorted(columns)) or "none"
-    raise DataError(f"columns {found} fit no task; expected one of: {_expected_sets()}",
-                    hint="rename the columns, or check that a CSV/TSV file starts with a header row")
+    raise DataError(
+        f"columns {found} fit no task; expected one of: {_expected_sets()}",
+        hint="rename the columns, or check that a CSV/TSV file starts with a header row",
+    )
 
 
 def _sort_labels(labels: set[str]) -> list[str]:
@@ -175,8 +181,9 @@ def _field(p: Path, line: int, row: dict, col: str) -> str:
     return value.strip() if col == "label" or col in AUDIO_COLUMNS else value
 
 
-def load_data(path: str | Path, task: str | None = None, labels: list[str] | None = None,
-              base_dir: str | Path | None = None) -> TaskData:
+def load_data(
+    path: str | Path, task: str | None = None, labels: list[str] | None = None, base_dir: str | Path | None = None
+) -> TaskData:
     """Read, validate and label-map a data file.
 
     Args:
@@ -202,8 +209,10 @@ def load_data(path: str | Path, task: str | None = None, labels: list[str] | Non
         raise DataError(f"{p}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     need = COLUMNS[task]
     if missing := [c for c in need if c not in columns]:
-        raise DataError(f"{p}: task {task} needs column(s) {', '.join(missing)}; found {', '.join(sorted(columns))}; "
-                        f"expected {'+'.join(need)}")
+        raise DataError(
+            f"{p}: task {task} needs column(s) {', '.join(missing)}; found {', '.join(sorted(columns))}; "
+            f"expected {'+'.join(need)}"
+        )
     rows = [{c: _field(p, line, row, c) for c in need} for line, row in numbered]
     found_labels = None
     if "label" in need:
@@ -215,24 +224,32 @@ def load_data(path: str | Path, task: str | None = None, labels: list[str] | Non
             bad = [(line, r["label"]) for (line, _), r in zip(numbered, rows, strict=True) if r["label"] not in known]
             if bad:
                 more = f" ({len(bad) - 1} more rows with unknown labels)" if len(bad) > 1 else ""
-                raise DataError(f"{p}:{bad[0][0]}: label {bad[0][1]!r} is not one of the training labels "
-                                f"({', '.join(found_labels)}){more}; expected a label seen in the training data")
+                raise DataError(
+                    f"{p}:{bad[0][0]}: label {bad[0][1]!r} is not one of the training labels "
+                    f"({', '.join(found_labels)}){more}; expected a label seen in the training data"
+                )
     audio_cols = [c for c in need if c in AUDIO_COLUMNS]
     if audio_cols:
-        base = Path(base_dir) if base_dir is not None else p.parent
-        absent = []
-        for (line, _), r in zip(numbered, rows, strict=True):
-            for c in audio_cols:
-                f = Path(r[c]).expanduser()
-                f = f if f.is_absolute() else base / f
-                r[c] = str(f.resolve())
-                if not f.is_file():
-                    absent.append(f"{p.name}:{line} {c} {f}")
-        if absent:
-            more = f"; and {len(absent) - 5} more" if len(absent) > 5 else ""
-            raise DataError(f"{p}: {len(absent)} audio file(s) do not exist (relative paths start at {base}): "
-                            f"{'; '.join(absent[:5])}{more}; expected existing audio files")
+        _resolve_audio(p, numbered, rows, audio_cols, Path(base_dir) if base_dir is not None else p.parent)
     return TaskData(task, rows, found_labels, str(p))
+
+
+def _resolve_audio(p: Path, numbered: list, rows: list[dict], cols: list[str], base: Path) -> None:
+    """Make the rows' audio paths absolute (relative ones start at ``base``); every missing file at once."""
+    absent = []
+    for (line, _), r in zip(numbered, rows, strict=True):
+        for c in cols:
+            f = Path(r[c]).expanduser()
+            f = f if f.is_absolute() else base / f
+            r[c] = str(f.resolve())
+            if not f.is_file():
+                absent.append(f"{p.name}:{line} {c} {f}")
+    if absent:
+        more = f"; and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise DataError(
+            f"{p}: {len(absent)} audio file(s) do not exist (relative paths start at {base}): "
+            f"{'; '.join(absent[:5])}{more}; expected existing audio files"
+        )
 
 
 def label_mapping(td: TaskData) -> dict[str, int]:
@@ -252,8 +269,12 @@ def class_balance(td: TaskData) -> dict:
     c = Counter(r["label"] for r in td.rows)
     counts = {lab: c.get(lab, 0) for lab in td.labels}
     present = [n for n in counts.values() if n]
-    return {"counts": counts, "imbalance": max(present) / min(present),
-            "majority_baseline": max(present) / len(td.rows), "missing": [k for k, n in counts.items() if not n]}
+    return {
+        "counts": counts,
+        "imbalance": max(present) / min(present),
+        "majority_baseline": max(present) / len(td.rows),
+        "missing": [k for k, n in counts.items() if not n],
+    }
 
 
 def split(td: TaskData, eval_fraction: float, seed: int) -> tuple[TaskData, TaskData]:
@@ -301,8 +322,9 @@ def load_audio(path: str | Path, sr: int = 16000) -> Any:
             warnings.simplefilter("ignore")
             y, _ = librosa.load(str(path), sr=sr, mono=True)
     except Exception as e:  # noqa: BLE001 - soundfile/audioread raise many types
-        raise DataError(f"{path}: cannot load audio ({type(e).__name__}: {e}); expected a readable audio file") \
-            from None
+        raise DataError(
+            f"{path}: cannot load audio ({type(e).__name__}: {e}); expected a readable audio file"
+        ) from None
     if y.size == 0:
         raise DataError(f"{path}: the audio holds no samples; expected a non-empty recording")
     return y
@@ -324,8 +346,9 @@ def feature_extractor_for(config: Any) -> Any:
         kind = getattr(config, "model_type", type(config).__name__)
         raise DataError(f"config {kind}: no num_mel_bins/max_source_positions; expected a Whisper-style audio encoder")
     sr, hop, frames = 16000, 160, 2 * int(positions)
-    fe = WhisperFeatureExtractor(feature_size=int(n_mels), sampling_rate=sr, hop_length=hop,
-                                 chunk_length=max(1, frames * hop // sr), n_fft=400)
+    fe = WhisperFeatureExtractor(
+        feature_size=int(n_mels), sampling_rate=sr, hop_length=hop, chunk_length=max(1, frames * hop // sr), n_fft=400
+    )
     fe.n_samples, fe.nb_max_frames, fe.chunk_length = frames * hop, frames, frames * hop / sr
     return fe
 
@@ -342,8 +365,15 @@ class Batcher:
         cache_mb: memory for caching audio features between epochs.
     """
 
-    def __init__(self, td: TaskData, tokenizer: Any = None, feature_extractor: Any = None, max_length: int = 128,
-                 audio_seconds: float | None = None, cache_mb: int = 256) -> None:
+    def __init__(
+        self,
+        td: TaskData,
+        tokenizer: Any = None,
+        feature_extractor: Any = None,
+        max_length: int = 128,
+        audio_seconds: float | None = None,
+        cache_mb: int = 256,
+    ) -> None:
         self.td, self.tokenizer, self.feature_extractor = td, tokenizer, feature_extractor
         self.max_length, self.audio_seconds = max_length, audio_seconds
         self._ids = label_mapping(td)
@@ -369,8 +399,9 @@ class Batcher:
         per_rank = n // world_size if drop_last else -(-n // world_size)
         return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
-    def order(self, shuffle: bool, seed: int, epoch: int = 0, drop_last: bool = False, rank: int = 0,
-              world_size: int = 1) -> list[int]:
+    def order(
+        self, shuffle: bool, seed: int, epoch: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1
+    ) -> list[int]:
         """Row indices this rank reads this epoch (before batching).
 
         Rows are permuted with (seed, epoch), then dealt round-robin to ranks. Without ``drop_last`` the list is
@@ -387,8 +418,16 @@ class Batcher:
         perm = np.resize(perm, total)  # repeats from the start when padding, truncates when dropping
         return [int(i) for i in perm[rank::world_size]]
 
-    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False,
-                rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[dict]:
         """Yield model-input dicts of torch tensors for this rank; ``n_batches`` of them.
 
         Keys: text tasks the tokenizer's (``input_ids``, ``attention_mask``, …) + ``labels`` (class ids; causal LM:
@@ -399,7 +438,7 @@ class Batcher:
             raise DataError(f"batch size {batch_size}: expected ≥ 1")
         idx = self.order(shuffle, seed, epoch, drop_last, rank, world_size)
         for b in range(self.n_batches(batch_size, world_size, drop_last)):
-            yield self.collate([self.td.rows[i] for i in idx[b * batch_size:(b + 1) * batch_size]])
+            yield self.collate([self.td.rows[i] for i in idx[b * batch_size : (b + 1) * batch_size]])
 
     def collate(self, rows: list[dict]) -> dict:
         """Model inputs for a list of rows."""
@@ -408,10 +447,12 @@ class Batcher:
 
         task = self.td.task
         if task in ("audio-classification", "domain-matching"):
-            cols = {"audio": "input_features"} if task == "audio-classification" else \
-                {"source": "source_features", "reference": "reference_features"}
-            out = {key: torch.from_numpy(np.stack([self.features(r[c]) for r in rows]))
-                   for c, key in cols.items()}
+            cols = (
+                {"audio": "input_features"}
+                if task == "audio-classification"
+                else {"source": "source_features", "reference": "reference_features"}
+            )
+            out = {key: torch.from_numpy(np.stack([self.features(r[c]) for r in rows])) for c, key in cols.items()}
         else:
             kw = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             if task == "pair-classification":
@@ -459,8 +500,10 @@ def vader_rows() -> tuple[list[dict], str]:
     """
     spec = importlib.util.find_spec("vaderSentiment")
     if spec is None or spec.origin is None:
-        raise DataError("built-in dataset 'vader' needs the PyPI package vadersentiment; it is not installed",
-                        hint="pip install vadersentiment==3.3.2")
+        raise DataError(
+            "built-in dataset 'vader' needs the PyPI package vadersentiment; it is not installed",
+            hint="pip install vadersentiment==3.3.2",
+        )
     lexicon = Path(spec.origin).parent / "vader_lexicon.txt"
     seen: set[str] = set()
     rows = []
@@ -478,9 +521,11 @@ def vader_rows() -> tuple[list[dict], str]:
         ver = version("vadersentiment")
     except Exception:  # noqa: BLE001 - metadata may be missing in odd installs
         ver = "unknown version"
-    note = (f"vader: built by pelt from {lexicon} (PyPI vadersentiment {ver}, MIT License; Hutto & Gilbert 2014, "
-            "ICWSM: 7,500 lexical features rated -4..+4 by 10 human raters). Kept: lowercase words (inner - or ') "
-            "with |mean rating| >= 1.0; label positive if mean > 0 else negative; stratified 85/15 split, seed 0.")
+    note = (
+        f"vader: built by pelt from {lexicon} (PyPI vadersentiment {ver}, MIT License; Hutto & Gilbert 2014, "
+        "ICWSM: 7,500 lexical features rated -4..+4 by 10 human raters). Kept: lowercase words (inner - or ') "
+        "with |mean rating| >= 1.0; label positive if mean > 0 else negative; stratified 85/15 split, seed 0."
+    )
     return rows, note
 
 
@@ -528,4 +573,3 @@ def resolve_data(arg: str) -> tuple[Path, Path | None]:
     if arg in BUILTIN_DATASETS:
         return builtin_dataset(arg)
     raise DataError(f"{arg}: DATA path does not exist; known built-in datasets: {', '.join(BUILTIN_DATASETS)}")
-

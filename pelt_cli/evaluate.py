@@ -32,8 +32,9 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: s
     raise UsageError(f"task {task!r}: expected one of {', '.join(heads.CLASSIFICATION)}, causal-lm, domain-matching")
 
 
-def evaluate(model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: torch.device,
-             labels: list[str] | None) -> tuple[dict[str, float], dict[str, Any]]:
+def evaluate(
+    model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: torch.device, labels: list[str] | None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics on the eval set (loss; accuracy and macro-F1, perplexity, or feature MSE/cosine) and gate stats."""
     model.eval()
     gatestats.reset(model)
@@ -70,8 +71,14 @@ def evaluate(model: torch.nn.Module, batcher: Any, cfg: Any, task: str, device: 
     elif task == "causal-lm":
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     else:
-        metrics.update({"feature_mse": metrics["eval_loss"], "feature_mse_unadapted": mse_before / max(n, 1),
-                        "cosine": cos_after / max(n, 1), "cosine_unadapted": cos_before / max(n, 1)})
+        metrics.update(
+            {
+                "feature_mse": metrics["eval_loss"],
+                "feature_mse_unadapted": mse_before / max(n, 1),
+                "cosine": cos_after / max(n, 1),
+                "cosine_unadapted": cos_before / max(n, 1),
+            }
+        )
     model.train()
     return metrics, gatestats.snapshot(model, meter)
 
@@ -97,6 +104,46 @@ def primary_metric(task: str) -> tuple[str, bool]:
     return "feature_mse", False
 
 
+VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def load_tokenizer(
+    src: str | os.PathLike[str], hint: str = "save the tokenizer beside the model: tokenizer.save_pretrained(DIR)"
+) -> Any:
+    """``AutoTokenizer`` of a directory, with ``pad_token`` set (to eos, else unk) when it has none.
+
+    Raises:
+        UsageError: no tokenizer there, or one without pad, eos and unk tokens.
+    """
+    import transformers
+
+    if not any((Path(src) / f).is_file() for f in VOCAB_FILES):
+        # transformers would build an empty tokenizer (special tokens only) from config.json alone
+        raise UsageError(
+            f"{src}: no tokenizer found (none of {', '.join(VOCAB_FILES[:3])}, …)",
+            hint=hint,
+        )
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(
+            f"{src}: no tokenizer found ({str(e).splitlines()[0][:120]})",
+            hint=hint,
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.pad_token is None:
+        raise UsageError(f"{src}: the tokenizer has no pad, eos or unk token; expected one to pad with")
+    return tok
+
+
 def data_inputs(base_path: str | os.PathLike[str], task: str, tokenizer_path: str | None = None) -> tuple[Any, Any]:
     """A tokenizer for text tasks, a feature extractor for audio tasks."""
     from pelt_cli.data import feature_extractor_for
@@ -107,21 +154,15 @@ def data_inputs(base_path: str | os.PathLike[str], task: str, tokenizer_path: st
         import transformers
 
         return None, feature_extractor_for(transformers.AutoConfig.from_pretrained(str(base_dir)))
-    import transformers
-
     src = tokenizer_path or str(base_dir)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{src}: no tokenizer found ({str(e).splitlines()[0][:120]})",
-                         hint="pass --tokenizer DIR pointing at tokenizer files for this model") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok, None
+    return load_tokenizer(src, hint="pass --tokenizer DIR pointing at tokenizer files for this model"), None
 
 
-def measure_run(run_dir: str | os.PathLike[str], data: str, batch_size: int = EVAL_BATCH,
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_run(
+    run_dir: str | os.PathLike[str],
+    data: str,
+    batch_size: int = EVAL_BATCH,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(metrics, gate statistics)`` of a run on ``data`` (a file, or a built-in dataset's eval split); the
     statistics in ``gates.json`` layout, the metrics with the eval wall time and row count."""
     from types import SimpleNamespace

@@ -41,8 +41,13 @@ class DomainGateMeter:
         if not self.n:
             return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "count": 0}
         mean = self.total / self.n
-        return {"mean": mean, "std": max(self.sq / self.n - mean * mean, 0.0) ** 0.5, "min": self.lo,
-                "max": self.hi, "count": self.n}
+        return {
+            "mean": mean,
+            "std": max(self.sq / self.n - mean * mean, 0.0) ** 0.5,
+            "min": self.lo,
+            "max": self.hi,
+            "count": self.n,
+        }
 
 
 def controllers(model: Any) -> dict[str, Any]:
@@ -69,8 +74,11 @@ def snapshot(model: Any, domain_meter: DomainGateMeter | None = None) -> dict[st
 
         adapter = domain_adapter(model)
         stats = domain_meter.stats()
-        out["domain"] = {"gate": stats, "scale": float(adapter.scale.detach().float()),
-                         "healthy": HEALTHY[0] <= stats["mean"] <= HEALTHY[1] if stats["count"] else None}
+        out["domain"] = {
+            "gate": stats,
+            "scale": float(adapter.scale.detach().float()),
+            "healthy": HEALTHY[0] <= stats["mean"] <= HEALTHY[1] if stats["count"] else None,
+        }
     return out
 
 

@@ -22,9 +22,11 @@ from pelt_cli import surgery
 from pelt_cli.errors import PeltError
 
 CLASSIFICATION = ("text-classification", "pair-classification", "audio-classification")
-AUTO_CLASS = {"text-classification": "AutoModelForSequenceClassification",
-              "pair-classification": "AutoModelForSequenceClassification",
-              "audio-classification": "AutoModelForAudioClassification"}
+AUTO_CLASS = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "pair-classification": "AutoModelForSequenceClassification",
+    "audio-classification": "AutoModelForAudioClassification",
+}
 
 
 class ClassificationHead(nn.Module):
@@ -75,8 +77,9 @@ def audio_encoder(model: nn.Module) -> nn.Module:
             return model.get_submodule(path)
         except AttributeError:
             continue
-    raise PeltError(f"{type(model).__name__} has no audio encoder (audio_tower or encoder); audio tasks need "
-                    "Whisper or Qwen2-Audio")
+    raise PeltError(
+        f"{type(model).__name__} has no audio encoder (audio_tower or encoder); audio tasks need Whisper or Qwen2-Audio"
+    )
 
 
 def forward_hidden(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
@@ -186,14 +189,22 @@ def build_task_model(directory: Any, spec: dict[str, Any], keys: Any = None, met
         with torch.device("meta"):
             model = cls(cfg)
     else:
-        model = cls.from_pretrained(str(directory), config=cfg, dtype="auto",
-                                    ignore_mismatched_sizes=bool(spec.get("new_head")))
+        model = cls.from_pretrained(
+            str(directory), config=cfg, dtype="auto", ignore_mismatched_sizes=bool(spec.get("new_head"))
+        )
     surgery.set_task_model(model, root_of(model, spec), spec["params"])
     return model
 
 
-def new_head_spec(run_model: nn.Module, base_class: str, rows: list[Any], task: str, labels: list[str],
-                  new_head: bool, pad_token_id: int | None) -> dict[str, Any] | None:
+def new_head_spec(
+    run_model: nn.Module,
+    base_class: str,
+    rows: list[Any],
+    task: str,
+    labels: list[str],
+    new_head: bool,
+    pad_token_id: int | None,
+) -> dict[str, Any] | None:
     """The head spec for training ``task`` on a run (None: no task class fits, use pelt's own head).
 
     Raises:
@@ -208,17 +219,29 @@ def new_head_spec(run_model: nn.Module, base_class: str, rows: list[Any], task: 
     if not holds and task == "audio-classification":
         return None  # e.g. Whisper: the audio class has no decoder for the run's decoder modules
     if cls is None:
-        raise UsageError(f"{type(run_model).__name__}: transformers has no {AUTO_CLASS[task]} class for "
-                         f"{run_model.config.model_type} models, so {task} has no head here",
-                         hint="pick a base of a family with a sequence-classification class (BERT, LLaMA, GPT-2, …)")
+        raise UsageError(
+            f"{type(run_model).__name__}: transformers has no {AUTO_CLASS[task]} class for "
+            f"{run_model.config.model_type} models, so {task} has no head here",
+            hint="pick a base of a family with a sequence-classification class (BERT, LLaMA, GPT-2, …)",
+        )
     if not holds:
-        raise UsageError(f"{cls.__name__} lacks modules this run's recipe inserts into {type(run_model).__name__}, "
-                         f"so {task} cannot train its head here", hint="apply a recipe on the modules it keeps")
+        raise UsageError(
+            f"{cls.__name__} lacks modules this run's recipe inserts into {type(run_model).__name__}, "
+            f"so {task} cannot train its head here",
+            hint="apply a recipe on the modules it keeps",
+        )
     if base_class == cls.__name__ and not new_head:
         _check_fits(run_model.config, labels)
-    return {"task": task, "labels": list(labels), "class": cls.__name__, "root": prefix if bare else "",
-            "problem_type": "single_label_classification", "pad_token_id": pad_token_id, "new_head": new_head,
-            "params": []}
+    return {
+        "task": task,
+        "labels": list(labels),
+        "class": cls.__name__,
+        "root": prefix if bare else "",
+        "problem_type": "single_label_classification",
+        "pad_token_id": pad_token_id,
+        "new_head": new_head,
+        "params": [],
+    }
 
 
 def _holds(cls: type, config: Any, rows: list[Any], root: str) -> bool:
@@ -239,8 +262,10 @@ def _check_fits(config: Any, labels: list[str]) -> None:
     have = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
     generic = all(str(x).startswith("LABEL_") for x in have)
     if len(have) != len(labels) or (not generic and sorted(have) != sorted(labels)):
-        raise UsageError(f"the base's head has {len(have)} label(s) {have[:5]}; the data has {len(labels)} "
-                         f"{list(labels)[:5]}: pass --new-head to train a new head for these labels")
+        raise UsageError(
+            f"the base's head has {len(have)} label(s) {have[:5]}; the data has {len(labels)} "
+            f"{list(labels)[:5]}: pass --new-head to train a new head for these labels"
+        )
 
 
 def head_parameters(model: nn.Module, spec: dict[str, Any], missing: list[str]) -> list[str]:
@@ -269,8 +294,13 @@ def create_task_model(directory: Any, spec: dict[str, Any]) -> nn.Module:
 
     quiet_transformers()
     cls = getattr(transformers, spec["class"])
-    model, info = cls.from_pretrained(str(directory), config=task_config(directory, spec), dtype="auto",
-                                      ignore_mismatched_sizes=bool(spec.get("new_head")), output_loading_info=True)
+    model, info = cls.from_pretrained(
+        str(directory),
+        config=task_config(directory, spec),
+        dtype="auto",
+        ignore_mismatched_sizes=bool(spec.get("new_head")),
+        output_loading_info=True,
+    )
     missing = list(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
     spec["params"] = head_parameters(model, spec, missing)
     surgery.set_task_model(model, root_of(model, spec), spec["params"])
@@ -290,5 +320,7 @@ def require_lm_head(base_class: str, skeleton: nn.Module) -> None:
     causal = transformers.AutoModelForCausalLM._model_mapping.get(type(skeleton.config), None)
     if causal is None or type(skeleton).__name__ != causal.__name__:
         have = causal.__name__ if causal is not None else "a *ForCausalLM checkpoint"
-        raise UsageError(f"causal-lm needs a base with a language-model head; {base_class or type(skeleton).__name__}"
-                         " has none", hint=f"save the base as {have} (save_pretrained), or pick another task")
+        raise UsageError(
+            f"causal-lm needs a base with a language-model head; {base_class or type(skeleton).__name__} has none",
+            hint=f"save the base as {have} (save_pretrained), or pick another task",
+        )

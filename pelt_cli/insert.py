@@ -36,7 +36,6 @@ class PlanRow:
         return self.site, self.method
 
 
-
 def insert_recipe(model: Any, recipe: Recipe) -> list[PlanRow]:
     """Check every entry of a recipe against a model, then insert them all (seeded by ``recipe.seed``).
 
@@ -67,8 +66,19 @@ def insert_recipe(model: Any, recipe: Recipe) -> list[PlanRow]:
         for ins in method.insert(model, e.params, sites):
             s = by_module.get(ins.site)
             disk = s.disk_module if s else _disk_path(mv, ins.site)
-            rows.append(PlanRow(e.index, ins.method, ins.site, disk, ins.role, layer_of(disk),
-                                block_of(disk, mv.family), _count(model, ins.modules), list(ins.modules)))
+            rows.append(
+                PlanRow(
+                    e.index,
+                    ins.method,
+                    ins.site,
+                    disk,
+                    ins.role,
+                    layer_of(disk),
+                    block_of(disk, mv.family),
+                    _count(model, ins.modules),
+                    list(ins.modules),
+                )
+            )
     return rows
 
 
@@ -95,7 +105,7 @@ def _disk_path(mv: Any, module: str) -> str:
     """The on-disk path of a non-leaf module (e.g. ``model.multi_modal_projector`` → ``multi_modal_projector``)."""
     for s in mv.sites:
         if s.module.startswith(module + "."):
-            tail = s.module[len(module):]
+            tail = s.module[len(module) :]
             if s.disk_module.endswith(tail):
                 return s.disk_module[: -len(tail)]
     return module
@@ -109,5 +119,3 @@ def _count(model: Any, module_paths: list[str]) -> int:
                 seen.add(id(p))
                 total += p.numel()
     return total
-
-

@@ -55,8 +55,18 @@ from pelt_cli.stream import OutputPlan, layout, side_files, stream_tensors
 from pelt_cli.surgery import run_root
 
 REST_DIR = "pelt-rest"
-DTYPE_CODES = {"float32": "F32", "fp32": "F32", "float": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
-               "bfloat16": "BF16", "bf16": "BF16", "float64": "F64", "fp64": "F64"}
+DTYPE_CODES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+    "fp64": "F64",
+}
 HEAD_REF = {"method": "head", "site": "pelt_head", "disk_site": "pelt_head"}
 CONFIG_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -122,8 +132,9 @@ def _gates(run: Run) -> tuple[dict[int, Any], dict[int, set[int]]]:
     return unit_of, gate_rows
 
 
-def _classify(run: Run, unit_of: dict[int, Any], gate_rows: dict[int, set[int]], freeze_gates: str | None,
-              keep: bool) -> tuple[list[int], list[int]]:
+def _classify(
+    run: Run, unit_of: dict[int, Any], gate_rows: dict[int, set[int]], freeze_gates: str | None, keep: bool
+) -> tuple[list[int], list[int]]:
     """Rows to fold and rows to keep unmerged, by each method's ``foldable`` hook."""
     fold, rest, gated = [], [], []
     for i, row in enumerate(run.insertions):
@@ -143,8 +154,9 @@ def _classify(run: Run, unit_of: dict[int, Any], gate_rows: dict[int, set[int]],
             "computed from each input (G = mean σ(W h)); no fixed weight reproduces that, so they cannot be folded "
             "exactly",
             hint="pass --freeze-gates mean (freeze_gates='mean') to fold with each gate fixed at its mean from "
-                 "gates.json (approximate), or --keep-unmerged to keep them as a run on top of the merged base",
-            modules=[_ref(g) for g in gated])
+            "gates.json (approximate), or --keep-unmerged to keep them as a run on top of the merged base",
+            modules=[_ref(g) for g in gated],
+        )
     done = set(fold)
     rest += [g for g, members in gate_rows.items() if not members or not members <= done]
     return fold, sorted(rest)
@@ -156,9 +168,11 @@ def _refuse_rest(rows: list[PlanRow], rest: list[int], head: bool) -> None:
     for m in mods:
         by.setdefault(m["method"], []).append(m["disk_site"])
     parts = [f"{k} ×{len(v)} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})" for k, v in by.items()]
-    raise MergeRefused(f"{len(mods)} module(s) cannot be folded into the weights: {'; '.join(parts)}",
-                       hint=f"pass --keep-unmerged to also write them as a run on top of the merged model "
-                            f"(OUT/{REST_DIR})", modules=mods)
+    raise MergeRefused(
+        f"{len(mods)} module(s) cannot be folded into the weights: {'; '.join(parts)}",
+        hint=f"pass --keep-unmerged to also write them as a run on top of the merged model (OUT/{REST_DIR})",
+        modules=mods,
+    )
 
 
 def _check_order(rows: list[PlanRow], plan: MergePlan) -> None:
@@ -166,9 +180,11 @@ def _check_order(rows: list[PlanRow], plan: MergePlan) -> None:
     for i in plan.fold:
         for j in plan.rest:
             if j < i and rows[j].site == rows[i].site and j not in plan.gate_rows:
-                raise MergeRefused(f"{rows[j].method} at {rows[j].disk_site} runs before {rows[i].method} on the "
-                                   "same layer; folding the latter would change what the former sees",
-                                   hint="put the foldable module first in the recipe")
+                raise MergeRefused(
+                    f"{rows[j].method} at {rows[j].disk_site} runs before {rows[i].method} on the "
+                    "same layer; folding the latter would change what the former sees",
+                    hint="put the foldable module first in the recipe",
+                )
 
 
 def _gate_means(run: Run, fold: list[int], unit_of: dict[int, Any], doc: dict | None) -> dict[int, float]:
@@ -184,9 +200,12 @@ def _gate_means(run: Run, fold: list[int], unit_of: dict[int, Any], doc: dict | 
             node = node.get(key, {}) if isinstance(node, dict) else {}
         mean = node.get("mean") if isinstance(node, dict) else None
         if not isinstance(mean, (int, float)) or mean != mean:
-            raise MergeRefused(f"{run.path(GATES_FILE)}: no mean gate for {run.insertions[i].disk_site} "
-                               f"({'/'.join(unit_of[i].stats)}); freeze_gates='mean' needs the gate statistics that "
-                               "pelt train records", hint="train (or evaluate) the run first")
+            raise MergeRefused(
+                f"{run.path(GATES_FILE)}: no mean gate for {run.insertions[i].disk_site} "
+                f"({'/'.join(unit_of[i].stats)}); freeze_gates='mean' needs the gate statistics that "
+                "pelt train records",
+                hint="train (or evaluate) the run first",
+            )
         means[i] = float(mean)
     return means
 
@@ -256,8 +275,10 @@ def _ties(km: Any, ops: dict, config: dict) -> tuple[dict, dict[str, str], dict[
         km2 = key_map(skeleton(d))
     still = [t for t in need if t in km2.tied]
     if still:
-        raise MergeRefused(f"cannot untie {', '.join(still)}: the model class ties it whatever "
-                           "tie_word_embeddings says, so a module on it cannot be folded")
+        raise MergeRefused(
+            f"cannot untie {', '.join(still)}: the model class ties it whatever "
+            "tie_word_embeddings says, so a module on it cannot be folded"
+        )
     lost = [t for t in km.tied if t not in km2.tied]
     names = {t: km2.to_disk[t] for t in lost}
     return new, names, {t: km.disk_name(km.tied[t]) for t in lost}, sorted(names.values())
@@ -271,13 +292,13 @@ def _disk_ops(km: Any, ops: dict, tie_names: dict) -> dict[str, list[FoldOp]]:
         elif mem in km.to_disk:
             out[km.to_disk[mem]] = lst
         elif mem in km.converted:
-            raise MergeRefused(f"{mem}: transformers fuses or splits this weight on load, so it has no single "
-                               "tensor on disk to fold into")
+            raise MergeRefused(
+                f"{mem}: transformers fuses or splits this weight on load, so it has no single "
+                "tensor on disk to fold into"
+            )
         else:
             raise CheckpointError(f"{mem}: no on-disk tensor for this weight")
     return out
-
-
 
 
 # ---------------------------------------------------------------------------------------------------- the merge
@@ -318,10 +339,19 @@ def _plan_output(b: Base, km: Any, ops: dict, out_dtype: str | None, max_shard_s
     return OutputPlan(config, shards, names, source, disk_ops, untied)
 
 
-def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: Any = None,
-              max_shard_size: int | None = None, freeze_gates: str | None = None, keep_unmerged: bool = False,
-              force: bool = False, base: str | os.PathLike[str] | None = None,
-              check_fingerprint: bool = True, gate_stats: dict | None = None) -> MergeReport:
+def merge_run(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    max_shard_size: int | None = None,
+    freeze_gates: str | None = None,
+    keep_unmerged: bool = False,
+    force: bool = False,
+    base: str | os.PathLike[str] | None = None,
+    check_fingerprint: bool = True,
+    gate_stats: dict | None = None,
+) -> MergeReport:
     """Fold a run's modules into its base and write a plain Hugging Face checkpoint directory, streaming.
 
     Args:
@@ -356,15 +386,13 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     run.check_rows(rows, b)
     adapter = run.read_adapter(model)
     ops, folded = _plan_ops(run_root(model), run, plan, adapter)
-    if plan.head and not _own_head(plan.head):  # a transformers task head: the output is the task model
-        o = task_output(b, plan.head, _disk_ops(b.key_map(), ops, {}), adapter, out_dtype, max_shard_size)
-    else:
-        o = _plan_output(b, b.key_map(), ops, out_dtype, max_shard_size)
+    o = _output(b, plan, ops, adapter, out_dtype, max_shard_size)
     own = _own_head(plan.head)
     rest = _plan_rest(run, o.config, plan, adapter) if (plan.rest or own) else None
-    report = MergeReport(out=str(out), folded=folded, approximate=bool(plan.means), untied=o.untied,
-                         shards=len(o.shards),
-                         unmerged=[_ref(run.insertions[i]) for i in plan.rest] + ([HEAD_REF] if own else []))
+    unmerged = [_ref(run.insertions[i]) for i in plan.rest] + ([HEAD_REF] if own else [])
+    report = MergeReport(
+        str(out), folded=folded, approximate=bool(plan.means), untied=o.untied, shards=len(o.shards), unmerged=unmerged
+    )
     _write(run, b, o, out, force, report, hash_inline, rest, max_shard_size)
     report.rest = str(out / REST_DIR) if rest is not None else None
     report.seconds = round(time.monotonic() - t0, 3)
@@ -372,8 +400,26 @@ def merge_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     return report
 
 
-def _write(run: Run, b: Base, o: OutputPlan, out: Path, force: bool, report: MergeReport, hash_inline: bool,
-           rest: dict | None, max_shard_size: int | None) -> None:
+def _output(
+    b: Base, plan: MergePlan, ops: dict, adapter: dict, out_dtype: str | None, max_shard_size: int | None
+) -> OutputPlan:
+    """The output's plan: the base's own checkpoint, or with a transformers task head the task model's."""
+    if plan.head and not _own_head(plan.head):
+        return task_output(b, plan.head, _disk_ops(b.key_map(), ops, {}), adapter, out_dtype, max_shard_size)
+    return _plan_output(b, b.key_map(), ops, out_dtype, max_shard_size)
+
+
+def _write(
+    run: Run,
+    b: Base,
+    o: OutputPlan,
+    out: Path,
+    force: bool,
+    report: MergeReport,
+    hash_inline: bool,
+    rest: dict | None,
+    max_shard_size: int | None,
+) -> None:
     """Stream every tensor into the output, check the base's content if it was not known, commit atomically.
 
     A fingerprint cached for these exact files (pelt apply computed it) was checked before; otherwise each tensor is
@@ -383,12 +429,22 @@ def _write(run: Run, b: Base, o: OutputPlan, out: Path, force: bool, report: Mer
     src_digests: dict[str, str] = {}
     digests: dict[str, str] = {}
     streamed = o.streamed
-    need = {o.source[s.name] for s in streamed
-            if o.disk_ops.get(s.name) or s.dtype != ckpt.tensors[o.source[s.name]].dtype}
+    need = {
+        o.source[s.name] for s in streamed if o.disk_ops.get(s.name) or s.dtype != ckpt.tensors[o.source[s.name]].dtype
+    }
     writer = ShardedWriter(out, specs, None, metadata=ckpt.metadata, overwrite=force, layout=(o.shards, o.names))
     with writer as w:
-        stream_tensors(ckpt, streamed, o.source, o.disk_ops, need, w, report, src_digests if hash_inline else None,
-                       digests if rest is not None else None)
+        stream_tensors(
+            ckpt,
+            streamed,
+            o.source,
+            o.disk_ops,
+            need,
+            w,
+            report,
+            src_digests if hash_inline else None,
+            digests if rest is not None else None,
+        )
         _write_added(w, o, report, digests if rest is not None else None)
         if hash_inline:
             _check_streamed(ckpt, run.meta.base, src_digests, b.root)
@@ -434,12 +490,15 @@ def _side_files(run: Run, base_dir: Path) -> list[Path]:
 
 
 def _check_streamed(ckpt: Checkpoint, want: BaseRef, src_digests: dict[str, str], where: Path) -> None:
-    got = fingerprint(ckpt, {**{n: tensor_digest(i) for n, i in ckpt.tensors.items() if n not in src_digests},
-                             **src_digests})
+    got = fingerprint(
+        ckpt, {**{n: tensor_digest(i) for n, i in ckpt.tensors.items() if n not in src_digests}, **src_digests}
+    )
     if got != want.fingerprint:
-        raise CheckpointError(f"{where}: not the base this run was made on (its fingerprint {got} differs "
-                              f"from {want.fingerprint}); nothing was written",
-                              hint="pass the right base (--base), or override the check if you are sure")
+        raise CheckpointError(
+            f"{where}: not the base this run was made on (its fingerprint {got} differs "
+            f"from {want.fingerprint}); nothing was written",
+            hint="pass the right base (--base), or override the check if you are sure",
+        )
 
 
 def _rest_recipe(run: Run, plan: MergePlan) -> tuple[Recipe, list[Any]]:
@@ -460,8 +519,10 @@ def _rest_recipe(run: Run, plan: MergePlan) -> tuple[Recipe, list[Any]]:
             cuts.append(cut)
         entries.append(entry)
     if not entries:
-        raise MergeRefused("only the task head (pelt_head) is left unmerged, and a run needs at least one "
-                           "inserted module", hint="export the run instead (pelt export)")
+        raise MergeRefused(
+            "only the task head (pelt_head) is left unmerged, and a run needs at least one inserted module",
+            hint="export the run instead (pelt export)",
+        )
     return Recipe.from_dict({**rdict, "inserts": entries}, "<unmerged rest>"), cuts
 
 
@@ -488,18 +549,39 @@ def _plan_rest(run: Run, config: dict, plan: MergePlan, adapter: dict) -> dict[s
         tensors[name] = t
     check_state(tensors, model, "<unmerged rest>")
     trainable, _ = freeze_base(model)
-    return {"recipe": recipe, "rows": rows, "tensors": tensors, "new_params": trainable, "head": own, "prefix": prefix,
-            "model_class": type(model).__name__, "folded": [run.insertions[i] for i in plan.fold]}
+    return {
+        "recipe": recipe,
+        "rows": rows,
+        "tensors": tensors,
+        "new_params": trainable,
+        "head": own,
+        "prefix": prefix,
+        "model_class": type(model).__name__,
+        "folded": [run.insertions[i] for i in plan.fold],
+    }
 
 
 def _write_rest(d: Path, out: Path, run: Run, rest: dict, specs: list[TensorSpec], digests: dict[str, str]) -> None:
     """The unmerged rest as a run whose base is the merged output (its fingerprint from the streamed digests)."""
-    ck = Checkpoint(root=out, files=[], tensors={s.name: TensorInfo(s.name, s.dtype, s.shape, Path(), 0, s.nbytes)
-                                                 for s in specs})
-    ref = BaseRef(str(out.resolve()), fingerprint(ck, digests), structure_fingerprint(ck), run.meta.base.family,
-                  rest["model_class"], ck.total_params)
-    meta = RunMeta(base=ref, recipe=rest["recipe"].to_dict(), insertions=rest["rows"], new_params=rest["new_params"],
-                   head=rest["head"], extra={"merged_from": str(run.dir.resolve())})
+    ck = Checkpoint(
+        root=out, files=[], tensors={s.name: TensorInfo(s.name, s.dtype, s.shape, Path(), 0, s.nbytes) for s in specs}
+    )
+    ref = BaseRef(
+        str(out.resolve()),
+        fingerprint(ck, digests),
+        structure_fingerprint(ck),
+        run.meta.base.family,
+        rest["model_class"],
+        ck.total_params,
+    )
+    meta = RunMeta(
+        base=ref,
+        recipe=rest["recipe"].to_dict(),
+        insertions=rest["rows"],
+        new_params=rest["new_params"],
+        head=rest["head"],
+        extra={"merged_from": str(run.dir.resolve())},
+    )
     doc = run.gates()
     files = {}
     if doc is not None:
@@ -527,6 +609,7 @@ def _rest_gates(doc: dict, run: Run, folded: list[PlanRow], prefix: str) -> dict
 
 # ---------------------------------------------------------------------------------------------------- verify
 
+
 def sample_inputs_for(config: Any, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, Any]:
     """Simple model inputs built from a transformers config: token ids, Whisper features or ViT pixels."""
     import torch
@@ -536,9 +619,13 @@ def sample_inputs_for(config: Any, batch: int = 2, seq: int = 7, seed: int = 0) 
     vocab = getattr(text, "vocab_size", None)
 
     def ids() -> Any:
-        avoid = {v for k, v in vars(config).items() if isinstance(v, int) and k.endswith(("_token_index",
-                 "_token_id")) and k not in ("pad_token_id", "bos_token_id", "eos_token_id",
-                                              "decoder_start_token_id")}
+        avoid = {
+            v
+            for k, v in vars(config).items()
+            if isinstance(v, int)
+            and k.endswith(("_token_index", "_token_id"))
+            and k not in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+        }
         x = torch.randint(0, int(vocab), (batch, seq), generator=g)
         for a in avoid:
             x[x == a] = (a + 1) % int(vocab) if (a + 1) % int(vocab) not in avoid else 0
@@ -546,8 +633,10 @@ def sample_inputs_for(config: Any, batch: int = 2, seq: int = 7, seed: int = 0) 
 
     if getattr(config, "num_mel_bins", None) and getattr(config, "is_encoder_decoder", False):
         frames = 2 * int(getattr(config, "max_source_positions", 1500))
-        return {"input_features": torch.randn(batch, config.num_mel_bins, frames, generator=g),
-                "decoder_input_ids": ids()}
+        return {
+            "input_features": torch.randn(batch, config.num_mel_bins, frames, generator=g),
+            "decoder_input_ids": ids(),
+        }
     if vocab is None and getattr(config, "image_size", None):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=g)}
@@ -566,8 +655,9 @@ def _main_output(out: Any) -> Any:
     raise PeltError(f"{type(out).__name__} has neither logits nor last_hidden_state to compare")
 
 
-def verify_merge(run_dir: str | os.PathLike[str], merged_dir: str | os.PathLike[str],
-                 samples: int | dict[str, Any] = 2) -> float:
+def verify_merge(
+    run_dir: str | os.PathLike[str], merged_dir: str | os.PathLike[str], samples: int | dict[str, Any] = 2
+) -> float:
     """Max |Δ| between the run (base + modules) and the merged checkpoint (plus its rest run, if any).
 
     Args:

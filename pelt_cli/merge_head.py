@@ -28,8 +28,9 @@ def _renames(b: Base, spec: dict[str, Any], km_task: Any) -> dict[str, str]:
         if mem in heads:
             continue
         if root and not mem.startswith(root + "."):
-            raise CheckpointError(f"{mem}: a {spec['class']} tensor outside its base {root!r} that the run's head "
-                                  "does not hold")
+            raise CheckpointError(
+                f"{mem}: a {spec['class']} tensor outside its base {root!r} that the run's head does not hold"
+            )
         base_disk = km_base.to_disk.get(mem[len(root) + 1 :] if root else mem)
         if base_disk is None:
             raise CheckpointError(f"{b.root}: no tensor for {spec['class']}'s {mem}")
@@ -37,8 +38,14 @@ def _renames(b: Base, spec: dict[str, Any], km_task: Any) -> dict[str, str]:
     return rename
 
 
-def task_output(b: Base, spec: dict[str, Any], disk_ops: dict[str, list[FoldOp]], adapter: dict[str, Any],
-                out_dtype: str | None, max_shard_size: int | None) -> OutputPlan:
+def task_output(
+    b: Base,
+    spec: dict[str, Any],
+    disk_ops: dict[str, list[FoldOp]],
+    adapter: dict[str, Any],
+    out_dtype: str | None,
+    max_shard_size: int | None,
+) -> OutputPlan:
     """The output plan of a classification run's merge (see the module docstring).
 
     Args:

@@ -37,8 +37,12 @@ HEAD_PREFIX = "pelt_head."  # as surgery.HEAD_PREFIX (not imported: surgery impo
 EXPORT_HINT = "pelt export RUN -o DIR without --peft writes a bundle that keeps every module"
 # pelt's task → peft's task_type; else the model class decides (AUTO_TASK_TYPES, first match)
 TASK_TYPES = {"text-classification": "SEQ_CLS", "pair-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-AUTO_TASK_TYPES = (("AutoModelForCausalLM", "CAUSAL_LM"), ("AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-                   ("AutoModelForSequenceClassification", "SEQ_CLS"), ("AutoModel", "FEATURE_EXTRACTION"))
+AUTO_TASK_TYPES = (
+    ("AutoModelForCausalLM", "CAUSAL_LM"),
+    ("AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("AutoModelForSequenceClassification", "SEQ_CLS"),
+    ("AutoModel", "FEATURE_EXTRACTION"),
+)
 
 
 def _peft_method(run: Run) -> Any:
@@ -49,22 +53,31 @@ def _peft_method(run: Run) -> Any:
     """
     from pelt_cli.heads import is_task_head
 
-    bad = [f"{r.method} at {r.disk_site}" for r in run.insertions
-           if methods.hook(methods.of_row(r.method), "to_peft") is None]
+    bad = [
+        f"{r.method} at {r.disk_site}"
+        for r in run.insertions
+        if methods.hook(methods.of_row(r.method), "to_peft") is None
+    ]
     if run.has_head_weights() and not is_task_head(run.head):
         bad.append("pelt's own mean-pool head pelt_head")
     if bad:
-        raise ExportRefused(f"a PEFT adapter holds LoRA or IA³ only; this run also has {len(bad)} other module(s): "
-                            f"{', '.join(bad[:5])}{', …' if len(bad) > 5 else ''}", hint=EXPORT_HINT)
+        raise ExportRefused(
+            f"a PEFT adapter holds LoRA or IA³ only; this run also has {len(bad)} other module(s): "
+            f"{', '.join(bad[:5])}{', …' if len(bad) > 5 else ''}",
+            hint=EXPORT_HINT,
+        )
     kinds = sorted({r.method for r in run.insertions})
     if len(kinds) != 1:
-        raise ExportRefused(f"this run mixes {' and '.join(kinds) or 'nothing'}; one PEFT adapter is either LoRA or "
-                            "IA³", hint=f"split the recipe into two runs, or: {EXPORT_HINT}")
+        raise ExportRefused(
+            f"this run mixes {' and '.join(kinds) or 'nothing'}; one PEFT adapter is either LoRA or IA³",
+            hint=f"split the recipe into two runs, or: {EXPORT_HINT}",
+        )
     sites = [r.site for r in run.insertions]
     dup = sorted({s for s in sites if sites.count(s) > 1})
     if dup:
-        raise ExportRefused(f"{dup[0]} carries two {kinds[0]} modules; PEFT allows one per layer and adapter",
-                            hint=EXPORT_HINT)
+        raise ExportRefused(
+            f"{dup[0]} carries two {kinds[0]} modules; PEFT allows one per layer and adapter", hint=EXPORT_HINT
+        )
     return methods.get(kinds[0])
 
 
@@ -94,11 +107,13 @@ def _in_task_model(run: Run, root: str) -> tuple[list[Any], dict[str, Any], dict
     """The run's rows and inserted tensors renamed from its root to the task model (``root.`` prefixed), and its
     head tensors (``pelt_head.`` stripped)."""
     adapter = run.read_adapter()
-    head = {n[len(HEAD_PREFIX):]: t for n, t in adapter.items() if n.startswith(HEAD_PREFIX)}
+    head = {n[len(HEAD_PREFIX) :]: t for n, t in adapter.items() if n.startswith(HEAD_PREFIX)}
     if not root:
         return list(run.insertions), {n: t for n, t in adapter.items() if not n.startswith(HEAD_PREFIX)}, head
-    rows = [dataclasses.replace(r, site=f"{root}.{r.site}", modules=[f"{root}.{m}" for m in r.modules])
-            for r in run.insertions]
+    rows = [
+        dataclasses.replace(r, site=f"{root}.{r.site}", modules=[f"{root}.{m}" for m in r.modules])
+        for r in run.insertions
+    ]
     return rows, {f"{root}.{n}": t for n, t in adapter.items() if not n.startswith(HEAD_PREFIX)}, head
 
 
@@ -112,8 +127,14 @@ def head_modules(model: Any, params: list[str]) -> tuple[list[str], list[str]]:
     head, modules, left = set(params), [], []
     for p in params:
         parts = p.split(".")[:-1]
-        found = next((m for m in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                      if all(n in head for n in names if n.startswith(m + "."))), None)
+        found = next(
+            (
+                m
+                for m in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                if all(n in head for n in names if n.startswith(m + "."))
+            ),
+            None,
+        )
         if found is None:
             left.append(p)
         elif found not in modules:
@@ -121,8 +142,9 @@ def head_modules(model: Any, params: list[str]) -> tuple[list[str], list[str]]:
     return modules, left
 
 
-def _head_part(model: Any, head: dict[str, Any], params: list[str], sites: list[str],
-               has_bias: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _head_part(
+    model: Any, head: dict[str, Any], params: list[str], sites: list[str], has_bias: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A task head as peft saves it: ``modules_to_save`` modules' tensors by name, trained biases (a LoRA target's
     as ``<site>.base_layer.bias``) and the config keys (``modules_to_save``, ``bias``).
 
@@ -133,8 +155,9 @@ def _head_part(model: Any, head: dict[str, Any], params: list[str], sites: list[
     odd = [p for p in left if not p.endswith(".bias")]
     if odd or (left and not has_bias):
         what = odd[0] if odd else f"{left[0]}: a trained bias (peft's IA³ has no bias option)"
-        raise ExportRefused(f"{what}: a head parameter that peft cannot save (modules_to_save saves whole modules)",
-                            hint=EXPORT_HINT)
+        raise ExportRefused(
+            f"{what}: a head parameter that peft cannot save (modules_to_save saves whole modules)", hint=EXPORT_HINT
+        )
     tensors = {p: head[p] for p in params if p not in left}
     targets = set(sites)
     for p in left:
@@ -167,9 +190,16 @@ def peft_adapter(run_dir: str | os.PathLike[str] | Run) -> tuple[dict[str, Any],
     sites = [r.site for r in rows]
     head_tensors, head_part = _head_part(model, head, list(spec["params"]), sites, "bias" in part) if spec else ({}, {})
     config: dict[str, Any] = {
-        "peft_type": method.peft_type, "task_type": task_type(run, model), "inference_mode": True,
-        "base_model_name_or_path": str(Path(run.meta.base.path).resolve()), "revision": None,
-        "target_modules": sites, "exclude_modules": None, "modules_to_save": None, **part, **head_part,
+        "peft_type": method.peft_type,
+        "task_type": task_type(run, model),
+        "inference_mode": True,
+        "base_model_name_or_path": str(Path(run.meta.base.path).resolve()),
+        "revision": None,
+        "target_modules": sites,
+        "exclude_modules": None,
+        "modules_to_save": None,
+        **part,
+        **head_part,
     }
     return {PEFT_PREFIX + n: t for n, t in {**tensors, **head_tensors}.items()}, config
 
@@ -245,8 +275,9 @@ def _fits(directory: Path, spec: dict[str, Any], head: dict[str, Any]) -> list[s
     with its shape, else None."""
     from pelt_cli.heads import build_task_model
 
-    have = {n: tuple(p.shape) for n, p in build_task_model(directory, {**spec, "params": []}, meta=True)
-            .named_parameters()}
+    have = {
+        n: tuple(p.shape) for n, p in build_task_model(directory, {**spec, "params": []}, meta=True).named_parameters()
+    }
     if any(have.get(n) != tuple(t.shape) for n, t in head.items()):
         return None
     return [n for n in have if n in head]
@@ -265,19 +296,31 @@ def seq_cls_spec(base: Base, skel: Any, head: dict[str, Any], where: Path) -> di
 
     cls = task_class(skel.config, "text-classification")
     if cls is None:
-        raise ExportRefused(f"{where}: a SEQ_CLS adapter (a sequence-classification model), but transformers has no "
-                            f"AutoModelForSequenceClassification class for {skel.config.model_type} models "
-                            f"({type(skel).__name__})", hint="import it onto a base of the family it was trained on")
+        raise ExportRefused(
+            f"{where}: a SEQ_CLS adapter (a sequence-classification model), but transformers has no "
+            f"AutoModelForSequenceClassification class for {skel.config.model_type} models "
+            f"({type(skel).__name__})",
+            hint="import it onto a base of the family it was trained on",
+        )
     prefix = cls.base_model_prefix
     root = "" if type(skel).__name__ == cls.__name__ or hasattr(skel, prefix) else prefix
     if not head:
-        raise ExportRefused(f"{where}: a SEQ_CLS adapter without its head (modules_to_save); on a "
-                            f"{type(skel).__name__} base its classifier would be random",
-                            hint=f"import it onto the {cls.__name__} checkpoint it was trained on")
+        raise ExportRefused(
+            f"{where}: a SEQ_CLS adapter without its head (modules_to_save); on a "
+            f"{type(skel).__name__} base its classifier would be random",
+            hint=f"import it onto the {cls.__name__} checkpoint it was trained on",
+        )
     own = _labels(skel.config)
-    spec = {"task": "text-classification", "labels": own, "class": cls.__name__, "root": root,
-            "problem_type": skel.config.problem_type or "single_label_classification", "pad_token_id": None,
-            "new_head": False, "params": []}
+    spec = {
+        "task": "text-classification",
+        "labels": own,
+        "class": cls.__name__,
+        "root": root,
+        "problem_type": skel.config.problem_type or "single_label_classification",
+        "pad_token_id": None,
+        "new_head": False,
+        "params": [],
+    }
     for n in dict.fromkeys([len(own)] + sorted({int(t.shape[0]) for t in head.values() if t.dim()})):
         labels = own if n == len(own) else [f"LABEL_{i}" for i in range(n)]
         params = _fits(base.directory, {**spec, "labels": labels, "new_head": n != len(own)}, head)
@@ -307,18 +350,28 @@ def head_spec(cfg: dict[str, Any], base: Base, skel: Any, head: dict[str, Any], 
     if not head:
         return None
     if kind in ("TOKEN_CLS", "QUESTION_ANS"):
-        raise ExportRefused(f"{where}: a {kind} adapter with a head (modules_to_save); pelt's runs have "
-                            "sequence-classification and causal-LM heads only")
-    spec = {"labels": _labels(skel.config), "class": type(skel).__name__, "root": "",
-            "problem_type": skel.config.problem_type, "pad_token_id": None, "new_head": False, "params": []}
+        raise ExportRefused(
+            f"{where}: a {kind} adapter with a head (modules_to_save); pelt's runs have "
+            "sequence-classification and causal-LM heads only"
+        )
+    spec = {
+        "labels": _labels(skel.config),
+        "class": type(skel).__name__,
+        "root": "",
+        "problem_type": skel.config.problem_type,
+        "pad_token_id": None,
+        "new_head": False,
+        "params": [],
+    }
     if kind == "CAUSAL_LM":
         spec["task"] = "causal-lm"
     params = _fits(base.directory, spec, head)
     if params is None:
         have = {n: tuple(p.shape) for n, p in skel.named_parameters()}
         bad = next(n for n, t in head.items() if have.get(n) != tuple(t.shape))
-        raise ExportRefused(f"{where}: {bad} (modules_to_save or a bias) is not a parameter of {type(skel).__name__}"
-                            " of this shape")
+        raise ExportRefused(
+            f"{where}: {bad} (modules_to_save or a bias) is not a parameter of {type(skel).__name__} of this shape"
+        )
     return {**spec, "params": params}
 
 
@@ -333,11 +386,19 @@ def _base_relative(state: dict[str, Any], root: str, where: Path) -> dict[str, A
     outside = sorted(n for n in state if not n.startswith(root + "."))
     if outside:
         raise ExportRefused(f"{where}: {outside[0]} lies outside the task model's base {root!r}")
-    return {n[len(root) + 1:]: t for n, t in state.items()}
+    return {n[len(root) + 1 :]: t for n, t in state.items()}
 
 
-def _write_run(base: Base, recipe: Any, values: dict[str, Any], spec: dict[str, Any] | None,
-               head: dict[str, Any], out: Path, force: bool, provenance: dict[str, Any]) -> Path:
+def _write_run(
+    base: Base,
+    recipe: Any,
+    values: dict[str, Any],
+    spec: dict[str, Any] | None,
+    head: dict[str, Any],
+    out: Path,
+    force: bool,
+    provenance: dict[str, Any],
+) -> Path:
     """Build the run (the task model when ``spec`` names one), put the adapter's tensors in, write it atomically."""
     from pelt_cli.heads import build_task_model
     from pelt_cli.keymap import quiet_transformers
@@ -350,8 +411,9 @@ def _write_run(base: Base, recipe: Any, values: dict[str, Any], spec: dict[str, 
     state = inserted_state(model)
     for name, t in {**values, **{HEAD_PREFIX + n: t for n, t in head.items()}}.items():
         state[name] = t.to(state[name].dtype).contiguous()
-    run = Run.create(base, recipe, rows, type(base.skeleton()).__name__, sum(r.new_params for r in rows),
-                     imported_from=provenance)
+    run = Run.create(
+        base, recipe, rows, type(base.skeleton()).__name__, sum(r.new_params for r in rows), imported_from=provenance
+    )
     run.meta.head = spec
     return run.write(out, state, force=force)
 
@@ -370,8 +432,9 @@ def _method_name(cfg: dict[str, Any], pdir: Path) -> str:
     return by_type[ptype]
 
 
-def import_peft(peft_dir: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                force: bool = False) -> Path:
+def import_peft(
+    peft_dir: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False
+) -> Path:
     """Bring a PEFT adapter (of a type a pelt method has the form of) into a pelt run directory on ``model``.
 
     The recipe names the adapter's modules exactly (from the method's ``from_peft``), is applied to the base like
@@ -398,8 +461,10 @@ def import_peft(peft_dir: str | os.PathLike[str], model: str | os.PathLike[str],
     spec = head_spec(cfg, base, skel, head, pdir)
     rest = _base_relative(rest, (spec or {}).get("root") or "", pdir)
     entries, fit = methods.get(name).from_peft({**cfg, "bias": "none", "modules_to_save": None}, rest)
-    recipe = Recipe.from_dict({"name": f"peft-{pdir.name}", "description": f"imported from {pdir}",
-                               "inserts": entries}, str(pdir / PEFT_CONFIG))
+    recipe = Recipe.from_dict(
+        {"name": f"peft-{pdir.name}", "description": f"imported from {pdir}", "inserts": entries},
+        str(pdir / PEFT_CONFIG),
+    )
     insert_recipe(skel, recipe)
     values = fit(skel)
     want = expected_state(skel)
@@ -407,6 +472,10 @@ def import_peft(peft_dir: str | os.PathLike[str], model: str | os.PathLike[str],
     if wrong:
         raise ExportRefused(f"{wrong[0]}: shape {tuple(values[wrong[0]].shape)} does not fit the layer on this base")
     prepare_out(out, force)
-    provenance = {"peft_dir": str(pdir.resolve()), "peft_type": cfg.get("peft_type"), "task_type": cfg.get("task_type"),
-                  "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+    provenance = {
+        "peft_dir": str(pdir.resolve()),
+        "peft_type": cfg.get("peft_type"),
+        "task_type": cfg.get("task_type"),
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+    }
     return _write_run(base, recipe, values, spec, head, out, force, provenance)

@@ -35,19 +35,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from pelt_cli.errors import CheckpointError, DataError, UsageError
+from pelt_cli.evaluate import load_tokenizer
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 WINDOW_BATCHES = 16  # rows are sorted by length within windows of this many batches
 PAIR_COLUMNS = (("text_a", "text_b"), ("text", "text_pair"))
 MANIFEST = "manifest.json"
-VOCAB_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
 
 
 @dataclass
@@ -222,34 +215,6 @@ def _from_bundle(path: Path) -> Predictor:
     with tempfile.TemporaryDirectory(prefix="pelt-predict-") as tmp:
         run_dir = apply_bundle(path, base, Path(tmp) / "run")
         return _from_run(run_dir, str(path))  # apply_bundle records the bundle's tokenizer, if it has one
-
-
-def load_tokenizer(src: str | os.PathLike[str]) -> Any:
-    """``AutoTokenizer`` of a directory, with ``pad_token`` set (to eos, else unk) when it has none.
-
-    Raises:
-        UsageError: no tokenizer there, or one without pad, eos and unk tokens.
-    """
-    import transformers
-
-    if not any((Path(src) / f).is_file() for f in VOCAB_FILES):
-        # transformers would build an empty tokenizer (special tokens only) from config.json alone
-        raise UsageError(
-            f"{src}: no tokenizer found (none of {', '.join(VOCAB_FILES[:3])}, …)",
-            hint="save the tokenizer beside the model: tokenizer.save_pretrained(DIR)",
-        )
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(
-            f"{src}: no tokenizer found ({str(e).splitlines()[0][:120]})",
-            hint="save the tokenizer beside the model: tokenizer.save_pretrained(DIR)",
-        ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    if tok.pad_token is None:
-        raise UsageError(f"{src}: the tokenizer has no pad, eos or unk token; expected one to pad with")
-    return tok
 
 
 def _predictor(

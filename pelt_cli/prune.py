@@ -92,18 +92,35 @@ def units_of(run: Run, doc: dict | None) -> list[Unit]:
     gate_units = run.gate_units()
     if not gate_units:
         kinds = sorted({e.method for e in run.recipe.inserts})
-        raise PruneRefused(f"{run.dir}: nothing gated to prune (methods: {', '.join(kinds)})",
-                           hint="pelt prune removes gated modules (UniPELT's, domain adapters) by their learned gates")
+        raise PruneRefused(
+            f"{run.dir}: nothing gated to prune (methods: {', '.join(kinds)})",
+            hint="pelt prune removes gated modules (UniPELT's, domain adapters) by their learned gates",
+        )
     if doc is None:
-        raise PruneRefused(f"{run.dir}: no gate statistics ({GATES_FILE}); prune decides by the learned gates",
-                           hint=f"train the run first: pelt train {run.dir} --data FILE")
+        raise PruneRefused(
+            f"{run.dir}: no gate statistics ({GATES_FILE}); prune decides by the learned gates",
+            hint=f"train the run first: pelt train {run.dir} --data FILE",
+        )
     rows, out = run.insertions, []
     for u in gate_units:
         gate = rows[u.row]
         s = _stats(doc, u.stats) or {}  # none: a NaN mean, which decide() refuses (never evaluated)
-        out.append(Unit(u.entry, u.module, gate.site, gate.disk_site, gate.block, gate.layer, _num(s.get("mean")),
-                        _num(s.get("std")), sum(rows[i].new_params for i in u.members),
-                        "pruned" if u.pruned else "keep", [m for i in u.members for m in rows[i].modules], u))
+        out.append(
+            Unit(
+                u.entry,
+                u.module,
+                gate.site,
+                gate.disk_site,
+                gate.block,
+                gate.layer,
+                _num(s.get("mean")),
+                _num(s.get("std")),
+                sum(rows[i].new_params for i in u.members),
+                "pruned" if u.pruned else "keep",
+                [m for i in u.members for m in rows[i].modules],
+                u,
+            )
+        )
     return out
 
 
@@ -112,8 +129,10 @@ def decide(units: list[Unit], threshold: float | None, keep_top_k: int | None, p
     live = [u for u in units if u.decision != "pruned"]
     unknown = [u for u in live if math.isnan(u.mean)]
     if unknown:
-        raise PruneRefused(f"no gate mean for {unknown[0].module} at {unknown[0].disk_site} (never evaluated)",
-                           hint="train the run with an eval set so that pelt train records every gate")
+        raise PruneRefused(
+            f"no gate mean for {unknown[0].module} at {unknown[0].disk_site} (never evaluated)",
+            hint="train the run with an eval set so that pelt train records every gate",
+        )
     if keep_top_k is None:
         for u in live:
             u.decision = "prune" if u.mean < (DEFAULT_THRESHOLD if threshold is None else threshold) else "keep"
@@ -200,16 +219,42 @@ def _history(run: Run, rule: dict, gone: list[Unit]) -> dict[str, Any]:
     """``run.json``'s ``pruning``: the original recipe and size, and one entry per prune."""
     old = run.meta.pruning or {}
     history = list(old.get("history", []))
-    history.append({"time": now(), "rule": rule,
-                    "pruned": [{"module": u.module, "site": u.disk_site, "layer": u.layer, "block": u.block,
-                                "mean": u.mean, "params": u.params} for u in gone]})
-    return {"original_recipe": old.get("original_recipe", run.meta.recipe),
-            "original_new_params": old.get("original_new_params", run.meta.new_params), "history": history}
+    history.append(
+        {
+            "time": now(),
+            "rule": rule,
+            "pruned": [
+                {
+                    "module": u.module,
+                    "site": u.disk_site,
+                    "layer": u.layer,
+                    "block": u.block,
+                    "mean": u.mean,
+                    "params": u.params,
+                }
+                for u in gone
+            ],
+        }
+    )
+    return {
+        "original_recipe": old.get("original_recipe", run.meta.recipe),
+        "original_new_params": old.get("original_new_params", run.meta.new_params),
+        "history": history,
+    }
 
 
-def prune_run(run_dir: str | Path, out: str | Path | None = None, *, threshold: float | None = None,
-              keep_top_k: int | None = None, per: str | None = None, dry_run: bool = False,
-              data: str | None = None, batch_size: int = 32, force: bool = False) -> PruneReport:
+def prune_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    threshold: float | None = None,
+    keep_top_k: int | None = None,
+    per: str | None = None,
+    dry_run: bool = False,
+    data: str | None = None,
+    batch_size: int = 32,
+    force: bool = False,
+) -> PruneReport:
     """Prune a trained run in place (``out=None``) or into a new run directory.
 
     Args:
@@ -233,12 +278,22 @@ def prune_run(run_dir: str | Path, out: str | Path | None = None, *, threshold: 
     gone = [u for u in units if u.decision == "prune"]
     before = run.meta.new_params
     target = None if dry_run else _target(run.dir, out, force)
-    report = PruneReport(str(run.dir), None if dry_run else str(target), rule, units,
-                         sum(u.params for u in gone), before, before - sum(u.params for u in gone), dry_run)
+    report = PruneReport(
+        str(run.dir),
+        None if dry_run else str(target),
+        rule,
+        units,
+        sum(u.params for u in gone),
+        before,
+        before - sum(u.params for u in gone),
+        dry_run,
+    )
     new_recipe = pruned_recipe(run, units)
     if not new_recipe["inserts"]:
-        raise PruneRefused(f"{run.dir}: the rule {rule} prunes every module; nothing would remain",
-                           hint="lower --threshold or raise --keep-top-k")
+        raise PruneRefused(
+            f"{run.dir}: the rule {rule} prunes every module; nothing would remain",
+            hint="lower --threshold or raise --keep-top-k",
+        )
     if dry_run or (not gone and target == run.dir):
         return report  # nothing to prune in place: the run stays as it is (training state included)
     pruned, want = _rebuilt(run, new_recipe)
@@ -249,16 +304,31 @@ def prune_run(run_dir: str | Path, out: str | Path | None = None, *, threshold: 
     return report
 
 
-def _write(run: Run, new: Run, target: Path, adapter: dict, pruned: dict, force: bool, data: str | None,
-           batch_size: int, report: PruneReport) -> None:
+def _write(
+    run: Run,
+    new: Run,
+    target: Path,
+    adapter: dict,
+    pruned: dict,
+    force: bool,
+    data: str | None,
+    batch_size: int,
+    report: PruneReport,
+) -> None:
     """Write the new run (evaluating before and after on ``data``); the training state is dropped."""
     from pelt_cli.evaluate import evaluate_run
 
     if data is not None:
         report.evaluation = {"before": evaluate_run(run.dir, data, batch_size)}
-    new.write(target, adapter, force=True if target == run.dir else force, copy_from=run.dir,
-              skip=(PRUNED_FILE, STATE_DIR), tensor_files={PRUNED_FILE: pruned},
-              note=f"rewritten by pelt prune from {run.dir}")
+    new.write(
+        target,
+        adapter,
+        force=True if target == run.dir else force,
+        copy_from=run.dir,
+        skip=(PRUNED_FILE, STATE_DIR),
+        tensor_files={PRUNED_FILE: pruned},
+        note=f"rewritten by pelt prune from {run.dir}",
+    )
     if data is not None:
         report.evaluation["after"] = evaluate_run(target, data, batch_size)
 
@@ -270,8 +340,10 @@ def restore_run(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     if not pruning:
         raise PruneRefused(f"{run.dir}: nothing to restore (the run was never pruned)")
     if not run.path(PRUNED_FILE).is_file():
-        raise CheckpointError(f"{run.path(PRUNED_FILE)}: missing; the pruned weights are not in this run",
-                              hint="restore from the run that was pruned (bundles carry only the kept modules)")
+        raise CheckpointError(
+            f"{run.path(PRUNED_FILE)}: missing; the pruned weights are not in this run",
+            hint="restore from the run that was pruned (bundles carry only the kept modules)",
+        )
     target = _target(run.dir, out, force)
     restored, want = _rebuilt(run, pruning["original_recipe"])
     adapter = {**run.read_adapter(), **run.read_extra(PRUNED_FILE)}
@@ -279,9 +351,25 @@ def restore_run(run_dir: str | Path, out: str | Path | None = None, *, force: bo
         bad = sorted(set(want) ^ set(adapter))[:3]
         raise CheckpointError(f"{run.dir}: adapter + pruned tensors do not rebuild the original recipe (e.g. {bad})")
     restored.meta.pruning = None
-    back = [Unit(-1, h["module"], h["site"], h["site"], h["block"], h["layer"], h["mean"], math.nan, h["params"],
-                 "restore") for entry in pruning["history"] for h in entry["pruned"]]
-    restored.write(target, adapter, force=True if target == run.dir else force, copy_from=run.dir,
-                   skip=(PRUNED_FILE, STATE_DIR), note=f"rewritten by pelt prune from {run.dir}")
-    return PruneReport(str(run.dir), str(target), {"restore": True}, back, -sum(u.params for u in back),
-                       run.meta.new_params, restored.meta.new_params)
+    back = [
+        Unit(-1, h["module"], h["site"], h["site"], h["block"], h["layer"], h["mean"], math.nan, h["params"], "restore")
+        for entry in pruning["history"]
+        for h in entry["pruned"]
+    ]
+    restored.write(
+        target,
+        adapter,
+        force=True if target == run.dir else force,
+        copy_from=run.dir,
+        skip=(PRUNED_FILE, STATE_DIR),
+        note=f"rewritten by pelt prune from {run.dir}",
+    )
+    return PruneReport(
+        str(run.dir),
+        str(target),
+        {"restore": True},
+        back,
+        -sum(u.params for u in back),
+        run.meta.new_params,
+        restored.meta.new_params,
+    )

@@ -69,12 +69,21 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (every default filled in), ready to dump as YAML or JSON."""
         return {
-            "name": self.name, "description": self.description, "families": list(self.families), "seed": self.seed,
-            "inserts": [{
-                "method": e.method, **({"name": e.name} if e.name else {}), "targets": list(e.targets),
-                "layers": list(e.layers) if e.layers is not None else "all", "blocks": list(e.blocks),
-                "params": params_to_dict(e.params),
-            } for e in self.inserts],
+            "name": self.name,
+            "description": self.description,
+            "families": list(self.families),
+            "seed": self.seed,
+            "inserts": [
+                {
+                    "method": e.method,
+                    **({"name": e.name} if e.name else {}),
+                    "targets": list(e.targets),
+                    "layers": list(e.layers) if e.layers is not None else "all",
+                    "blocks": list(e.blocks),
+                    "params": params_to_dict(e.params),
+                }
+                for e in self.inserts
+            ],
         }
 
 
@@ -85,6 +94,7 @@ def params_to_dict(params: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- YAML with positions
 
+
 def _to_data(node: yaml.Node, path: tuple, pos: dict[tuple, Pos], problems: list[str], where: str) -> Any:
     pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
@@ -92,8 +102,10 @@ def _to_data(node: yaml.Node, path: tuple, pos: dict[tuple, Pos], problems: list
         for k, v in node.value:
             key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
             if key in out:
-                problems.append(f"{where}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
-                                f"{fmt_path(path + (key,))}: duplicate key")
+                problems.append(
+                    f"{where}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
+                    f"{fmt_path(path + (key,))}: duplicate key"
+                )
             out[key] = _to_data(v, path + (key,), pos, problems, where)
             pos[path + (key,)] = (k.start_mark.line + 1, k.start_mark.column + 1)
         return out
@@ -133,6 +145,7 @@ def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple, Pos]]:
 
 
 # ---------------------------------------------------------------------------------------------- overrides
+
 
 def _split_key(key: str) -> list[str | int]:
     parts: list[str | int] = []
@@ -176,6 +189,7 @@ def apply_overrides(data: Any, overrides: list[str]) -> Any:
 
 # ---------------------------------------------------------------------------------------------- validation
 
+
 class _Checker:
     def __init__(self, where: str, pos: dict[tuple, Pos]) -> None:
         self.where, self.pos, self.problems = where, pos, []
@@ -198,8 +212,14 @@ class _Checker:
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-            list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check_value(ck: _Checker, value: Any, tp: Any, meta: dict, path: tuple) -> Any:
@@ -314,9 +334,14 @@ def validate(data: Any, pos: dict[tuple, Pos], where: str) -> Recipe:
         families = []
     if ck.problems:
         raise RecipeError(ck.problems, hint="pelt validate RECIPE checks a recipe; pelt recipes cat NAME shows one")
-    return Recipe(name=str(data.get("name") or Path(where).stem), inserts=tuple(entries),
-                  description=str(data.get("description") or ""), families=tuple(families),
-                  seed=int(data.get("seed", 0)), source=where)
+    return Recipe(
+        name=str(data.get("name") or Path(where).stem),
+        inserts=tuple(entries),
+        description=str(data.get("description") or ""),
+        families=tuple(families),
+        seed=int(data.get("seed", 0)),
+        source=where,
+    )
 
 
 def _entry(ck: _Checker, raw: dict, path: tuple, index: int, methods: Any) -> Entry | None:
@@ -350,8 +375,16 @@ def _entry(ck: _Checker, raw: dict, path: tuple, index: int, methods: Any) -> En
             ck.add(path + ("blocks", j), f"unknown block kind {b!r}{hint}; expected one of {', '.join(BLOCKS)}")
     layers = parse_layers(raw.get("layers"), ck, path + ("layers",))
     line, col = ck.pos.get(path + ("targets",), ck.pos.get(path, (0, 0)))
-    return Entry(method=name, params=params, targets=tuple(targets), layers=layers, blocks=tuple(blocks),
-                 name=str(raw.get("name") or ""), index=index, where=f"{ck.where}:{line}:{col}")
+    return Entry(
+        method=name,
+        params=params,
+        targets=tuple(targets),
+        layers=layers,
+        blocks=tuple(blocks),
+        name=str(raw.get("name") or ""),
+        index=index,
+        where=f"{ck.where}:{line}:{col}",
+    )
 
 
 def load(path_or_name: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -378,4 +411,3 @@ def loads(text: str, where: str = "<recipe>", overrides: list[str] | None = None
 def dump(recipe: Recipe) -> str:
     """The resolved recipe as YAML."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-

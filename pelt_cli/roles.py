@@ -20,19 +20,76 @@ V_NAMES = {"v", "value", "v_proj", "v_lin", "wv", "value_proj", "v_linear", "to_
 QKV = {"c_attn", "query_key_value", "qkv_proj", "wqkv", "qkv", "in_proj", "w_pack", "to_qkv"}
 O_NAMES = {"o", "o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj", "out", "proj", "to_out", "out_linear"}
 GATE = {"gate_proj", "wi_0", "w1"}
-UP = {"up_proj", "fc1", "c_fc", "dense_h_to_4h", "lin1", "wi", "wi_1", "fc_in", "intermediate_dense", "ffn", "w3",
-      "linear1", "gate_up_proj"}
-DOWN = {"down_proj", "fc2", "dense_4h_to_h", "lin2", "wo", "fc_out", "output_dense", "ffn_output", "w2", "linear2",
-        "c_proj"}
+UP = {
+    "up_proj",
+    "fc1",
+    "c_fc",
+    "dense_h_to_4h",
+    "lin1",
+    "wi",
+    "wi_1",
+    "fc_in",
+    "intermediate_dense",
+    "ffn",
+    "w3",
+    "linear1",
+    "gate_up_proj",
+}
+DOWN = {
+    "down_proj",
+    "fc2",
+    "dense_4h_to_h",
+    "lin2",
+    "wo",
+    "fc_out",
+    "output_dense",
+    "ffn_output",
+    "w2",
+    "linear2",
+    "c_proj",
+}
 ROUTER = {"gate", "router", "shared_expert_gate"}
 CROSS = re.compile(r"(encoder_attn|encdecattention|crossattention|cross_attn)", re.I)
 VISION = re.compile(r"(vision|visual|image|(^|\.)vit(\.|$))", re.I)
 AUDIO = re.compile(r"(audio|speech|wav2vec|hubert|wavlm)", re.I)
-AUDIO_TYPES = {"wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat", "sew", "sew-d",
-               "wav2vec2-conformer", "wav2vec2-bert"}
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert", "electra", "deberta",
-                 "deberta-v2", "mpnet", "xlm", "ernie", "modernbert", "nomic_bert", "esm", "layoutlm", "mobilebert",
-                 "funnel", "squeezebert", "roformer", "megatron-bert", "big_bird", "longformer", "xlnet"}
+AUDIO_TYPES = {
+    "wav2vec2",
+    "hubert",
+    "wavlm",
+    "data2vec-audio",
+    "unispeech",
+    "unispeech-sat",
+    "sew",
+    "sew-d",
+    "wav2vec2-conformer",
+    "wav2vec2-bert",
+}
+ENCODER_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "distilbert",
+    "albert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "mpnet",
+    "xlm",
+    "ernie",
+    "modernbert",
+    "nomic_bert",
+    "esm",
+    "layoutlm",
+    "mobilebert",
+    "funnel",
+    "squeezebert",
+    "roformer",
+    "megatron-bert",
+    "big_bird",
+    "longformer",
+    "xlnet",
+}
 
 
 def layer_index(path: str) -> int | None:
@@ -49,7 +106,7 @@ def block_kind(path: str, config: dict[str, Any] | None = None) -> str:
     m = LAYER_LIST.search(path)
     if not m:
         return "-"
-    prefix, inside = path[: m.start()], path[m.end():]
+    prefix, inside = path[: m.start()], path[m.end() :]
     mt = str((config or {}).get("model_type") or "")
     if VISION.search(prefix) or mt.endswith("vision_model") or mt in {"vit", "siglip_vision_model", "dinov2"}:
         return "vision"
@@ -73,13 +130,18 @@ def infer_role(path: str) -> str:
     """
     parts = path.split(".")
     m = LAYER_LIST.search(path)
-    inner = path[m.end():].strip(".").split(".") if m else parts
+    inner = path[m.end() :].strip(".").split(".") if m else parts
     leaf = parts[-1].lower()
     parent = inner[-2].lower() if len(inner) >= 2 else ""
     attn = any("attn" in p.lower() or "attention" in p.lower() for p in inner[:-1])
     if attn:
-        for names, role in ((QKV, "attn.qkv"), (Q_NAMES, "attn.q"), (K_NAMES, "attn.k"), (V_NAMES, "attn.v"),
-                            (O_NAMES, "attn.o")):
+        for names, role in (
+            (QKV, "attn.qkv"),
+            (Q_NAMES, "attn.q"),
+            (K_NAMES, "attn.k"),
+            (V_NAMES, "attn.v"),
+            (O_NAMES, "attn.o"),
+        ):
             if leaf in names:
                 return role
         return "unknown"
@@ -142,17 +204,19 @@ def _ranges_for(cfg: dict[str, Any], out: int) -> dict[str, list[tuple[int, int]
     if mt == "falcon" and cfg.get("new_decoder_architecture"):
         per = nh // nkv
         g = (per + 2) * hd
-        return {"q": [(i * g, i * g + per * hd) for i in range(nkv)],
-                "k": [(i * g + per * hd, i * g + (per + 1) * hd) for i in range(nkv)],
-                "v": [(i * g + (per + 1) * hd, (i + 1) * g) for i in range(nkv)]}
+        return {
+            "q": [(i * g, i * g + per * hd) for i in range(nkv)],
+            "k": [(i * g + per * hd, i * g + (per + 1) * hd) for i in range(nkv)],
+            "v": [(i * g + (per + 1) * hd, (i + 1) * g) for i in range(nkv)],
+        }
     if mt in {"gpt_neox", "bloom", "persimmon"} or (mt == "falcon" and nkv == nh):
-        return {p: [(h * 3 * hd + j * hd, h * 3 * hd + (j + 1) * hd) for h in range(nh)]
-                for j, p in enumerate("qkv")}
+        return {p: [(h * 3 * hd + j * hd, h * 3 * hd + (j + 1) * hd) for h in range(nh)] for j, p in enumerate("qkv")}
     return {"q": [(0, nh * hd)], "k": [(nh * hd, (nh + nkv) * hd)], "v": [((nh + nkv) * hd, out)]}
 
 
-def fused_slices(config: dict[str, Any] | None, out_features: int, parts: list[str] | tuple[str, ...]
-                 ) -> list[tuple[int, int]]:
+def fused_slices(
+    config: dict[str, Any] | None, out_features: int, parts: list[str] | tuple[str, ...]
+) -> list[tuple[int, int]]:
     """The sorted output ranges of ``parts`` (q, k, v) of a fused QKV projection, adjacent ranges joined."""
     ranges = qkv_ranges(config, out_features)
     spans = sorted(r for p in parts for r in ranges[p])

@@ -42,10 +42,22 @@ PRUNED_FILE = "pruned.safetensors"
 METRICS_FILE = "metrics.jsonl"
 STATE_DIR = "train"
 RUN_FORMAT = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                   "processor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def now() -> str:
@@ -90,8 +102,9 @@ class RunMeta:
         """
         try:
             known = {f.name for f in fields(cls)} - {"extra"}
-            meta = cls(**{k: v for k, v in d.items() if k in known},
-                       extra={k: v for k, v in d.items() if k not in known})
+            meta = cls(
+                **{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known}
+            )
             meta.base = BaseRef(**meta.base)
             meta.insertions = [PlanRow.from_dict(r) for r in meta.insertions]
         except (TypeError, AttributeError) as e:
@@ -100,8 +113,18 @@ class RunMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``run.json`` content (unset optional sections left out)."""
-        order = ("format", "pelt_version", "created", "base", "recipe", "new_params", "insertions", "head",
-                 "training", "pruning")
+        order = (
+            "format",
+            "pelt_version",
+            "created",
+            "base",
+            "recipe",
+            "new_params",
+            "insertions",
+            "head",
+            "training",
+            "pruning",
+        )
         d = {k: getattr(self, k) for k in order}
         d["base"], d["insertions"] = asdict(self.base), [asdict(r) for r in self.insertions]
         d = {k: v for k, v in d.items() if v is not None or k not in ("head", "training", "pruning")}
@@ -161,8 +184,10 @@ class Base:
     def require_config(self) -> None:
         """Raise unless the checkpoint has a ``config.json`` (building the model needs it)."""
         if not self.ckpt.config:
-            raise CheckpointError(f"{self.directory}: no config.json beside the weights; pelt needs the model's "
-                                  "config to build it", hint="save the model with save_pretrained")
+            raise CheckpointError(
+                f"{self.directory}: no config.json beside the weights; pelt needs the model's config to build it",
+                hint="save the model with save_pretrained",
+            )
 
     def fingerprint(self) -> str:
         """The content fingerprint (hashes every tensor once; cached across processes by file identity)."""
@@ -206,8 +231,14 @@ class Base:
 
     def ref(self, model_class: str) -> BaseRef:
         """What a run records of this base."""
-        return BaseRef(str(self.root.resolve()), self.fingerprint(), self.structure(), self.family, model_class,
-                       self.ckpt.total_params)
+        return BaseRef(
+            str(self.root.resolve()),
+            self.fingerprint(),
+            self.structure(),
+            self.family,
+            model_class,
+            self.ckpt.total_params,
+        )
 
     def matches(self, ref: BaseRef, *, content: bool = True) -> bool:
         """Whether this is the base ``ref`` describes (structure, and content unless ``content=False``)."""
@@ -220,9 +251,10 @@ class Base:
             CheckpointError: another base (its fingerprint differs).
         """
         if not self.matches(ref, content=content):
-            raise CheckpointError(f"{self.root}: not the base this run was made on (its fingerprint differs from "
-                                  f"{ref.fingerprint})",
-                                  hint="pass the right base (--base), or override the check if you are sure")
+            raise CheckpointError(
+                f"{self.root}: not the base this run was made on (its fingerprint differs from {ref.fingerprint})",
+                hint="pass the right base (--base), or override the check if you are sure",
+            )
 
 
 def inserted_model(model: Any, recipe: Recipe | None, head: dict[str, Any] | None) -> list[PlanRow]:
@@ -255,8 +287,10 @@ def check_state(state: dict[str, Any], model: Any, where: str | os.PathLike[str]
     if want != got:
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         wrong = [n for n in want if n in got and want[n] != got[n]]
-        raise CheckpointError(f"{where}: does not match the run's recipe (missing {missing[:3]}, unexpected "
-                              f"{extra[:3]}, other shape {wrong[:3]})")
+        raise CheckpointError(
+            f"{where}: does not match the run's recipe (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}, other shape {wrong[:3]})"
+        )
 
 
 class Run:
@@ -283,8 +317,9 @@ class Run:
         d = Path(directory)
         p = d / RUN_FILE
         if not p.is_file():
-            raise CheckpointError(f"{d}: not a pelt run directory (no {RUN_FILE})",
-                                  hint="pelt apply RECIPE MODEL -o RUN creates one")
+            raise CheckpointError(
+                f"{d}: not a pelt run directory (no {RUN_FILE})", hint="pelt apply RECIPE MODEL -o RUN creates one"
+            )
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -292,17 +327,25 @@ class Run:
         if not isinstance(doc, dict):
             raise CheckpointError(f"{p}: expected a JSON object, got {type(doc).__name__}")
         if not isinstance(doc.get("format", 0), int) or doc.get("format", 0) > RUN_FORMAT:
-            raise CheckpointError(f"{p}: run format {doc.get('format')} is newer than this pelt understands "
-                                  f"({RUN_FORMAT})", hint="upgrade pelt")
+            raise CheckpointError(
+                f"{p}: run format {doc.get('format')} is newer than this pelt understands ({RUN_FORMAT})",
+                hint="upgrade pelt",
+            )
         meta = RunMeta.from_dict(doc, str(p))
         return cls(d, meta, Recipe.from_dict(meta.recipe, str(p)))
 
     @classmethod
-    def create(cls, base: Base, recipe: Recipe, rows: list[PlanRow], model_class: str, new_params: int,
-               **extra: Any) -> Run:
+    def create(
+        cls, base: Base, recipe: Recipe, rows: list[PlanRow], model_class: str, new_params: int, **extra: Any
+    ) -> Run:
         """A new run (not yet written) of ``recipe`` on ``base``; ``extra`` keys go into ``run.json`` as they are."""
-        meta = RunMeta(base=base.ref(model_class), recipe=recipe.to_dict(), insertions=list(rows),
-                       new_params=new_params, extra=dict(extra))
+        meta = RunMeta(
+            base=base.ref(model_class),
+            recipe=recipe.to_dict(),
+            insertions=list(rows),
+            new_params=new_params,
+            extra=dict(extra),
+        )
         run = cls(None, meta, recipe)
         run._base, run._checked = base, True
         return run
@@ -341,8 +384,9 @@ class Run:
             self._checked = True
         return self._base
 
-    def skeleton(self, base: Base | None = None, recipe: Recipe | None = None,
-                 head: dict[str, Any] | None | bool = True) -> tuple[Any, list[PlanRow]]:
+    def skeleton(
+        self, base: Base | None = None, recipe: Recipe | None = None, head: dict[str, Any] | None | bool = True
+    ) -> tuple[Any, list[PlanRow]]:
         """The base on ``meta`` with the run's modules (or ``recipe``'s) and head inserted; the insertion rows."""
         from pelt_cli.heads import build_task_model, is_task_head
 
@@ -441,9 +485,19 @@ class Run:
         run._base, run._checked = self._base, self._checked
         return run
 
-    def write(self, out: str | os.PathLike[str], tensors: dict[str, Any], *, force: bool = False,
-              note: str = "", files: dict[str, str] | None = None, tensor_files: dict[str, dict] | None = None,
-              copy_from: Path | None = None, skip: tuple[str, ...] = (), copy_files: list[Path] = ()) -> Path:
+    def write(
+        self,
+        out: str | os.PathLike[str],
+        tensors: dict[str, Any],
+        *,
+        force: bool = False,
+        note: str = "",
+        files: dict[str, str] | None = None,
+        tensor_files: dict[str, dict] | None = None,
+        copy_from: Path | None = None,
+        skip: tuple[str, ...] = (),
+        copy_files: list[Path] = (),
+    ) -> Path:
         """Write the whole run into ``out`` in one atomic step (a temporary sibling renamed into place).
 
         Args:
@@ -472,8 +526,9 @@ class Run:
                     save_file(state, tmp / name)
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text, encoding="utf-8")
-            (tmp / RECIPE_FILE).write_text(f"# {note or 'resolved from ' + self.recipe.source}\n"
-                                           + dump(self.recipe), encoding="utf-8")
+            (tmp / RECIPE_FILE).write_text(
+                f"# {note or 'resolved from ' + self.recipe.source}\n" + dump(self.recipe), encoding="utf-8"
+            )
             (tmp / RUN_FILE).write_text(self.meta_json(), encoding="utf-8")
         self.dir = Path(out)
         return self.dir
@@ -496,8 +551,9 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return Run.open(run_dir).meta.to_dict()
 
 
-def load_run(run_dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None,
-             check_fingerprint: bool = True) -> tuple[Any, dict[str, Any]]:
+def load_run(
+    run_dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None, check_fingerprint: bool = True
+) -> tuple[Any, dict[str, Any]]:
     """``(model, run.json)`` of a run: the base with the run's modules and weights (see :meth:`Run.load_model`)."""
     run = Run.open(run_dir)
     model = run.load_model(run.base(base, check=check_fingerprint))

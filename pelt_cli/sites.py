@@ -18,8 +18,23 @@ from .roles import block_kind, infer_role, layer_index
 
 UNKNOWN = "unknown"
 ROLES = [
-    "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.up", "ffn.gate", "ffn.down",
-    "embed", "lm_head", "norm", "conv", "projector", "pooler", "head", "router", UNKNOWN,
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.qkv",
+    "attn.o",
+    "ffn.up",
+    "ffn.gate",
+    "ffn.down",
+    "embed",
+    "lm_head",
+    "norm",
+    "conv",
+    "projector",
+    "pooler",
+    "head",
+    "router",
+    UNKNOWN,
 ]
 # Target sets a recipe may name besides roles and globs (``all-linear``: peft's semantics).
 TARGET_SETS = ("all-linear", "all-attention", "all-ffn")
@@ -172,8 +187,9 @@ def sites(ckpt: Checkpoint) -> list[Site]:
     return out
 
 
-def _site(name: str, info: TensorInfo | None, family: str | None, config: dict[str, Any] | None,
-          tied_to: str | None = None) -> Site:
+def _site(
+    name: str, info: TensorInfo | None, family: str | None, config: dict[str, Any] | None, tied_to: str | None = None
+) -> Site:
     module = module_of(name)
     role, how = role_how(module, family)
     return Site(name, module, role, layer_of(name), block_of(name, family, config), info, tied_to, how)
@@ -203,5 +219,5 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    head, tail = pattern[: m.start()], pattern[m.end():]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
     return [x for alt in m.group(1).split(",") for x in expand_braces(head + alt + tail)]

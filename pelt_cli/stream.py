@@ -57,9 +57,17 @@ class Workspace:
         return memoryview(self.out)[: spec.nbytes]
 
 
-def stream_tensors(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, str], disk_ops: dict[str, list[FoldOp]],
-            need: set[str], w: ShardedWriter, report: Any, src_digests: dict[str, str] | None,
-            out_digests: dict[str, str] | None) -> None:
+def stream_tensors(
+    ckpt: Checkpoint,
+    specs: list[TensorSpec],
+    source: dict[str, str],
+    disk_ops: dict[str, list[FoldOp]],
+    need: set[str],
+    w: ShardedWriter,
+    report: Any,
+    src_digests: dict[str, str] | None,
+    out_digests: dict[str, str] | None,
+) -> None:
     """Write every output tensor, in a two-stage pipeline on two cores.
 
     A worker thread reads (and hashes, and folds) tensor i+1 into one of two buffer slots while this thread writes
@@ -134,9 +142,14 @@ class OutputPlan:
         return [s for s in self.specs if s.name not in self.added]
 
 
-def layout(ckpt: Checkpoint, extra: dict[str, str], out_dtype: str | None, max_shard_size: int | None,
-           rename: dict[str, str] | None = None, added: list[TensorSpec] | None = None,
-           ) -> tuple[list[list[TensorSpec]], list[str], dict[str, str]]:
+def layout(
+    ckpt: Checkpoint,
+    extra: dict[str, str],
+    out_dtype: str | None,
+    max_shard_size: int | None,
+    rename: dict[str, str] | None = None,
+    added: list[TensorSpec] | None = None,
+) -> tuple[list[list[TensorSpec]], list[str], dict[str, str]]:
     """Output shards (specs in order) and file names; ``source`` maps each output tensor to its base tensor.
 
     Args:
@@ -164,9 +177,11 @@ def layout(ckpt: Checkpoint, extra: dict[str, str], out_dtype: str | None, max_s
     if max_shard_size:
         shards = plan_shards([s for g in groups for s in g], max_shard_size)
         return shards, shard_names(len(shards)), source
-    names = [SINGLE_NAME] if len(groups) == 1 and not ckpt.sharded else [f.name for f in ckpt.files
-                                                                          if any(t.file == f for t in
-                                                                                 ckpt.tensors.values())]
+    names = (
+        [SINGLE_NAME]
+        if len(groups) == 1 and not ckpt.sharded
+        else [f.name for f in ckpt.files if any(t.file == f for t in ckpt.tensors.values())]
+    )
     return groups, names, source
 
 

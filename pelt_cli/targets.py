@@ -88,7 +88,9 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def select(
-    mv: ModelView, targets: list[str] | tuple[str, ...], layers: tuple[int, ...] | None = None,
+    mv: ModelView,
+    targets: list[str] | tuple[str, ...],
+    layers: tuple[int, ...] | None = None,
     blocks: tuple[str, ...] = (),
 ) -> tuple[list[ModelSite], list[str]]:
     """Sites matching any target (a role or a glob on the disk or memory path), restricted by layers and blocks.
@@ -179,15 +181,18 @@ def _no_match(mv: ModelView, target: str, layers: tuple[int, ...] | None, blocks
         have = sorted({s.role for s in mv.sites if s.role != UNKNOWN})
         roles = f"its roles are {', '.join(have)}" if have else "it has no recognised roles"
         return f"{kind} {target!r} matches no module of this {fam} model{scope}; {roles}; {_glob_hint(mv)}"
-    return (f"glob {target!r} matches no module of this {fam} model{scope} (pelt inspect MODEL lists module paths); "
-            f"{_glob_hint(mv)}")
+    return (
+        f"glob {target!r} matches no module of this {fam} model{scope} (pelt inspect MODEL lists module paths); "
+        f"{_glob_hint(mv)}"
+    )
 
 
 def _glob_hint(mv: ModelView) -> str:
     """A glob that matches layers of this model: the Linear layers in its blocks, by their own names."""
     mods = dict(mv.model.named_modules())
-    leaves = sorted({s.disk_module.rsplit(".", 1)[-1] for s in mv.sites
-                     if s.layer is not None and is_linear(mods.get(s.module))})
+    leaves = sorted(
+        {s.disk_module.rsplit(".", 1)[-1] for s in mv.sites if s.layer is not None and is_linear(mods.get(s.module))}
+    )
     if not leaves:
         leaves = sorted({s.disk_module.rsplit(".", 1)[-1] for s in mv.sites if is_linear(mods.get(s.module))})
     if not leaves:

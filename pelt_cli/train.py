@@ -70,10 +70,14 @@ class TrainConfig:
             (self.lr > 0, f"--lr {self.lr}: expected > 0"),
             (self.grad_accum >= 1, f"--grad-accum {self.grad_accum}: expected ≥ 1"),
             (0 <= self.warmup, f"--warmup {self.warmup}: expected a fraction of the steps (0–1) or a step count"),
-            (self.schedule in ("linear", "cosine", "constant"), f"--schedule {self.schedule!r}: expected linear, "
-                                                               "cosine or constant"),
-            (self.gate_sparsity in ("none", "entropy", "l1"), f"--gate-sparsity {self.gate_sparsity!r}: "
-                                                              "expected none, entropy or l1"),
+            (
+                self.schedule in ("linear", "cosine", "constant"),
+                f"--schedule {self.schedule!r}: expected linear, cosine or constant",
+            ),
+            (
+                self.gate_sparsity in ("none", "entropy", "l1"),
+                f"--gate-sparsity {self.gate_sparsity!r}: expected none, entropy or l1",
+            ),
             (self.patience >= 0, f"--patience {self.patience}: expected ≥ 0 (0 disables early stopping)"),
             (0 < self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction}: expected between 0 and 1"),
             (self.eval_every >= 0, f"--eval-every {self.eval_every}: expected ≥ 0 (0: only at epoch ends)"),
@@ -81,8 +85,10 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: expected ≥ 0"),
             (self.head_lr is None or self.head_lr > 0, f"--head-lr {self.head_lr}: expected > 0"),
             (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: expected auto, cpu or cuda"),
-            (self.gate_temperature is None or self.gate_temperature > 0,
-             f"--gate-temperature {self.gate_temperature}: expected > 0"),
+            (
+                self.gate_temperature is None or self.gate_temperature > 0,
+                f"--gate-temperature {self.gate_temperature}: expected > 0",
+            ),
         ]
         for ok, message in rules:
             if not ok:
@@ -107,6 +113,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+
 
 def dist_info() -> tuple[int, int]:
     """``(rank, world_size)`` under torchrun, else ``(0, 1)``; initialises the process group once."""
@@ -140,8 +147,9 @@ def check_ranks_agree(params: list[torch.nn.Parameter], world: int) -> None:
         return
     import torch.distributed as dist
 
-    local = torch.stack([p.detach().double().sum() for p in params] + [p.detach().double().abs().sum()
-                                                                         for p in params]).cpu()
+    local = torch.stack(
+        [p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params]
+    ).cpu()
     lo, hi = local.clone(), local.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -150,6 +158,7 @@ def check_ranks_agree(params: list[torch.nn.Parameter], world: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
+
 
 def _group_of() -> Callable[[str], str]:
     """Parameter name → optimizer group: ``head``, what a method's ``param_group`` hook names, else ``modules``."""
@@ -168,12 +177,16 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
         if p.requires_grad:
             groups.setdefault(group_of(n), []).append(p)
     lrs = {"modules": cfg.lr, "gates": cfg.gate_lr or cfg.lr, "scale": cfg.scale_lr, "head": cfg.head_lr or cfg.lr}
-    return [{"params": ps, "lr": lrs.get(k, cfg.lr), "name": k, "weight_decay": 0.0 if k == "scale" else
-             cfg.weight_decay} for k, ps in groups.items() if ps]
+    return [
+        {"params": ps, "lr": lrs.get(k, cfg.lr), "name": k, "weight_decay": 0.0 if k == "scale" else cfg.weight_decay}
+        for k, ps in groups.items()
+        if ps
+    ]
 
 
 def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
     """Linear warm-up to 1, then linear decay to 0, cosine decay, or constant."""
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -183,6 +196,7 @@ def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
         if schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return max(0.0, 1.0 - progress)
+
     return f
 
 
@@ -215,6 +229,7 @@ def set_gates_trainable(model: torch.nn.Module, trainable: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+
 def pick_device(name: str) -> torch.device:
     """``auto`` → cuda when available, else cpu."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -235,8 +250,15 @@ def seed_all(seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- run files
 
-def save_checkpoint(run: Run, model: torch.nn.Module, state: dict[str, Any], metrics: list[dict[str, Any]],
-                    gate_doc: dict[str, Any] | None, best: bool) -> None:
+
+def save_checkpoint(
+    run: Run,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    gate_doc: dict[str, Any] | None,
+    best: bool,
+) -> None:
     """Write the epoch's checkpoint into the run, each file through a temporary name and a rename."""
     from pelt_cli.io.writer import save_file
 
@@ -259,8 +281,13 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-            "numpy_keys": torch.from_numpy(np_state[1].astype("int64")), "numpy_pos": int(np_state[2])}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype("int64")),
+        "numpy_pos": int(np_state[2]),
+    }
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -293,8 +320,9 @@ def _load_data(run: Run, data: str, eval_data: str | None, cfg: TrainConfig) -> 
     td = load_data(train_path, task=cfg.task or head.get("task"))
     labels = head.get("labels") or td.labels
     if head and td.labels and set(td.labels) - set(labels):
-        raise UsageError(f"{train_path}: labels {sorted(set(td.labels) - set(labels))} are not among the run's "
-                         f"head labels {labels}")
+        raise UsageError(
+            f"{train_path}: labels {sorted(set(td.labels) - set(labels))} are not among the run's head labels {labels}"
+        )
     ev_path = eval_data or (str(builtin_eval) if builtin_eval else None)
     if not ev_path:
         td, ed = split(td, cfg.eval_fraction, cfg.seed)
@@ -310,19 +338,28 @@ def _task_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any) -> torch.nn.Modu
     the family has one, else pelt's own head)."""
     if d.task not in heads.CLASSIFICATION or run.head:
         if run.head and d.task in heads.CLASSIFICATION and run.head.get("task") not in heads.CLASSIFICATION:
-            raise UsageError(f"{run.dir}: its model ({run.head.get('class')}) has no classification head for "
-                             f"{d.task}", hint="apply the recipe to the base for a new run")
+            raise UsageError(
+                f"{run.dir}: its model ({run.head.get('class')}) has no classification head for {d.task}",
+                hint="apply the recipe to the base for a new run",
+            )
         if run.head and cfg.new_head:
-            raise UsageError(f"{run.dir}: already has a trained head; --new-head applies to a run's first training",
-                             hint="apply the recipe again for a new run")
+            raise UsageError(
+                f"{run.dir}: already has a trained head; --new-head applies to a run's first training",
+                hint="apply the recipe again for a new run",
+            )
         return run.load_model()
     pad = getattr(tok, "pad_token_id", None)
-    spec = heads.new_head_spec(run.base().skeleton(), run.meta.base.model_class or "", run.insertions, d.task,
-                               d.labels, cfg.new_head, pad)
+    spec = heads.new_head_spec(
+        run.base().skeleton(), run.meta.base.model_class or "", run.insertions, d.task, d.labels, cfg.new_head, pad
+    )
     if spec is None:  # no fitting transformers class (audio): pelt's mean-pool head
         model = run.load_model()
-        run.meta.head = {"task": d.task, "labels": d.labels, "hidden": heads.hidden_width(model, d.task),
-                         "dropout": 0.1}
+        run.meta.head = {
+            "task": d.task,
+            "labels": d.labels,
+            "hidden": heads.hidden_width(model, d.task),
+            "dropout": 0.1,
+        }
         heads.attach_head(model, run.meta.head)
         return model
     model = heads.create_task_model(run.base().directory, spec)
@@ -375,8 +412,9 @@ class _Loop:
         return evaluate(self.model, self.eval_b, self.cfg, self.data.task, self.device, self.data.labels)
 
 
-def _loop(run: Run, model: torch.nn.Module, d: _Data, cfg: TrainConfig, device: torch.device, inputs: tuple,
-          emit: Callable) -> _Loop:
+def _loop(
+    run: Run, model: torch.nn.Module, d: _Data, cfg: TrainConfig, device: torch.device, inputs: tuple, emit: Callable
+) -> _Loop:
     """Batchers, optimizer and schedule for a run's training (``inputs``: the tokenizer and feature extractor)."""
     from pelt_cli.data import Batcher
 
@@ -390,13 +428,33 @@ def _loop(run: Run, model: torch.nn.Module, d: _Data, cfg: TrainConfig, device: 
     opt = torch.optim.AdamW(param_groups(model, cfg))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warm, cfg.schedule))
     params = [p for p in model.parameters() if p.requires_grad]
-    return _Loop(run, model, cfg, d, device, train_b, eval_b, opt, sched, params, total_steps, rank, world,
-                 emit if rank == 0 else (lambda e: None))
+    return _Loop(
+        run,
+        model,
+        cfg,
+        d,
+        device,
+        train_b,
+        eval_b,
+        opt,
+        sched,
+        params,
+        total_steps,
+        rank,
+        world,
+        emit if rank == 0 else (lambda e: None),
+    )
 
 
-def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None = None,
-              cfg: TrainConfig | None = None, resume: bool = False, tokenizer: str | None = None,
-              on_event: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train_run(
+    run_dir: str | os.PathLike[str],
+    data: str,
+    eval_data: str | None = None,
+    cfg: TrainConfig | None = None,
+    resume: bool = False,
+    tokenizer: str | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Train a run's inserted parameters (and task head) on a dataset; see the module docstring.
 
     Args:
@@ -411,8 +469,6 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
     Raises:
         TrainingError: a non-finite loss (the run keeps its last good checkpoint) or a base parameter that trains.
     """
-    from pelt_cli.data import class_balance
-
     cfg = cfg or TrainConfig()
     cfg.check()
     run = Run.open(run_dir)
@@ -425,33 +481,87 @@ def train_run(run_dir: str | os.PathLike[str], data: str, eval_data: str | None 
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
         run.meta.extra["tokenizer"] = str(Path(tokenizer or run.meta.base.path).resolve())
     metric_name, higher = primary_metric(d.task)
-    st: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf if higher else math.inf, "best_epoch": 0,
-                          "bad_epochs": 0, "history": []}
-    if resume:
-        st = _resume(run.dir, lp.opt, lp.sched, cfg)
-    balance = class_balance(d.train) if d.train.labels else None
-    run.meta.training = {"config": asdict(cfg), "data": d.source, "eval": d.eval_source, "task": d.task,
-                         "train_rows": len(d.train.rows), "eval_rows": len(d.eval.rows), "class_balance": balance,
-                         "trainable": trainable, "world_size": lp.world}
-    lp.emit({"kind": "start", "total_steps": lp.total_steps, "trainable": trainable, "total": total, "task": d.task,
-             "train_rows": len(d.train.rows), "eval_rows": len(d.eval.rows), "balance": balance,
-             "epoch": st["epoch"]})
+    st = _resume(run.dir, lp.opt, lp.sched, cfg) if resume else _fresh_state(higher)
+    _start(lp, st, trainable, total)
     t0 = time.time()
     stopped = _epochs(lp, st, gatestats.read(run.dir) if resume else None, t0)
     check_ranks_agree(lp.params, lp.world)
     if lp.rank == 0:
         _finish_with_best(run.dir)
     lp.emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name})
-    return TrainResult(str(run.dir), d.task, st["epoch"], st["step"], st["best_epoch"], st["best"], metric_name,
-                       st["history"], stopped, trainable, time.time() - t0)
+    return TrainResult(
+        str(run.dir),
+        d.task,
+        st["epoch"],
+        st["step"],
+        st["best_epoch"],
+        st["best"],
+        metric_name,
+        st["history"],
+        stopped,
+        trainable,
+        time.time() - t0,
+    )
+
+
+def _fresh_state(higher: bool) -> dict[str, Any]:
+    """The loop state of a run's first training."""
+    best = -math.inf if higher else math.inf
+    return {"epoch": 0, "step": 0, "best": best, "best_epoch": 0, "bad_epochs": 0, "history": []}
+
+
+def _start(lp: _Loop, st: dict[str, Any], trainable: int, total: int) -> None:
+    """Record the training settings in ``run.json`` and tell the progress display what starts."""
+    from pelt_cli.data import class_balance
+
+    d = lp.data
+    balance = class_balance(d.train) if d.train.labels else None
+    sizes = {"train_rows": len(d.train.rows), "eval_rows": len(d.eval.rows)}
+    lp.run.meta.training = {
+        "config": asdict(lp.cfg),
+        "data": d.source,
+        "eval": d.eval_source,
+        "task": d.task,
+        **sizes,
+        "class_balance": balance,
+        "trainable": trainable,
+        "world_size": lp.world,
+    }
+    lp.emit(
+        {
+            "kind": "start",
+            "total_steps": lp.total_steps,
+            "trainable": trainable,
+            "total": total,
+            "task": d.task,
+            **sizes,
+            "balance": balance,
+            "epoch": st["epoch"],
+        }
+    )
 
 
 def _epochs(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any] | None, t0: float) -> bool:
     """The epoch loop (evaluation, early stopping and a checkpoint after each); True when it stopped early."""
     metric_name, higher = primary_metric(lp.data.task)
     for epoch in range(st["epoch"], lp.cfg.epochs):
-        done = run_epoch(lp.model, lp.train_b, lp.cfg, lp.data.task, lp.device, lp.opt, lp.sched, lp.params, st,
-                         epoch, lp.rank, lp.world, lp.emit, lp.total_steps, lambda: lp.evaluate()[0])
+        done = run_epoch(
+            lp.model,
+            lp.train_b,
+            lp.cfg,
+            lp.data.task,
+            lp.device,
+            lp.opt,
+            lp.sched,
+            lp.params,
+            st,
+            epoch,
+            lp.rank,
+            lp.world,
+            lp.emit,
+            lp.total_steps,
+            lambda: lp.evaluate()[0],
+        )
         metrics, snap = lp.evaluate()
         value = metrics[metric_name]
         improved = value > st["best"] if higher else value < st["best"]
@@ -482,50 +592,69 @@ def _gate_history(doc: dict[str, Any] | None, snap: dict[str, Any], epoch: int, 
     return doc
 
 
-def _checkpoint(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any], improved: bool, metric_name: str,
-                stopped: bool) -> None:
+def _checkpoint(
+    lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any], improved: bool, metric_name: str, stopped: bool
+) -> None:
     st["rng"] = rng_state()
     st["optimizer"], st["scheduler"] = lp.opt.state_dict(), lp.sched.state_dict()
-    lp.run.meta.training["result"] = {"epochs_done": st["epoch"], "steps": st["step"], "best_epoch": st["best_epoch"],
-                                      metric_name: st["best"], "stopped_early": stopped}
+    lp.run.meta.training["result"] = {
+        "epochs_done": st["epoch"],
+        "steps": st["step"],
+        "best_epoch": st["best_epoch"],
+        metric_name: st["best"],
+        "stopped_early": stopped,
+    }
     save_checkpoint(lp.run, lp.model, st, st["history"], gate_doc, improved)
 
 
-def run_epoch(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str, device: torch.device, opt: Any,
-           sched: Any, params: list, st: dict[str, Any], epoch: int, rank: int, world: int, emit: Callable,
-           total_steps: int, evaluator: Callable[[], dict[str, float]] | None = None) -> bool:
+def run_epoch(
+    model: torch.nn.Module,
+    batcher: Any,
+    cfg: TrainConfig,
+    task: str,
+    device: torch.device,
+    opt: Any,
+    sched: Any,
+    params: list,
+    st: dict[str, Any],
+    epoch: int,
+    rank: int,
+    world: int,
+    emit: Callable,
+    total_steps: int,
+    evaluator: Callable[[], dict[str, float]] | None = None,
+) -> bool:
     """One pass over the training data; returns True when ``max_steps`` was reached.
 
     With ``cfg.eval_every`` N, ``evaluator`` runs every N optimizer steps inside the epoch; its metrics go to the
     progress display and the metrics log (``"partial": true``), not to early stopping.
     """
-    batches = list(batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                   world_size=world))
+    batches = list(
+        batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world)
+    )
     t0 = time.time()
     gated = bool(gatestats.controllers(model))
     for i, batch in enumerate(batches):
         if gated and cfg.gate_warmup:
             set_gates_trainable(model, st["step"] >= cfg.gate_warmup)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = compute_loss(model, batch, task)
-        penalty = gate_penalty(model, cfg.gate_sparsity)
-        total = loss + cfg.gate_lambda * penalty if penalty is not None else loss
-        if not torch.isfinite(total.detach()).all():
-            raise TrainingError(f"non-finite loss ({total.item()}) at step {st['step'] + 1} (epoch {epoch + 1}, "
-                                f"batch {i + 1}); stopped, the run keeps its last good checkpoint",
-                                hint="lower --lr, check the data, or clip harder with --max-grad-norm")
+        loss, total = _step_loss(model, batch, cfg, task, f"step {st['step'] + 1} (epoch {epoch + 1}, batch {i + 1})")
         (total / cfg.grad_accum).backward()
         if (i + 1) % cfg.grad_accum and i + 1 != len(batches):
             continue
-        all_reduce_grads(params, world)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _optimizer_step(opt, sched, params, cfg, world)
         st["step"] += 1
-        emit({"kind": "step", "step": st["step"], "total_steps": total_steps, "epoch": epoch + 1,
-              "loss": loss.item(), "lr": sched.get_last_lr()[0], "rate": (i + 1) / max(time.time() - t0, 1e-9)})
+        emit(
+            {
+                "kind": "step",
+                "step": st["step"],
+                "total_steps": total_steps,
+                "epoch": epoch + 1,
+                "loss": loss.item(),
+                "lr": sched.get_last_lr()[0],
+                "rate": (i + 1) / max(time.time() - t0, 1e-9),
+            }
+        )
         if cfg.max_steps and st["step"] >= cfg.max_steps:
             return True
         if evaluator and cfg.eval_every and st["step"] % cfg.eval_every == 0 and i + 1 < len(batches):
@@ -535,14 +664,41 @@ def run_epoch(model: torch.nn.Module, batcher: Any, cfg: TrainConfig, task: str,
     return False
 
 
+def _step_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, task: str, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(task loss, loss + gate sparsity term)`` of one batch; a non-finite loss stops training."""
+    loss, _ = compute_loss(model, batch, task)
+    penalty = gate_penalty(model, cfg.gate_sparsity)
+    total = loss + cfg.gate_lambda * penalty if penalty is not None else loss
+    if not torch.isfinite(total.detach()).all():
+        raise TrainingError(
+            f"non-finite loss ({total.item()}) at {where}; stopped, the run keeps its last good checkpoint",
+            hint="lower --lr, check the data, or clip harder with --max-grad-norm",
+        )
+    return loss, total
+
+
+def _optimizer_step(opt: Any, sched: Any, params: list, cfg: TrainConfig, world: int) -> None:
+    """Average gradients over ranks, clip, step the optimizer and the schedule."""
+    all_reduce_grads(params, world)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def _resume(run: Path, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:
     p = run / STATE_DIR / STATE_FILE
     if not p.is_file():
         raise UsageError(f"{run}: nothing to resume (no {STATE_DIR}/{STATE_FILE})", hint="train without --resume")
     st = torch.load(p, weights_only=True)
     if st["epoch"] >= cfg.epochs:
-        raise UsageError(f"{run}: already trained {st['epoch']} epoch(s); --epochs {cfg.epochs} leaves nothing to "
-                         "resume", hint=f"pass --epochs {st['epoch'] + 1} or more")
+        raise UsageError(
+            f"{run}: already trained {st['epoch']} epoch(s); --epochs {cfg.epochs} leaves nothing to resume",
+            hint=f"pass --epochs {st['epoch'] + 1} or more",
+        )
     opt.load_state_dict(st.pop("optimizer"))
     sched.load_state_dict(st.pop("scheduler"))
     set_rng_state(st.pop("rng"))
@@ -555,8 +711,12 @@ def _finish_with_best(run: Path) -> None:
     doc = gatestats.read(run)
     if doc and doc.get("best"):
         best = doc["best"]
-        doc = {**doc, **{k: best[k] for k in ("layers", "domain") if k in best}, "epoch": best["epoch"],
-               "last_epoch": doc.get("epoch")}
+        doc = {
+            **doc,
+            **{k: best[k] for k in ("layers", "domain") if k in best},
+            "epoch": best["epoch"],
+            "last_epoch": doc.get("epoch"),
+        }
         write_text_atomic(run / GATES_FILE, json.dumps(doc, indent=2) + "\n")
 
     best = run / STATE_DIR / "best.safetensors"

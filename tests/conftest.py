@@ -52,8 +52,17 @@ def minilm() -> Path:
 def run_pelt(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run pelt in a fresh process; returns the completed process with text stdout/stderr."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*PELT, *args], input=stdin, capture_output=True, text=True, env=full_env,
-                          cwd=REPO, timeout=120)
+    return subprocess.run(
+        [*PELT, *args], input=stdin, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=120
+    )
+
+
+def pelt_pipeline(*stages: str) -> subprocess.CompletedProcess:
+    """Run ``pelt STAGE | pelt STAGE | …`` through bash in fresh processes, one torch thread each (the stages run
+    side by side: no oversubscription); returns the completed pipeline with text stdout/stderr."""
+    cmd = " | ".join(" ".join([*PELT, stage]) for stage in stages)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
 
 
 def pelt_main(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -117,9 +126,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, minilm: Path) -> Path:
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tinybert") / "bert"
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(cfg).save_pretrained(d)
+    transformers.BertModel(tiny_models.config("bert", vocab_size=30522)).save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm / f, d / f)
     return d
@@ -134,8 +141,9 @@ def word_tokenizer(out: Path) -> Path:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *POS, *NEG, *FILL])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                eos_token="[EOS]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
     fast.save_pretrained(out)
     return out
 
@@ -149,8 +157,9 @@ def words(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("sentiment")
-    return _write_jsonl(d / "train.jsonl", _sentiment_rows(192, 0)), _write_jsonl(d / "eval.jsonl",
-                                                                                   _sentiment_rows(64, 1))
+    return _write_jsonl(d / "train.jsonl", _sentiment_rows(192, 0)), _write_jsonl(
+        d / "eval.jsonl", _sentiment_rows(64, 1)
+    )
 
 
 def randomise(run: Path, seed: int = 1, others: float = 0.0) -> None:
@@ -210,13 +219,18 @@ def assert_only_inserted_learn(model: Any, inputs: dict, family: str) -> None:
 
 def hash_tree(d: Path) -> dict[str, str]:
     """SHA-256 of every file under ``d`` by relative path: compare before and after to prove nothing was written."""
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session", params=["sigmoid", "softmax"])
-def trained_unipelt(request: pytest.FixtureRequest, tiny_bert: Path, sentiment: tuple[Path, Path],
-                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_unipelt(
+    request: pytest.FixtureRequest,
+    tiny_bert: Path,
+    sentiment: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     """A trained UniPELT run on the tiny BERT (2 layers × lora/prefix/adapter), with non-zero LoRA B / adapter up
     and a gates.json; one per gate kind, trained once per session. Tests copy it before changing anything."""
     from pelt_cli import recipe as rc

@@ -14,7 +14,7 @@ def _envelope(rng: Any, n: int, sr: int, short: bool) -> Any:
     env = np.zeros(n)
     length = int(n * rng.uniform(0.1, 0.35) if short else n * rng.uniform(0.4, 0.9))
     start = int(rng.integers(0, n - length + 1))
-    env[start:start + length] = np.sin(np.linspace(0, np.pi, length)) ** rng.uniform(0.3, 1.5)
+    env[start : start + length] = np.sin(np.linspace(0, np.pi, length)) ** rng.uniform(0.3, 1.5)
     t = np.arange(n) / sr
     return env * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 4) * t + rng.uniform(0, 2 * np.pi)))
 
@@ -25,8 +25,10 @@ def _reference(rng: Any, n: int, sr: int) -> Any:
 
     t = np.arange(n) / sr
     if rng.random() < 0.7:
-        y = sum(rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(150, 3000) * t + rng.uniform(0, 6.3))
-                for _ in range(int(rng.integers(1, 4))))
+        y = sum(
+            rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(150, 3000) * t + rng.uniform(0, 6.3))
+            for _ in range(int(rng.integers(1, 4)))
+        )
         y = y * _envelope(rng, n, sr, short=False)
     else:
         y = sum(rng.standard_normal(n) * _envelope(rng, n, sr, short=True) for _ in range(int(rng.integers(1, 4))))
@@ -64,8 +66,9 @@ def synth_audio_pairs(out_dir: str | Path, n: int, seed: int = 0, seconds: float
     return manifest
 
 
-def synth_audio_classes(out_dir: str | Path, n_per_class: int, seed: int = 0, seconds: float = 1.0,
-                        sr: int = 16000) -> Path:
+def synth_audio_classes(
+    out_dir: str | Path, n_per_class: int, seed: int = 0, seconds: float = 1.0, sr: int = 16000
+) -> Path:
     """Write low (150–400 Hz) and high (2000–4000 Hz) tone WAVs and a ``manifest.jsonl`` of ``{audio, label}``."""
     import numpy as np
     import soundfile as sf

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import tiny_models
 import torch
 
 METHODS = ["lora", "adapter", "prefix", "ia3", "unipelt", "unipelt-softmax"]
@@ -49,17 +50,8 @@ def classifier_base(root: Path, minilm: Path) -> Path:
         import transformers
 
         torch.manual_seed(0)
-        cfg = transformers.BertConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            initializer_range=0.2,
-            id2label={0: "neg", 1: "pos"},
-            label2id={"neg": 0, "pos": 1},
-        )
+        labels = dict(id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        cfg = tiny_models.config("bert", vocab_size=30522, initializer_range=0.2, **labels)
         model = transformers.BertForSequenceClassification(cfg)
         tok = transformers.AutoTokenizer.from_pretrained(str(minilm))
         with torch.no_grad():

@@ -94,10 +94,17 @@ def test_stray_flag_is_an_error(tiny_dir: Path) -> None:
     assert r.returncode == 2 and "No such option: --rnak" in r.stderr
 
 
-@pytest.mark.parametrize("recipe_name,family", [
-    ("unipelt", "bert"), ("adapter", "gpt2"), ("ia3", "whisper"), ("prefix", "llama"),
-    ("qwen2-audio-domain-adapter", "qwen2_audio"), ("unipelt-softmax", "vit"),
-])
+@pytest.mark.parametrize(
+    "recipe_name,family",
+    [
+        ("unipelt", "bert"),
+        ("adapter", "gpt2"),
+        ("ia3", "whisper"),
+        ("prefix", "llama"),
+        ("qwen2-audio-domain-adapter", "qwen2_audio"),
+        ("unipelt-softmax", "vit"),
+    ],
+)
 def test_save_load_bit_identical_every_method(tiny_dir: Path, tmp_path: Path, recipe_name: str, family: str) -> None:
     from safetensors.torch import load_file
 
@@ -106,8 +113,9 @@ def test_save_load_bit_identical_every_method(tiny_dir: Path, tmp_path: Path, re
     run = apply(rc.load(recipe_name), tiny_dir / family, tmp_path / "run")
     state = load_file(run / ADAPTER_FILE)
     g = torch.Generator().manual_seed(5)
-    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in state.items()},
-              run / ADAPTER_FILE)
+    save_file(
+        {k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in state.items()}, run / ADAPTER_FILE
+    )
     saved = load_file(run / ADAPTER_FILE)
     m1, meta = load_run(run)
     m2, _ = load_run(run)
@@ -119,10 +127,16 @@ def test_save_load_bit_identical_every_method(tiny_dir: Path, tmp_path: Path, re
         assert torch.equal(main_output(m1(**x)), main_output(m2(**x)))
 
 
-@pytest.mark.parametrize("recipe_name,overrides", [
-    ("lora", []), ("adapter", []), ("ia3", []), ("unipelt", ["inserts.0.params.modules=[lora,adapter]"]),
-    ("unipelt-softmax", ["inserts.0.params.modules=[lora,adapter]"]),
-])
+@pytest.mark.parametrize(
+    "recipe_name,overrides",
+    [
+        ("lora", []),
+        ("adapter", []),
+        ("ia3", []),
+        ("unipelt", ["inserts.0.params.modules=[lora,adapter]"]),
+        ("unipelt-softmax", ["inserts.0.params.modules=[lora,adapter]"]),
+    ],
+)
 def test_identity_at_init_on_real_minilm(minilm: Path, recipe_name: str, overrides: list[str]) -> None:
     from transformers import AutoModel
 
@@ -137,4 +151,3 @@ def test_identity_at_init_on_real_minilm(minilm: Path, recipe_name: str, overrid
     with torch.no_grad():
         diff = (model(**x).last_hidden_state - base(**x).last_hidden_state).abs().max().item()
     assert diff <= 1e-6
-

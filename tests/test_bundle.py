@@ -98,4 +98,3 @@ def test_tar_stream(tiny_dir: Path, tmp_path: Path) -> None:
     rebuilt = apply_bundle(tmp_path / "b.tar", tiny_dir / "bert", tmp_path / "rebuilt")  # a tar file works too
     a, b = load_file(run / ADAPTER_FILE), load_file(rebuilt / ADAPTER_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
-

@@ -16,8 +16,13 @@ from fixtures_audio import synth_audio_classes, synth_audio_pairs
 from pelt_cli import data as D
 from pelt_cli.errors import DataError, PeltError
 
-TEXT = [("a fine, \"sunny\" day", "pos"), ("rain again", "neg"), ("it's ok", "neutral"), ("great", "pos"),
-        ("lovely weather for ducks", "pos")]
+TEXT = [
+    ('a fine, "sunny" day', "pos"),
+    ("rain again", "neg"),
+    ("it's ok", "neutral"),
+    ("great", "pos"),
+    ("lovely weather for ducks", "pos"),
+]
 PAIRS = [("the cat sat", "a cat was sitting", "1"), ("stocks fell", "it rained", "0"), ("he left", "he went", "1")]
 
 
@@ -58,8 +63,7 @@ def gpt_tok():
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([t for t, _ in TEXT] * 5, vocab_size=300, min_frequency=1,
-                            special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator([t for t, _ in TEXT] * 5, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
 
 
@@ -76,6 +80,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory, librosa_warm: None) -> Path:
 
 
 # --- formats and task inference ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv"])
 def test_text_classification_every_format(tmp_path: Path, fmt: str) -> None:
@@ -116,8 +121,9 @@ def test_infer_task_and_labels() -> None:
 
 
 def test_integer_labels_sort_numerically_and_json_ints(tmp_path: Path) -> None:
-    td = D.load_data(write(tmp_path / "n", [{"text": f"t{i}", "label": y} for i, y in enumerate([10, 2, 0, 1, 2])],
-                           "jsonl"))
+    td = D.load_data(
+        write(tmp_path / "n", [{"text": f"t{i}", "label": y} for i, y in enumerate([10, 2, 0, 1, 2])], "jsonl")
+    )
     assert td.labels == ["0", "1", "2", "10"] and [r["label"] for r in td.rows] == ["10", "2", "0", "1", "2"]
 
 
@@ -130,6 +136,7 @@ def test_read_rows_json_array_and_blank_lines(tmp_path: Path) -> None:
 
 # --- bad inputs -------------------------------------------------------------------------------------------------
 
+
 def err(path: Path, **kw) -> str:
     with pytest.raises(DataError) as e:
         D.load_data(path, **kw)
@@ -137,29 +144,26 @@ def err(path: Path, **kw) -> str:
     return str(e.value)
 
 
+BAD_FILES = {  # file name: (its text, what the error says)
+    "miss.jsonl": (
+        '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n',
+        ["miss.jsonl:3", "'label'", "missing"],
+    ),
+    "empty.csv": ('text,label\nok,a\n"fine, really",b\n  ,a\n', ["empty.csv:4", "'text'", "empty"]),
+    "bad.jsonl": ('{"text": "a"}\n{"text": "b",}\n', ["bad.jsonl:2: bad JSON"]),
+    "type.jsonl": ('{"text": "a"}\n{"text": 5}\n', ["type.jsonl:2", "'text'", "int"]),
+    "wide.tsv": ("text\tlabel\na\tb\nc\td\te\n", ["wide.tsv:3: 3 fields but the header has 2"]),
+    "zero.jsonl": ("\n \n", ["zero.jsonl: the file is empty"]),
+    "head.csv": ("text,label\n", ["head.csv: no data rows"]),
+}
+
+
 def test_errors_name_file_line_and_column(tmp_path: Path) -> None:
-    p = tmp_path / "miss.jsonl"
-    p.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c"}\n')
-    msg = err(p)
-    assert "miss.jsonl:3" in msg and "'label'" in msg and "missing" in msg
-    p = tmp_path / "empty.csv"
-    p.write_text('text,label\nok,a\n"fine, really",b\n  ,a\n')
-    msg = err(p)
-    assert "empty.csv:4" in msg and "'text'" in msg and "empty" in msg
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"text": "a"}\n{"text": "b",}\n')
-    assert "bad.jsonl:2: bad JSON" in err(p)
-    p = tmp_path / "type.jsonl"
-    p.write_text('{"text": "a"}\n{"text": 5}\n')
-    msg = err(p)
-    assert "type.jsonl:2" in msg and "'text'" in msg and "int" in msg
-    p = tmp_path / "wide.tsv"
-    p.write_text("text\tlabel\na\tb\nc\td\te\n")
-    assert "wide.tsv:3: 3 fields but the header has 2" in err(p)
-    (tmp_path / "zero.jsonl").write_text("\n \n")
-    assert "zero.jsonl: the file is empty" in err(tmp_path / "zero.jsonl")
-    (tmp_path / "head.csv").write_text("text,label\n")
-    assert "head.csv: no data rows" in err(tmp_path / "head.csv")
+    for name, (text, says) in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+        msg = err(tmp_path / name)
+        for part in says:
+            assert part in msg, (name, msg)
     (tmp_path / "unk.csv").write_text("hello world,positive\nbad day,negative\n")  # header row forgotten
     msg = err(tmp_path / "unk.csv")
     assert msg.startswith(str(tmp_path / "unk.csv")) and "hello world, positive" in msg and "text+label" in msg
@@ -174,14 +178,21 @@ def test_errors_name_file_line_and_column(tmp_path: Path) -> None:
 
 def test_eval_label_not_in_training_labels(tmp_path: Path) -> None:
     train = D.load_data(write(tmp_path / "train", [{"text": t, "label": y} for t, y in TEXT], "jsonl"))
-    ev = write(tmp_path / "eval", [{"text": "a", "label": "pos"}, {"text": "b", "label": "angry"},
-                                   {"text": "c", "label": "bored"}], "jsonl")
+    ev = write(
+        tmp_path / "eval",
+        [{"text": "a", "label": "pos"}, {"text": "b", "label": "angry"}, {"text": "c", "label": "bored"}],
+        "jsonl",
+    )
     msg = err(ev, task=train.task, labels=train.labels)
     assert "eval.jsonl:2" in msg and "'angry'" in msg and "neg, neutral, pos" in msg and "1 more" in msg
     ok = D.load_data(write(tmp_path / "ok", [{"text": "a", "label": "pos"}], "jsonl"), labels=train.labels)
     assert ok.labels == train.labels
-    assert D.class_balance(ok) == {"counts": {"neg": 0, "neutral": 0, "pos": 1}, "imbalance": 1.0,
-                                   "majority_baseline": 1.0, "missing": ["neg", "neutral"]}
+    assert D.class_balance(ok) == {
+        "counts": {"neg": 0, "neutral": 0, "pos": 1},
+        "imbalance": 1.0,
+        "majority_baseline": 1.0,
+        "missing": ["neg", "neutral"],
+    }
 
 
 def test_missing_audio_files_all_reported(tmp_path: Path) -> None:
@@ -203,6 +214,7 @@ def test_missing_audio_files_all_reported(tmp_path: Path) -> None:
 
 # --- split ------------------------------------------------------------------------------------------------------
 
+
 def test_split_stratified_deterministic(tmp_path: Path) -> None:
     rows = [{"text": f"w{i}", "label": "a" if i % 4 else "b"} for i in range(40)]  # 30 a, 10 b
     td = D.TaskData("text-classification", rows, ["a", "b"], "x")
@@ -216,6 +228,7 @@ def test_split_stratified_deterministic(tmp_path: Path) -> None:
 
 
 # --- batches ----------------------------------------------------------------------------------------------------
+
 
 def test_text_classification_batches(tmp_path: Path, bert_tok) -> None:
     td = D.load_data(write(tmp_path / "t", [{"text": t, "label": y} for t, y in TEXT], "jsonl"))
@@ -289,6 +302,7 @@ def test_batcher_needs_tokenizer_or_extractor(tmp_path: Path) -> None:
 
 # --- audio ------------------------------------------------------------------------------------------------------
 
+
 def test_feature_extractor_for_configs(tiny_audio_model) -> None:
     import transformers as tf
 
@@ -313,8 +327,13 @@ def test_domain_pairs_features(pairs: Path, tiny_audio_model, tmp_path: Path) ->
     ref = D.load_audio(td.rows[0]["reference"])
     assert ref.dtype == np.float32 and ref.shape == (32000,) and 0.49 < np.abs(ref).max() < 0.51
     sos = butter(4, [300, 1500], btype="bandpass", fs=16000, output="sos")
-    corr = np.array([[np.corrcoef(D.load_audio(r["source"]), ref_y)[0, 1] for ref_y in (sosfiltfilt(sos, y), y)]
-                     for r in td.rows for y in [D.load_audio(r["reference"])]])
+    corr = np.array(
+        [
+            [np.corrcoef(D.load_audio(r["source"]), ref_y)[0, 1] for ref_y in (sosfiltfilt(sos, y), y)]
+            for r in td.rows
+            for y in [D.load_audio(r["reference"])]
+        ]
+    )
     assert (corr[:, 0] > 0.85).all() and (corr[:, 0] - corr[:, 1]).max() > 0.2, corr  # source = band-passed ref
     fe = D.feature_extractor_for(tiny_audio_model.config)
     batch = next(D.Batcher(td, feature_extractor=fe).batches(4, shuffle=False))
@@ -355,6 +374,7 @@ def test_load_audio_resamples_and_names_bad_files(tmp_path: Path, librosa_warm: 
 
 # --- built-in dataset -------------------------------------------------------------------------------------------
 
+
 def lexicon_words() -> dict[str, float]:
     """The filter, written independently: the first entry of each lowercase word with |mean| ≥ 1."""
     lexicon = Path(importlib.util.find_spec("vaderSentiment").origin).parent / "vader_lexicon.txt"
@@ -389,8 +409,10 @@ def test_vader_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bert_tok
     batch = next(D.Batcher(a, tokenizer=bert_tok).batches(8, seed=0))
     assert batch["input_ids"].shape[0] == 8 and set(batch["labels"].tolist()) <= {0, 1}
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert D.resolve_data("vader") == (tmp_path / "xdg/pelt/data/vader/train.jsonl",
-                                       tmp_path / "xdg/pelt/data/vader/eval.jsonl")
+    assert D.resolve_data("vader") == (
+        tmp_path / "xdg/pelt/data/vader/train.jsonl",
+        tmp_path / "xdg/pelt/data/vader/eval.jsonl",
+    )
     assert D.resolve_data(str(train)) == (train, None)
     with pytest.raises(DataError, match="DATA path does not exist; known built-in datasets: vader"):
         D.resolve_data(str(tmp_path / "nope.jsonl"))

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import transformers
 from conftest import pelt_main, word_tokenizer
@@ -38,11 +39,17 @@ def _run_probs(run: Path, tok_dir: Path) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(("family", "cls"), [("bert", "BertForSequenceClassification"),
-                                             ("llama", "LlamaForSequenceClassification"),
-                                             ("gpt2", "GPT2ForSequenceClassification")])
-def test_classification_merges_into_a_pipeline_model(tiny_dir: Path, sentiment: tuple[Path, Path], words: Path,
-                                                     tmp_path: Path, family: str, cls: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "cls"),
+    [
+        ("bert", "BertForSequenceClassification"),
+        ("llama", "LlamaForSequenceClassification"),
+        ("gpt2", "GPT2ForSequenceClassification"),
+    ],
+)
+def test_classification_merges_into_a_pipeline_model(
+    tiny_dir: Path, sentiment: tuple[Path, Path], words: Path, tmp_path: Path, family: str, cls: str
+) -> None:
     in_base = family == "bert"  # BERT: the tokenizer sits beside the base; the decoders: train --tokenizer
     base = _base(tiny_dir, family, tmp_path, tokenizer=in_base)
     run = apply(rc.load("lora-gpt2" if family == "gpt2" else "lora"), base, tmp_path / "run")
@@ -62,8 +69,7 @@ def test_classification_merges_into_a_pipeline_model(tiny_dir: Path, sentiment: 
 
 
 def test_a_task_model_base_keeps_its_head(tiny_dir: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    cfg = tiny_models.config("bert", num_labels=2)
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
     word_tokenizer(tmp_path / "cls")
@@ -76,8 +82,11 @@ def test_a_task_model_base_keeps_its_head(tiny_dir: Path, sentiment: tuple[Path,
     assert 0 < (trained - base_head).abs().max().item() < 0.2  # fine-tuned from the base's head, not re-drawn
 
     three = tmp_path / "three.jsonl"
-    three.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n"
-                             for t, lab in [("good", "a"), ("bad", "b"), ("dull", "c")] * 6))
+    three.write_text(
+        "".join(
+            json.dumps({"text": t, "label": lab}) + "\n" for t, lab in [("good", "a"), ("bad", "b"), ("dull", "c")] * 6
+        )
+    )
     run2 = apply(rc.load("lora"), tmp_path / "cls", tmp_path / "run2")
     with pytest.raises(UsageError, match="--new-head"):
         train_run(run2, str(three), str(three), TrainConfig(**FAST))
@@ -86,8 +95,7 @@ def test_a_task_model_base_keeps_its_head(tiny_dir: Path, sentiment: tuple[Path,
 
 
 def test_causal_lm_on_a_base_without_an_lm_head_is_one_line(tmp_path: Path, words: Path) -> None:
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64)
+    cfg = tiny_models.config("llama")
     transformers.LlamaModel(cfg).save_pretrained(tmp_path / "bare")
     data = tmp_path / "lm.jsonl"
     data.write_text("".join(json.dumps({"text": "the film was good"}) + "\n" for _ in range(8)))
@@ -97,8 +105,9 @@ def test_causal_lm_on_a_base_without_an_lm_head_is_one_line(tmp_path: Path, word
     assert "LlamaModel" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_classification_without_a_head_class_is_one_line(tiny_dir: Path, sentiment: tuple[Path, Path],
-                                                          words: Path, tmp_path: Path) -> None:
+def test_classification_without_a_head_class_is_one_line(
+    tiny_dir: Path, sentiment: tuple[Path, Path], words: Path, tmp_path: Path
+) -> None:
     assert pelt_main("apply", "lora", str(tiny_dir / "whisper"), "-o", str(tmp_path / "run")).returncode == 0
     r = pelt_main("train", str(tmp_path / "run"), "--data", str(sentiment[0]), "--tokenizer", str(words))
     assert r.returncode == 2 and r.stderr.count("error:") == 1
@@ -119,8 +128,9 @@ def test_causal_lm_merge_generates_with_pipeline(tiny_dir: Path, words: Path, tm
     assert list(got) == ids[0].tolist() and len(got) == 2 + 4
 
 
-def test_the_tokenizer_travels_through_bundles(tiny_bert: Path, sentiment: tuple[Path, Path], words: Path,
-                                               tmp_path: Path) -> None:
+def test_the_tokenizer_travels_through_bundles(
+    tiny_bert: Path, sentiment: tuple[Path, Path], words: Path, tmp_path: Path
+) -> None:
     import io
     import tarfile
 

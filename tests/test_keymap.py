@@ -27,11 +27,15 @@ def test_key_map_vit_and_qwen2_audio(tiny_dir: Path) -> None:
     assert vit.memory_name("encoder.layer.1.attention.output.dense.bias") == "layers.1.attention.o_proj.bias"
     assert vit.disk_module("layers.0.mlp.fc1") == "encoder.layer.0.intermediate.dense"
     qa = key_map(skeleton(tiny_dir / "qwen2_audio"))
-    assert qa.disk_name("model.audio_tower.layers.0.self_attn.q_proj.weight") == \
-        "audio_tower.layers.0.self_attn.q_proj.weight"
+    assert (
+        qa.disk_name("model.audio_tower.layers.0.self_attn.q_proj.weight")
+        == "audio_tower.layers.0.self_attn.q_proj.weight"
+    )
     assert qa.disk_name("model.multi_modal_projector.linear.weight") == "multi_modal_projector.linear.weight"
-    assert qa.disk_name("model.language_model.layers.0.mlp.up_proj.weight") == \
-        "language_model.model.layers.0.mlp.up_proj.weight"
+    assert (
+        qa.disk_name("model.language_model.layers.0.mlp.up_proj.weight")
+        == "language_model.model.layers.0.mlp.up_proj.weight"
+    )
     assert qa.disk_name("lm_head.weight") == "language_model.lm_head.weight"
     assert qa.memory_name("language_model.model.norm.weight") == "model.language_model.norm.weight"
 

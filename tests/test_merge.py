@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import transformers as tf
 from conftest import REPO, hash_tree, make_run, outputs, pelt_main, set_gate_means
@@ -29,7 +30,6 @@ from pelt_cli.run import ADAPTER_FILE, load_base, load_run
 
 LORA = {"gpt2": "lora-gpt2"}
 IA3 = {"gpt2": "ia3-gpt2"}
-
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
@@ -50,8 +50,9 @@ def test_merge_equals_run(tiny_dir: Path, tmp_path: Path, family: str, method: s
     assert len(rep.folded) == len({i["site"] for i in meta["insertions"]}) > 0
     assert rep.tensors_folded == len(folded) >= len(rep.folded)
     src, out = open_checkpoint(tiny_dir / family), open_checkpoint(tmp_path / "merged")
-    assert {n: (i.dtype, i.shape) for n, i in src.tensors.items()} == {n: (i.dtype, i.shape) for n, i in
-                                                                       out.tensors.items()}
+    assert {n: (i.dtype, i.shape) for n, i in src.tensors.items()} == {
+        n: (i.dtype, i.shape) for n, i in out.tensors.items()
+    }
     km = key_map(skeleton(tiny_dir / family))
     folded_disk = {km.to_disk[t] for t in folded}
     with TensorReader(src) as a, TensorReader(out) as b:
@@ -73,9 +74,7 @@ def test_tied_head_is_untied(tiny_dir: Path, tmp_path: Path, family: str) -> Non
     base_dir = tiny_dir / family
     if family == "qwen2-tied":
         torch.manual_seed(0)
-        cfg = tf.Qwen2Config(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64, hidden_size=32,
-                             num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             tie_word_embeddings=True)
+        cfg = tiny_models.config("qwen2", tie_word_embeddings=True)
         base_dir = tmp_path / "base"
         tf.Qwen2ForCausalLM(cfg).save_pretrained(base_dir)
     glob, method, untied = TIED[family]
@@ -158,8 +157,9 @@ def test_sharded_base_keeps_layout_and_reshards(tiny_dir: Path, tmp_path: Path) 
 
 
 def _unipelt(modules: str) -> rc.Recipe:
-    return rc.loads(f"name: u\ninserts:\n  - method: unipelt\n    targets: [attn.q]\n"
-                    f"    params: {{modules: {modules}}}\n")
+    return rc.loads(
+        f"name: u\ninserts:\n  - method: unipelt\n    targets: [attn.q]\n    params: {{modules: {modules}}}\n"
+    )
 
 
 def _constant_gates(run: Path, bias: float) -> float:
@@ -175,11 +175,13 @@ def _constant_gates(run: Path, bias: float) -> float:
 
 
 def _gates_json(run: Path, mean: float) -> None:
-    sites = [i["site"] for i in json.loads((run / "run.json").read_text())["insertions"]
-             if i["method"] == "unipelt.gate"]
+    sites = [
+        i["site"] for i in json.loads((run / "run.json").read_text())["insertions"] if i["method"] == "unipelt.gate"
+    ]
     stats = {"mean": mean, "std": 0.0, "min": mean, "max": mean, "count": 4}
-    (run / "gates.json").write_text(json.dumps({"layers": {s: {"lora": stats, "prefix": stats, "adapter": stats}
-                                                           for s in sites}}))
+    (run / "gates.json").write_text(
+        json.dumps({"layers": {s: {"lora": stats, "prefix": stats, "adapter": stats} for s in sites}})
+    )
 
 
 def test_unipelt_needs_freeze_gates(tiny_dir: Path, tmp_path: Path) -> None:
@@ -204,8 +206,11 @@ def test_unipelt_frozen_lora_with_rest(tiny_dir: Path, tmp_path: Path) -> None:
     g = _constant_gates(run, -0.4)
     _gates_json(run, g)
     rep = merge_run(run, tmp_path / "m", freeze_gates="mean", keep_unmerged=True)
-    assert rep.approximate and {u["method"] for u in rep.unmerged} == {"unipelt.gate", "unipelt.prefix",
-                                                                       "unipelt.adapter"}
+    assert rep.approximate and {u["method"] for u in rep.unmerged} == {
+        "unipelt.gate",
+        "unipelt.prefix",
+        "unipelt.adapter",
+    }
     rest = json.loads((tmp_path / "m" / REST_DIR / "run.json").read_text())
     assert rest["recipe"]["inserts"][0]["params"]["modules"] == ["prefix", "adapter"]
     assert verify_merge(run, tmp_path / "m") <= 1e-5  # sigmoid gates are per module: sliced rows are exact
@@ -214,8 +219,10 @@ def test_unipelt_frozen_lora_with_rest(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_adapter_and_prefix_refused_or_kept(tiny_dir: Path, tmp_path: Path) -> None:
-    recipe = rc.loads("name: mix\ninserts:\n  - method: lora\n    targets: [attn.q, attn.v]\n"
-                      "  - method: adapter\n    targets: [ffn.down]\n  - method: prefix\n    targets: [attn.k]\n")
+    recipe = rc.loads(
+        "name: mix\ninserts:\n  - method: lora\n    targets: [attn.q, attn.v]\n"
+        "  - method: adapter\n    targets: [ffn.down]\n  - method: prefix\n    targets: [attn.k]\n"
+    )
     run = make_run(recipe, tiny_dir / "llama", tmp_path / "run", others=0.1)
     with pytest.raises(MergeRefused) as e:
         merge_run(run, tmp_path / "m")
@@ -240,8 +247,17 @@ def test_fingerprint_overlap_and_existing_out(tiny_dir: Path, tmp_path: Path) ->
     save_file(state, other / "model.safetensors")
     with pytest.raises(CheckpointError, match="fingerprint"):
         merge_run(run, tmp_path / "m", base=other)
-    side = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "special_tokens_map.json",
-            "added_tokens.json", "spm.model", "preprocessor_config.json", "chat_template.jinja"]
+    side = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "spm.model",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+    ]
     for i, name in enumerate(side):
         (other / name).write_text(f"{name} {i}\n")
     rep = merge_run(run, tmp_path / "m", base=other, check_fingerprint=False)
@@ -275,8 +291,9 @@ def test_killed_merge_leaves_no_output(tiny_dir: Path, tmp_path: Path) -> None:
     run = make_run(rc.load("lora"), base, tmp_path / "run")
     before = (hash_tree(base), hash_tree(run))
     out = tmp_path / "merged"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(run), str(out)], cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, str(run), str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".merged.pelt-tmp-*")) and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.05)
@@ -318,8 +335,9 @@ def test_head_checkpoint_without_architectures(tiny_dir: Path, tmp_path: Path) -
     assert verify_merge(run, tmp_path / "merged") <= 1e-5
 
 
-def test_merge_freeze_gates_takes_means_from_data(trained_unipelt: Path, sentiment: tuple[Path, Path],
-                                                  tmp_path: Path) -> None:
+def test_merge_freeze_gates_takes_means_from_data(
+    trained_unipelt: Path, sentiment: tuple[Path, Path], tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
     set_gate_means(run, {(0, "lora"): 0.0, (1, "lora"): 0.0})  # wrong statistics on purpose: fold nothing

@@ -19,9 +19,17 @@ from pelt_cli.run import ADAPTER_FILE, RUN_FILE, load_base, load_run
 peft = pytest.importorskip("peft")
 
 
-
-@pytest.mark.parametrize("family,recipe", [("bert", "lora"), ("llama", "lora"), ("gpt2", "lora-gpt2"),
-                                           ("bert", "ia3"), ("llama", "ia3"), ("gpt2", "ia3-gpt2")])
+@pytest.mark.parametrize(
+    "family,recipe",
+    [
+        ("bert", "lora"),
+        ("llama", "lora"),
+        ("gpt2", "lora-gpt2"),
+        ("bert", "ia3"),
+        ("llama", "ia3"),
+        ("gpt2", "ia3-gpt2"),
+    ],
+)
 def test_peft_export_reloads_in_peft(tiny_dir: Path, tmp_path: Path, family: str, recipe: str) -> None:
     run = make_run(recipe, tiny_dir / family, tmp_path / "run")
     out = export_peft(run, tmp_path / "peft")
@@ -48,8 +56,9 @@ def test_peft_export_reloads_in_peft(tiny_dir: Path, tmp_path: Path, family: str
 
 
 def test_peft_export_refusals(tiny_dir: Path, tmp_path: Path) -> None:
-    mixed = rc.loads("name: mix\ninserts:\n  - method: lora\n    targets: [attn.q]\n"
-                     "  - method: ia3\n    targets: [attn.v]\n")
+    mixed = rc.loads(
+        "name: mix\ninserts:\n  - method: lora\n    targets: [attn.q]\n  - method: ia3\n    targets: [attn.v]\n"
+    )
     apply(mixed, tiny_dir / "bert", tmp_path / "mixed")
     with pytest.raises(ExportRefused, match="mixes ia3 and lora"):
         export_peft(tmp_path / "mixed", tmp_path / "p1")
@@ -64,9 +73,14 @@ def test_peft_export_refusals(tiny_dir: Path, tmp_path: Path) -> None:
 def test_import_peft_matches_peft(tiny_dir: Path, tmp_path: Path, kind: str) -> None:
     base = load_base(tiny_dir / "llama")
     if kind == "lora":
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                              rank_pattern={"model.layers.1.mlp.down_proj": 2}, alpha_pattern={"v_proj": 3},
-                              use_rslora=True)
+        cfg = peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"model.layers.1.mlp.down_proj": 2},
+            alpha_pattern={"v_proj": 3},
+            use_rslora=True,
+        )
     else:
         cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     pm = peft.get_peft_model(base, cfg)

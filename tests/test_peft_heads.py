@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import transformers
 from conftest import hash_tree, make_run, outputs, pelt_main, randomise
@@ -63,20 +64,33 @@ def mlm_bert(tiny_dir: Path, words: Path, tmp_path_factory: pytest.TempPathFacto
     return d
 
 
-@pytest.mark.parametrize(("base", "recipe", "root", "modules"), [
-    ("tiny_bert", "lora", "bert", ["classifier"]),
-    ("tiny_bert", "ia3", "bert", ["classifier"]),
-    ("mlm_bert", "lora", "", ["bert.pooler", "classifier"]),
-    ("llama", "lora", "", ["score"]),
-    ("llama", "ia3", "", ["score"]),
-])
-def test_classification_export_loads_in_auto_peft(request: pytest.FixtureRequest, tiny_dir: Path, words: Path,
-                                                  sentiment: tuple[Path, Path], small_eval: Path, tmp_path: Path,
-                                                  base: str, recipe: str, root: str, modules: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("base", "recipe", "root", "modules"),
+    [
+        ("tiny_bert", "lora", "bert", ["classifier"]),
+        ("tiny_bert", "ia3", "bert", ["classifier"]),
+        ("mlm_bert", "lora", "", ["bert.pooler", "classifier"]),
+        ("llama", "lora", "", ["score"]),
+        ("llama", "ia3", "", ["score"]),
+    ],
+)
+def test_classification_export_loads_in_auto_peft(
+    request: pytest.FixtureRequest,
+    tiny_dir: Path,
+    words: Path,
+    sentiment: tuple[Path, Path],
+    small_eval: Path,
+    tmp_path: Path,
+    base: str,
+    recipe: str,
+    root: str,
+    modules: list[str],
+) -> None:
     path = tiny_dir / "llama" if base == "llama" else request.getfixturevalue(base)
     run = apply(rc.load(recipe), path, tmp_path / "run")
-    train_run(run, str(sentiment[0]), str(small_eval), TrainConfig(**STEPS),
-              tokenizer=str(words) if base == "llama" else None)
+    train_run(
+        run, str(sentiment[0]), str(small_eval), TrainConfig(**STEPS), tokenizer=str(words) if base == "llama" else None
+    )
     randomise(run)  # LoRA B / IA³ l far from their start; the trained head as it is
     assert Run.open(run).head["root"] == root
     r = pelt_main("export", str(run), "-o", str(tmp_path / "bundle"), "--peft")
@@ -93,13 +107,17 @@ def test_classification_export_loads_in_auto_peft(request: pytest.FixtureRequest
     assert (_logits(ours, ids) - _logits(theirs, ids)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize(("family", "recipe", "kind", "auto"), [
-    ("llama", "lora", "CAUSAL_LM", "AutoPeftModelForCausalLM"),
-    ("gpt2", "lora-gpt2", "CAUSAL_LM", "AutoPeftModelForCausalLM"),
-    ("roberta", "ia3", "FEATURE_EXTRACTION", "AutoPeftModelForFeatureExtraction"),
-])
-def test_task_type_by_class_loads_in_auto_peft(tiny_dir: Path, tmp_path: Path, family: str, recipe: str, kind: str,
-                                               auto: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "recipe", "kind", "auto"),
+    [
+        ("llama", "lora", "CAUSAL_LM", "AutoPeftModelForCausalLM"),
+        ("gpt2", "lora-gpt2", "CAUSAL_LM", "AutoPeftModelForCausalLM"),
+        ("roberta", "ia3", "FEATURE_EXTRACTION", "AutoPeftModelForFeatureExtraction"),
+    ],
+)
+def test_task_type_by_class_loads_in_auto_peft(
+    tiny_dir: Path, tmp_path: Path, family: str, recipe: str, kind: str, auto: str
+) -> None:
     run = make_run(recipe, tiny_dir / family, tmp_path / "run")
     r = pelt_main("export", str(run), "-o", str(tmp_path / "bundle"), "--peft")
     assert r.returncode == 0, r.stderr
@@ -111,10 +129,16 @@ def test_task_type_by_class_loads_in_auto_peft(tiny_dir: Path, tmp_path: Path, f
     assert (outputs(ours, family) - outputs(theirs, family)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize(("cls", "config", "kind"), [
-    ("T5ForConditionalGeneration", "T5Config", "SEQ_2_SEQ_LM"), ("BertModel", "BertConfig", "FEATURE_EXTRACTION"),
-    ("BertForMaskedLM", "BertConfig", None), ("GPT2LMHeadModel", "GPT2Config", "CAUSAL_LM"),
-    ("BertForSequenceClassification", "BertConfig", "SEQ_CLS")])
+@pytest.mark.parametrize(
+    ("cls", "config", "kind"),
+    [
+        ("T5ForConditionalGeneration", "T5Config", "SEQ_2_SEQ_LM"),
+        ("BertModel", "BertConfig", "FEATURE_EXTRACTION"),
+        ("BertForMaskedLM", "BertConfig", None),
+        ("GPT2LMHeadModel", "GPT2Config", "CAUSAL_LM"),
+        ("BertForSequenceClassification", "BertConfig", "SEQ_CLS"),
+    ],
+)
 def test_task_type_of_a_class(cls: str, config: str, kind: str | None) -> None:
     with torch.device("meta"):
         model = getattr(transformers, cls)(getattr(transformers, config)(num_layers=1, num_hidden_layers=1))
@@ -125,8 +149,9 @@ def _seq_cls(family: str, out: Path) -> torch.nn.Module:
     """A tiny sequence classifier (3 labels, padding id 0) saved into ``out``, and its bare base into
     ``out.parent / 'bare'``."""
     torch.manual_seed(0)
-    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  pad_token_id=0)
+    common = dict(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=0
+    )
     if family == "llama":
         common["num_key_value_heads"] = 2
     config = (transformers.BertConfig if family == "bert" else transformers.LlamaConfig)(**common)
@@ -166,8 +191,9 @@ def _padded(seed: int = 1) -> dict[str, torch.Tensor]:
 def test_import_seq_cls_adapter_with_its_head(tmp_path: Path, family: str, onto: str) -> None:
     model = _seq_cls(family, tmp_path / "classifier")
     targets = ["query", "value"] if family == "bert" else ["q_proj", "v_proj", "down_proj"]
-    pm = _peft_adapter(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets),
-                       tmp_path / "peft")
+    pm = _peft_adapter(
+        model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets), tmp_path / "peft"
+    )
     run = import_peft(tmp_path / "peft", tmp_path / onto, tmp_path / "run")
     ours, meta = load_run(run)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
@@ -186,8 +212,9 @@ def test_import_seq_cls_adapter_with_its_head(tmp_path: Path, family: str, onto:
         assert (again(**batch).logits - want).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize(("family", "bias", "count"),
-                         [("bert", "lora_only", 4), ("bert", "all", 18), ("qwen2", "all", 6)])
+@pytest.mark.parametrize(
+    ("family", "bias", "count"), [("bert", "lora_only", 4), ("bert", "all", 18), ("qwen2", "all", 6)]
+)
 def test_import_trained_biases_is_exact(tiny_dir: Path, tmp_path: Path, family: str, bias: str, count: int) -> None:
     """Trained biases (q/v only, or every bias) become head parameters: the run, its merge and its export agree with
     peft. BERT: a SEQ_CLS adapter (the classifier saved too); Qwen2 (q/k/v biases): a CAUSAL_LM one."""
@@ -197,8 +224,9 @@ def test_import_trained_biases_is_exact(tiny_dir: Path, tmp_path: Path, family: 
     else:
         base, kind, auto, targets = tiny_dir / "qwen2", "CAUSAL_LM", "CausalLM", ["q_proj", "v_proj"]
     model = getattr(transformers, f"AutoModelFor{auto}").from_pretrained(base)
-    pm = _peft_adapter(model, peft.LoraConfig(task_type=kind, r=4, target_modules=targets, bias=bias),
-                       tmp_path / "peft")
+    pm = _peft_adapter(
+        model, peft.LoraConfig(task_type=kind, r=4, target_modules=targets, bias=bias), tmp_path / "peft"
+    )
     assert any(k.endswith("base_layer.bias") for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     run = import_peft(tmp_path / "peft", base, tmp_path / "run")
     ours, meta = load_run(run)
@@ -217,17 +245,20 @@ def test_import_trained_biases_is_exact(tiny_dir: Path, tmp_path: Path, family: 
 
 
 def test_head_adapter_refusals_are_one_line(tiny_dir: Path, tmp_path: Path) -> None:
-    _peft_adapter(_seq_cls("bert", tmp_path / "classifier"),
-                  peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]), tmp_path / "seq")
-    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64))
+    _peft_adapter(
+        _seq_cls("bert", tmp_path / "classifier"),
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]),
+        tmp_path / "seq",
+    )
+    lm = transformers.LlamaForCausalLM(tiny_models.config("llama"))
     lm.model.save_pretrained(tmp_path / "bare-llama")
     _peft_adapter(lm, peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), tmp_path / "lm")
     apply(rc.load("adapter"), tiny_dir / "bert", tmp_path / "adapter")
     before = hash_tree(tmp_path)
-    cases = [("seq", tiny_dir / "whisper", "no AutoModelForSequenceClassification class for whisper"),
-             ("lm", tmp_path / "bare-llama", "LlamaModel has none")]
+    cases = [
+        ("seq", tiny_dir / "whisper", "no AutoModelForSequenceClassification class for whisper"),
+        ("lm", tmp_path / "bare-llama", "LlamaModel has none"),
+    ]
     for adapter, base, says in cases:
         r = pelt_main("import-peft", str(tmp_path / adapter), str(base), "-o", str(tmp_path / "run"))
         assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr

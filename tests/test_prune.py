@@ -4,14 +4,12 @@ exact, refusals, and the whole shell pipeline apply | train | prune | merge."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, hash_tree, pelt_main, set_gate_means
+from conftest import hash_tree, pelt_main, pelt_pipeline, set_gate_means
 
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
@@ -47,15 +45,22 @@ def test_dry_run_lists_every_gated_module_and_writes_nothing(trained_unipelt: Pa
     lines = [ln.split("\t") for ln in r.stdout.splitlines()]
     assert lines[0] == ["site", "layer", "module", "mean", "params", "decision"] and len(lines) == 7
     decided = {(ln[1], ln[2]): ln[5] for ln in lines[1:]}
-    assert decided == {("0", "lora"): "keep", ("0", "prefix"): "prune", ("0", "adapter"): "keep",
-                       ("1", "lora"): "keep", ("1", "prefix"): "keep", ("1", "adapter"): "prune"}
+    assert decided == {
+        ("0", "lora"): "keep",
+        ("0", "prefix"): "prune",
+        ("0", "adapter"): "keep",
+        ("1", "lora"): "keep",
+        ("1", "prefix"): "keep",
+        ("1", "adapter"): "prune",
+    }
     rep = prune_run(run, dry_run=True)
     assert rep.pruned_params == 2 * 10 * 32 + (32 * 2 + 2 + 2 * 32 + 32)  # prefix K,V (ℓ=10, d=32) + adapter d/16=2
     assert hash_tree(run) == before
 
 
-def test_pruning_changes_outputs_only_through_the_pruned_modules(trained_unipelt: Path, tiny_bert: Path,
-                                                                   tmp_path: Path) -> None:
+def test_pruning_changes_outputs_only_through_the_pruned_modules(
+    trained_unipelt: Path, tiny_bert: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
     set_gate_means(run, {(0, "lora"): 0.01, (1, "adapter"): 0.02})
@@ -65,19 +70,26 @@ def test_pruning_changes_outputs_only_through_the_pruned_modules(trained_unipelt
     pruned = tmp_path / "pruned"
     assert [(u.layer, u.module) for u in rep.units if u.decision == "prune"] == [(0, "lora"), (1, "adapter")]
     # the same model with those two modules zeroed (LoRA B, adapter up-projection) is the pruned model
-    zero = ["encoder.layer.0.attention.self.query.pelt_lora.B", "encoder.layer.0.attention.self.value.pelt_lora.B",
-            "encoder.layer.1.output.dense.pelt_adapter.up"]
+    zero = [
+        "encoder.layer.0.attention.self.query.pelt_lora.B",
+        "encoder.layer.0.attention.self.value.pelt_lora.B",
+        "encoder.layer.1.output.dense.pelt_adapter.up",
+    ]
     want = _outputs(run, tiny_bert, zero)
     got = _outputs(pruned, tiny_bert)
     assert (want - got).abs().max().item() <= 1e-6
     assert (_outputs(run, tiny_bert) - got).abs().max().item() > 1e-4  # and pruning did change the output
     moved = set(open_checkpoint(pruned / PRUNED_FILE).tensors)
-    assert moved == {"encoder.layer.0.attention.self.query.pelt_lora.A", "encoder.layer.0.attention.self.query."
-                     "pelt_lora.B", "encoder.layer.0.attention.self.value.pelt_lora.A",
-                     "encoder.layer.0.attention.self.value.pelt_lora.B", "encoder.layer.1.output.dense.pelt_adapter."
-                     "down.weight", "encoder.layer.1.output.dense.pelt_adapter.down.bias",
-                     "encoder.layer.1.output.dense.pelt_adapter.up.weight",
-                     "encoder.layer.1.output.dense.pelt_adapter.up.bias"}
+    assert moved == {
+        "encoder.layer.0.attention.self.query.pelt_lora.A",
+        "encoder.layer.0.attention.self.query.pelt_lora.B",
+        "encoder.layer.0.attention.self.value.pelt_lora.A",
+        "encoder.layer.0.attention.self.value.pelt_lora.B",
+        "encoder.layer.1.output.dense.pelt_adapter.down.weight",
+        "encoder.layer.1.output.dense.pelt_adapter.down.bias",
+        "encoder.layer.1.output.dense.pelt_adapter.up.weight",
+        "encoder.layer.1.output.dense.pelt_adapter.up.bias",
+    }
     meta = json.loads((pruned / "run.json").read_text())
     assert meta["new_params"] == rep.params_after == rep.params_before - 2 * 2 * 8 * 32 - (32 * 2 + 2 + 2 * 32 + 32)
     assert not (pruned / "train").exists()  # optimizer state of removed parameters is dropped
@@ -95,11 +107,23 @@ def test_pruning_changes_outputs_only_through_the_pruned_modules(trained_unipelt
 def test_keep_top_k_per_method_and_per_layer(trained_unipelt: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
-    set_gate_means(run, {(0, "lora"): 0.9, (1, "lora"): 0.8, (0, "prefix"): 0.1, (1, "prefix"): 0.7,
-                     (0, "adapter"): 0.2, (1, "adapter"): 0.3})
+    set_gate_means(
+        run,
+        {
+            (0, "lora"): 0.9,
+            (1, "lora"): 0.8,
+            (0, "prefix"): 0.1,
+            (1, "prefix"): 0.7,
+            (0, "adapter"): 0.2,
+            (1, "adapter"): 0.3,
+        },
+    )
     per_method = prune_run(run, keep_top_k=1, per="method", dry_run=True)
     assert sorted((u.layer, u.module) for u in per_method.units if u.decision == "keep") == [
-        (0, "lora"), (1, "adapter"), (1, "prefix")]
+        (0, "lora"),
+        (1, "adapter"),
+        (1, "prefix"),
+    ]
     per_layer = prune_run(run, keep_top_k=1, per="layer", dry_run=True)
     assert sorted((u.layer, u.module) for u in per_layer.units if u.decision == "keep") == [(0, "lora"), (1, "lora")]
     overall = prune_run(run, keep_top_k=2, dry_run=True)
@@ -120,8 +144,12 @@ def test_refusals(tiny_bert: Path, trained_unipelt: Path, tmp_path: Path) -> Non
     fresh = apply(rc.load("unipelt"), tiny_bert, tmp_path / "fresh")
     r = pelt_main("prune", str(fresh))
     assert r.returncode == 2 and "no gate statistics" in r.stderr and "pelt train" in r.stderr
-    for args, needle in [(["--threshold", "2"], "--threshold 2.0"), (["-t", "0.1", "-k", "2"], "exclude"),
-                         (["--per", "layer"], "--per applies to --keep-top-k"), (["--restore"], "never pruned")]:
+    for args, needle in [
+        (["--threshold", "2"], "--threshold 2.0"),
+        (["-t", "0.1", "-k", "2"], "exclude"),
+        (["--per", "layer"], "--per applies to --keep-top-k"),
+        (["--restore"], "never pruned"),
+    ]:
         r = pelt_main("prune", str(trained_unipelt), *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
     with pytest.raises(PruneRefused, match="prunes every module"):
@@ -130,17 +158,15 @@ def test_refusals(tiny_bert: Path, trained_unipelt: Path, tmp_path: Path) -> Non
 
 
 def test_pipeline_apply_train_prune_merge(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    py = f"{sys.executable} -m pelt_cli.cli"
-    cmd = (f"{py} apply unipelt {tiny_bert} -o {tmp_path / 'run'} | "
-           f"{py} train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 -q | "
-           f"{py} prune - --keep-top-k 1 --per method | "
-           f"{py} merge - -o {tmp_path / 'merged'} --freeze-gates mean --keep-unmerged --verify")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the stages run side by side: one thread each, no oversubscription
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
+    r = pelt_pipeline(
+        f"apply unipelt {tiny_bert} -o {tmp_path / 'run'}",
+        f"train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 -q",
+        "prune - --keep-top-k 1 --per method",
+        f"merge - -o {tmp_path / 'merged'} --freeze-gates mean --keep-unmerged --verify",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "merged")
     assert "pruned 3 of 6 gated modules" in r.stderr
     delta = float(r.stderr.split("max |Δ| = ")[1].split()[0])
     assert delta < 1.0  # gates frozen at their means: approximate, and the error is reported
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "pelt-rest").is_dir()
-

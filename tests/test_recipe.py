@@ -14,14 +14,14 @@ from pelt_cli.errors import RecipeError
 ASSETS = Path(__file__).parent / "assets" / "bad"
 
 BAD = {
-    "unknown-method.yaml":
-        r"unknown-method.yaml:3:\d+: inserts\[0\]\.method: unknown method 'lroa' \(did you mean 'lora'\?\)",
+    "unknown-method.yaml": r"unknown-method.yaml:3:\d+: inserts\[0\]\.method: unknown method 'lroa' "
+    r"\(did you mean 'lora'\?\)",
     "unknown-key.yaml": r"unknown-key.yaml:6:7: inserts\[0\]\.params\.rnak: unknown key \(did you mean 'rank'\?\)",
     "wrong-type.yaml": r"wrong-type.yaml:6:\d+: inserts\[0\]\.params\.rank: expected an integer, got 'eight'",
     "no-match.yaml": r"no-match.yaml:4:\d+: inserts\[0\]\.targets: glob '\*\*\.no_such_module' matches no module",
     "syntax.yaml": r"syntax.yaml:\d+:\d+: YAML syntax error",
-    "rank-too-big.yaml":
-        r"rank 512 is larger than the layer encoder\.layer\.0\.attention\.self\.query \(in 384, out 384\)",
+    "rank-too-big.yaml": r"rank 512 is larger than the layer encoder\.layer\.0\.attention\.self\.query "
+    r"\(in 384, out 384\)",
 }
 
 
@@ -41,9 +41,14 @@ def test_all_problems_at_once() -> None:
     with pytest.raises(RecipeError) as e:
         rc.load(str(ASSETS / "many.yaml"))
     text = "\n".join(e.value.problems)
-    for fragment in ["name: expected a string", "layers: layer range '9-2'", "rank: 0 is too small",
-                     "dropout: 2.0 is too large", "init: 'xavier' is not one of kaiming, gaussian",
-                     "blocks[0]: unknown block kind 'encodr' (did you mean 'encoder'?)"]:
+    for fragment in [
+        "name: expected a string",
+        "layers: layer range '9-2'",
+        "rank: 0 is too small",
+        "dropout: 2.0 is too large",
+        "init: 'xavier' is not one of kaiming, gaussian",
+        "blocks[0]: unknown block kind 'encodr' (did you mean 'encoder'?)",
+    ]:
         assert fragment in text, (fragment, text)
     assert len(e.value.problems) == 6
 

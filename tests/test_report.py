@@ -39,12 +39,15 @@ def test_total_params_equal_model(tiny_dir: Path, tiny_models_built: dict, famil
     assert inspect_checkpoint(tiny_dir / family)["total_params"] == expected
 
 
-@pytest.mark.parametrize("family,target,source", [
-    ("gpt2", "lm_head.weight", "transformer.wte.weight"),
-    ("bert", "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-    ("bert", "cls.predictions.decoder.bias", "cls.predictions.bias"),
-    ("whisper", "proj_out.weight", "model.decoder.embed_tokens.weight"),
-])
+@pytest.mark.parametrize(
+    "family,target,source",
+    [
+        ("gpt2", "lm_head.weight", "transformer.wte.weight"),
+        ("bert", "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+        ("bert", "cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ("whisper", "proj_out.weight", "model.decoder.embed_tokens.weight"),
+    ],
+)
 def test_tied_keys_reported(tiny_dir: Path, family: str, target: str, source: str) -> None:
     report = inspect_checkpoint(tiny_dir / family)
     row = next(r for r in report["tensors"] if r["name"] == target)
@@ -61,8 +64,10 @@ def test_tie_table_agrees_with_transformers(tiny_dir: Path, tiny_models_built: d
 
 
 def test_unknown_family_still_inspects(tmp_path: Path) -> None:
-    header = {"blob.alpha": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
-              "blob.beta": {"dtype": "F16", "shape": [8], "data_offsets": [48, 64]}}
+    header = {
+        "blob.alpha": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+        "blob.beta": {"dtype": "F16", "shape": [8], "data_offsets": [48, 64]},
+    }
     raw = json.dumps(header).encode()
     (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
     report = inspect_checkpoint(tmp_path / "m.safetensors")

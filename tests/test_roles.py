@@ -25,41 +25,98 @@ from pelt_cli.targets import select, view
 FAMILIES = list(ZOO)
 GOLDEN = Path(__file__).parent / "golden"
 
-LLAMA = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-         "attn.o": "self_attn.o_proj", "ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj",
-         "ffn.down": "mlp.down_proj"}
+LLAMA = {
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj",
+    "ffn.gate": "mlp.gate_proj",
+    "ffn.up": "mlp.up_proj",
+    "ffn.down": "mlp.down_proj",
+}
 ATTN = {k: v for k, v in LLAMA.items() if k.startswith("attn.")}
-BART = {"attn.q": "q_proj", "attn.k": "k_proj", "attn.v": "v_proj", "attn.o": "out_proj", "ffn.up": "fc1",
-        "ffn.down": "fc2"}
-BERT = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
-        "attn.o": "attention.output.dense", "ffn.up": "intermediate.dense", "ffn.down": "output.dense"}
+BART = {
+    "attn.q": "q_proj",
+    "attn.k": "k_proj",
+    "attn.v": "v_proj",
+    "attn.o": "out_proj",
+    "ffn.up": "fc1",
+    "ffn.down": "fc2",
+}
+BERT = {
+    "attn.q": "attention.self.query",
+    "attn.k": "attention.self.key",
+    "attn.v": "attention.self.value",
+    "attn.o": "attention.output.dense",
+    "ffn.up": "intermediate.dense",
+    "ffn.down": "output.dense",
+}
 FUSED = {"attn.qkv": "query_key_value", "attn.o": "dense", "ffn.up": "dense_h_to_4h", "ffn.down": "dense_4h_to_h"}
 # family: the on-disk path suffix each role's module ends with (the longest matching suffix decides)
 EXPECT: dict[str, dict[str, str]] = {
-    "gemma": LLAMA, "gemma2": LLAMA, "qwen3": LLAMA, "mistral": LLAMA, "stablelm": LLAMA, "olmo": LLAMA,
+    "gemma": LLAMA,
+    "gemma2": LLAMA,
+    "qwen3": LLAMA,
+    "mistral": LLAMA,
+    "stablelm": LLAMA,
+    "olmo": LLAMA,
     "phi": {**BART, "attn.o": "self_attn.dense"},
     "phi3": {"attn.qkv": "qkv_proj", "attn.o": "o_proj", "ffn.up": "gate_up_proj", "ffn.down": "down_proj"},
-    "falcon": FUSED, "falcon-new": FUSED, "gpt_neox": FUSED, "bloom": FUSED,
-    "opt": BART, "bart": BART, "clip": BART, "siglip": BART,
+    "falcon": FUSED,
+    "falcon-new": FUSED,
+    "gpt_neox": FUSED,
+    "bloom": FUSED,
+    "opt": BART,
+    "bart": BART,
+    "clip": BART,
+    "siglip": BART,
     "gptj": {**BART, "ffn.up": "fc_in", "ffn.down": "fc_out"},
     "starcoder2": {**ATTN, "ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"},
     "mixtral": ATTN,  # experts are fused 3-D parameters and the router is not a Linear: neither is a LoRA site
-    "qwen2_moe": {**LLAMA, "ffn.gate": "shared_expert.gate_proj",
-                  "ffn.up": "shared_expert.up_proj", "ffn.down": "shared_expert.down_proj"},
-    "t5": {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.o": "o", "ffn.up": "DenseReluDense.wi",
-           "ffn.down": "DenseReluDense.wo"},
-    "distilbert": {"attn.q": "q_lin", "attn.k": "k_lin", "attn.v": "v_lin", "attn.o": "out_lin",
-                   "ffn.up": "ffn.lin1", "ffn.down": "ffn.lin2"},
-    "albert": {"attn.q": "attention.query", "attn.k": "attention.key", "attn.v": "attention.value",
-               "attn.o": "attention.dense", "ffn.up": "ffn", "ffn.down": "ffn_output"},
-    "electra": BERT, "xlm-roberta": BERT,
+    "qwen2_moe": {
+        **LLAMA,
+        "ffn.gate": "shared_expert.gate_proj",
+        "ffn.up": "shared_expert.up_proj",
+        "ffn.down": "shared_expert.down_proj",
+    },
+    "t5": {
+        "attn.q": "q",
+        "attn.k": "k",
+        "attn.v": "v",
+        "attn.o": "o",
+        "ffn.up": "DenseReluDense.wi",
+        "ffn.down": "DenseReluDense.wo",
+    },
+    "distilbert": {
+        "attn.q": "q_lin",
+        "attn.k": "k_lin",
+        "attn.v": "v_lin",
+        "attn.o": "out_lin",
+        "ffn.up": "ffn.lin1",
+        "ffn.down": "ffn.lin2",
+    },
+    "albert": {
+        "attn.q": "attention.query",
+        "attn.k": "attention.key",
+        "attn.v": "attention.value",
+        "attn.o": "attention.dense",
+        "ffn.up": "ffn",
+        "ffn.down": "ffn_output",
+    },
+    "electra": BERT,
+    "xlm-roberta": BERT,
     "deberta-v2": {**BERT, "attn.q": "query_proj", "attn.k": "key_proj", "attn.v": "value_proj"},
     "mpnet": {**BERT, "attn.q": "attn.q", "attn.k": "attn.k", "attn.v": "attn.v", "attn.o": "attn.o"},
     "wav2vec2": {**BART, "ffn.up": "feed_forward.intermediate_dense", "ffn.down": "feed_forward.output_dense"},
 }
 UNROLED = {"deberta-v2": ("pos_key_proj", "pos_query_proj"), "qwen2_moe": ("shared_expert_gate",)}
-BLOCK = {"t5": {"encoder", "decoder", "cross-attention"}, "bart": {"encoder", "decoder", "cross-attention"},
-         "clip": {"vision"}, "siglip": {"vision"}, "wav2vec2": {"audio"}}
+BLOCK = {
+    "t5": {"encoder", "decoder", "cross-attention"},
+    "bart": {"encoder", "decoder", "cross-attention"},
+    "clip": {"vision"},
+    "siglip": {"vision"},
+    "wav2vec2": {"audio"},
+}
 ENCODERS = {"distilbert", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta"}
 MERGE = ["gpt_neox", "falcon-new", "phi3", "bloom", "t5", "distilbert", "clip", "wav2vec2"]  # a representative subset
 
@@ -147,12 +204,15 @@ def test_layer_numbering_is_the_block_list_index() -> None:
     assert {s.layer for s in bart.sites if s.role == "attn.q"} == {0, 1}
 
 
-@pytest.mark.parametrize(("family", "q", "v"), [
-    ("gpt_neox", [(0, 8), (24, 32), (48, 56), (72, 80)], [(16, 24), (40, 48), (64, 72), (88, 96)]),
-    ("falcon", [(0, 32)], [(40, 48)]),  # multi-query: one k and one v head
-    ("falcon-new", [(0, 16), (32, 48)], [(24, 32), (56, 64)]),  # 2 kv groups of [q q k v]
-    ("phi3", [(0, 32)], [(48, 64)]),  # GQA: q 4 heads, k and v 2 heads of 8
-])
+@pytest.mark.parametrize(
+    ("family", "q", "v"),
+    [
+        ("gpt_neox", [(0, 8), (24, 32), (48, 56), (72, 80)], [(16, 24), (40, 48), (64, 72), (88, 96)]),
+        ("falcon", [(0, 32)], [(40, 48)]),  # multi-query: one k and one v head
+        ("falcon-new", [(0, 16), (32, 48)], [(24, 32), (56, 64)]),  # 2 kv groups of [q q k v]
+        ("phi3", [(0, 32)], [(48, 64)]),  # GQA: q 4 heads, k and v 2 heads of 8
+    ],
+)
 def test_fused_slices_follow_the_config(family: str, q: list, v: list) -> None:
     model = _meta(family)
     mv = view(model)

@@ -54,8 +54,9 @@ def test_base_is_checked_by_content(tiny_dir: Path, tmp_path: Path) -> None:
         run.base(tiny_dir / "roberta")
 
 
-def test_import_peft_opens_the_base_once_and_builds_one_skeleton(tiny_dir: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_peft_opens_the_base_once_and_builds_one_skeleton(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pm = peft.get_peft_model(load_base(tiny_dir / "llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     pm.save_pretrained(tmp_path / "peft")
     opened, built = [], []
@@ -95,8 +96,7 @@ def test_foldable_methods_come_from_the_registry() -> None:
 
 def test_fold_tensor_applies_input_scales_last() -> None:
     w = torch.ones(2, 3)
-    ops = [methods.FoldOp(lambda t: t * torch.tensor([1.0, 2.0, 3.0]), late=True),
-           methods.FoldOp(lambda t: t + 1.0)]
+    ops = [methods.FoldOp(lambda t: t * torch.tensor([1.0, 2.0, 3.0]), late=True), methods.FoldOp(lambda t: t + 1.0)]
     assert torch.equal(methods.fold_tensor(w, ops), torch.tensor([[2.0, 4.0, 6.0], [2.0, 4.0, 6.0]]))
 
 

@@ -12,87 +12,90 @@ from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.keymap import key_map
 from pelt_cli.sites import ROLES, detect_family, expand_braces, matches, sites
 
-# On-disk module path (layer 0) → (role, block) that every family must get.
-EXPECTED: dict[str, dict[str, tuple[str, str]]] = {
-    "bert": {
-        "bert.encoder.layer.0.attention.self.query": ("attn.q", "encoder"),
-        "bert.encoder.layer.0.attention.self.key": ("attn.k", "encoder"),
-        "bert.encoder.layer.0.attention.self.value": ("attn.v", "encoder"),
-        "bert.encoder.layer.0.attention.output.dense": ("attn.o", "encoder"),
-        "bert.encoder.layer.0.intermediate.dense": ("ffn.up", "encoder"),
-        "bert.encoder.layer.0.output.dense": ("ffn.down", "encoder"),
-        "bert.encoder.layer.0.output.LayerNorm": ("norm", "encoder"),
-        "bert.embeddings.word_embeddings": ("embed", "-"),
-        "cls.predictions.decoder": ("lm_head", "-"),
-    },
-    "roberta": {
-        "encoder.layer.0.attention.self.query": ("attn.q", "encoder"),
-        "encoder.layer.0.attention.self.key": ("attn.k", "encoder"),
-        "encoder.layer.0.attention.self.value": ("attn.v", "encoder"),
-        "encoder.layer.0.attention.output.dense": ("attn.o", "encoder"),
-        "encoder.layer.0.intermediate.dense": ("ffn.up", "encoder"),
-        "encoder.layer.0.output.dense": ("ffn.down", "encoder"),
-        "pooler.dense": ("pooler", "-"),
-    },
-    "gpt2": {
-        "transformer.h.0.attn.c_attn": ("attn.qkv", "decoder"),
-        "transformer.h.0.attn.c_proj": ("attn.o", "decoder"),
-        "transformer.h.0.mlp.c_fc": ("ffn.up", "decoder"),
-        "transformer.h.0.mlp.c_proj": ("ffn.down", "decoder"),
-        "transformer.h.0.ln_1": ("norm", "decoder"),
-        "transformer.wte": ("embed", "-"),
-        "lm_head": ("lm_head", "-"),
-    },
-    "llama": {
-        "model.layers.0.self_attn.q_proj": ("attn.q", "decoder"),
-        "model.layers.0.self_attn.k_proj": ("attn.k", "decoder"),
-        "model.layers.0.self_attn.v_proj": ("attn.v", "decoder"),
-        "model.layers.0.self_attn.o_proj": ("attn.o", "decoder"),
-        "model.layers.0.mlp.gate_proj": ("ffn.gate", "decoder"),
-        "model.layers.0.mlp.up_proj": ("ffn.up", "decoder"),
-        "model.layers.0.mlp.down_proj": ("ffn.down", "decoder"),
-        "model.layers.0.input_layernorm": ("norm", "decoder"),
-        "model.embed_tokens": ("embed", "-"),
-        "lm_head": ("lm_head", "-"),
-    },
-    "whisper": {
-        "model.encoder.layers.0.self_attn.q_proj": ("attn.q", "encoder"),
-        "model.encoder.layers.0.self_attn.k_proj": ("attn.k", "encoder"),
-        "model.encoder.layers.0.self_attn.v_proj": ("attn.v", "encoder"),
-        "model.encoder.layers.0.self_attn.out_proj": ("attn.o", "encoder"),
-        "model.encoder.layers.0.fc1": ("ffn.up", "encoder"),
-        "model.encoder.layers.0.fc2": ("ffn.down", "encoder"),
-        "model.decoder.layers.0.self_attn.q_proj": ("attn.q", "decoder"),
-        "model.decoder.layers.0.encoder_attn.q_proj": ("attn.q", "cross-attention"),
-        "model.decoder.layers.0.encoder_attn.k_proj": ("attn.k", "cross-attention"),
-        "model.decoder.layers.0.encoder_attn.out_proj": ("attn.o", "cross-attention"),
-        "model.decoder.layers.0.fc1": ("ffn.up", "decoder"),
-        "model.encoder.conv1": ("conv", "-"),
-        "proj_out": ("lm_head", "-"),
-    },
-    "vit": {
-        "encoder.layer.0.attention.attention.query": ("attn.q", "vision"),
-        "encoder.layer.0.attention.attention.key": ("attn.k", "vision"),
-        "encoder.layer.0.attention.attention.value": ("attn.v", "vision"),
-        "encoder.layer.0.attention.output.dense": ("attn.o", "vision"),
-        "encoder.layer.0.intermediate.dense": ("ffn.up", "vision"),
-        "encoder.layer.0.output.dense": ("ffn.down", "vision"),
-        "encoder.layer.0.layernorm_before": ("norm", "vision"),
-        "embeddings.patch_embeddings.projection": ("embed", "-"),
-    },
-    "qwen2_audio": {
-        "audio_tower.layers.0.self_attn.q_proj": ("attn.q", "audio"),
-        "audio_tower.layers.0.self_attn.k_proj": ("attn.k", "audio"),
-        "audio_tower.layers.0.self_attn.out_proj": ("attn.o", "audio"),
-        "audio_tower.layers.0.fc1": ("ffn.up", "audio"),
-        "audio_tower.layers.0.fc2": ("ffn.down", "audio"),
-        "multi_modal_projector.linear": ("projector", "projector"),
-        "language_model.model.layers.0.self_attn.q_proj": ("attn.q", "decoder"),
-        "language_model.model.layers.0.self_attn.v_proj": ("attn.v", "decoder"),
-        "language_model.model.layers.0.mlp.gate_proj": ("ffn.gate", "decoder"),
-        "language_model.model.layers.0.mlp.down_proj": ("ffn.down", "decoder"),
-        "language_model.lm_head": ("lm_head", "-"),
-    },
+# On-disk module path (layer 0), role and block that every family must get: one site a line.
+TABLES = {
+    "bert": """
+        bert.encoder.layer.0.attention.self.query    attn.q    encoder
+        bert.encoder.layer.0.attention.self.key      attn.k    encoder
+        bert.encoder.layer.0.attention.self.value    attn.v    encoder
+        bert.encoder.layer.0.attention.output.dense  attn.o    encoder
+        bert.encoder.layer.0.intermediate.dense      ffn.up    encoder
+        bert.encoder.layer.0.output.dense            ffn.down  encoder
+        bert.encoder.layer.0.output.LayerNorm        norm      encoder
+        bert.embeddings.word_embeddings              embed     -
+        cls.predictions.decoder                      lm_head   -
+    """,
+    "roberta": """
+        encoder.layer.0.attention.self.query    attn.q    encoder
+        encoder.layer.0.attention.self.key      attn.k    encoder
+        encoder.layer.0.attention.self.value    attn.v    encoder
+        encoder.layer.0.attention.output.dense  attn.o    encoder
+        encoder.layer.0.intermediate.dense      ffn.up    encoder
+        encoder.layer.0.output.dense            ffn.down  encoder
+        pooler.dense                            pooler    -
+    """,
+    "gpt2": """
+        transformer.h.0.attn.c_attn  attn.qkv  decoder
+        transformer.h.0.attn.c_proj  attn.o    decoder
+        transformer.h.0.mlp.c_fc     ffn.up    decoder
+        transformer.h.0.mlp.c_proj   ffn.down  decoder
+        transformer.h.0.ln_1         norm      decoder
+        transformer.wte              embed     -
+        lm_head                      lm_head   -
+    """,
+    "llama": """
+        model.layers.0.self_attn.q_proj  attn.q    decoder
+        model.layers.0.self_attn.k_proj  attn.k    decoder
+        model.layers.0.self_attn.v_proj  attn.v    decoder
+        model.layers.0.self_attn.o_proj  attn.o    decoder
+        model.layers.0.mlp.gate_proj     ffn.gate  decoder
+        model.layers.0.mlp.up_proj       ffn.up    decoder
+        model.layers.0.mlp.down_proj     ffn.down  decoder
+        model.layers.0.input_layernorm   norm      decoder
+        model.embed_tokens               embed     -
+        lm_head                          lm_head   -
+    """,
+    "whisper": """
+        model.encoder.layers.0.self_attn.q_proj       attn.q    encoder
+        model.encoder.layers.0.self_attn.k_proj       attn.k    encoder
+        model.encoder.layers.0.self_attn.v_proj       attn.v    encoder
+        model.encoder.layers.0.self_attn.out_proj     attn.o    encoder
+        model.encoder.layers.0.fc1                    ffn.up    encoder
+        model.encoder.layers.0.fc2                    ffn.down  encoder
+        model.decoder.layers.0.self_attn.q_proj       attn.q    decoder
+        model.decoder.layers.0.encoder_attn.q_proj    attn.q    cross-attention
+        model.decoder.layers.0.encoder_attn.k_proj    attn.k    cross-attention
+        model.decoder.layers.0.encoder_attn.out_proj  attn.o    cross-attention
+        model.decoder.layers.0.fc1                    ffn.up    decoder
+        model.encoder.conv1                           conv      -
+        proj_out                                      lm_head   -
+    """,
+    "vit": """
+        encoder.layer.0.attention.attention.query  attn.q    vision
+        encoder.layer.0.attention.attention.key    attn.k    vision
+        encoder.layer.0.attention.attention.value  attn.v    vision
+        encoder.layer.0.attention.output.dense     attn.o    vision
+        encoder.layer.0.intermediate.dense         ffn.up    vision
+        encoder.layer.0.output.dense               ffn.down  vision
+        encoder.layer.0.layernorm_before           norm      vision
+        embeddings.patch_embeddings.projection     embed     -
+    """,
+    "qwen2_audio": """
+        audio_tower.layers.0.self_attn.q_proj           attn.q    audio
+        audio_tower.layers.0.self_attn.k_proj           attn.k    audio
+        audio_tower.layers.0.self_attn.out_proj         attn.o    audio
+        audio_tower.layers.0.fc1                        ffn.up    audio
+        audio_tower.layers.0.fc2                        ffn.down  audio
+        multi_modal_projector.linear                    projector projector
+        language_model.model.layers.0.self_attn.q_proj  attn.q    decoder
+        language_model.model.layers.0.self_attn.v_proj  attn.v    decoder
+        language_model.model.layers.0.mlp.gate_proj     ffn.gate  decoder
+        language_model.model.layers.0.mlp.down_proj     ffn.down  decoder
+        language_model.lm_head                          lm_head   -
+    """,
+}
+EXPECTED = {
+    fam: {m: (role, block) for m, role, block in map(str.split, t.strip().splitlines())} for fam, t in TABLES.items()
 }
 EXPECTED["qwen2"] = EXPECTED["llama"]
 
@@ -158,4 +161,3 @@ def test_globs() -> None:
     assert not matches("model.layers.0.self_attn.k_proj.weight", ["*.{q,v}_proj.*"])
     assert matches("encoder.layer.0.output.dense.bias", ["encoder.layer.0"])
     assert not matches("encoder.layer.10.output.dense.bias", ["encoder.layer.1"])
-

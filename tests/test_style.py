@@ -25,8 +25,11 @@ RUFF_PATHS = ["pelt_cli", "tests", "bench"]
 
 
 def test_only_console_imports_rich() -> None:
-    offenders = [p.name for p in SRC.rglob("*.py")
-                 if re.search(r"^\s*(import rich|from rich)", p.read_text(), re.M) and p.name != "console.py"]
+    offenders = [
+        p.name
+        for p in SRC.rglob("*.py")
+        if re.search(r"^\s*(import rich|from rich)", p.read_text(), re.M) and p.name != "console.py"
+    ]
     assert offenders == []
 
 
@@ -87,8 +90,12 @@ def _is_command(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
 def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Lines from the first statement after the docstring to the function's end."""
     body = fn.body
-    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        len(body) > 1
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         body = body[1:]
     return (fn.end_lineno or fn.lineno) - body[0].lineno + 1
 
@@ -107,8 +114,11 @@ def test_no_cli_command_body_over_25_lines() -> None:
     path, tree = _trees()[f"{PACKAGE}.cli"]
     commands = [fn for fn in _functions(tree) if _is_command(fn)]
     assert len(commands) >= 10, "the command decorator was not recognised"  # guards the check itself
-    offenders = [f"{_rel(path)}:{fn.lineno} {fn.name} (body {_body_lines(fn)} lines)"
-                 for fn in commands if _body_lines(fn) > MAX_COMMAND_BODY_LINES]
+    offenders = [
+        f"{_rel(path)}:{fn.lineno} {fn.name} (body {_body_lines(fn)} lines)"
+        for fn in commands
+        if _body_lines(fn) > MAX_COMMAND_BODY_LINES
+    ]
     assert not offenders, f"command bodies over {MAX_COMMAND_BODY_LINES} lines:\n" + "\n".join(offenders)
 
 
@@ -226,8 +236,9 @@ def _module_aliases(module: str) -> dict[str, str]:
             names.update({a.asname: a.name for a in node.names if a.asname and a.name in modules})
         elif isinstance(node, ast.ImportFrom):
             target = _resolve(module, node)
-            names.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names
-                          if f"{target}.{a.name}" in modules})
+            names.update(
+                {a.asname or a.name: f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules}
+            )
     return names
 
 
@@ -243,8 +254,13 @@ def test_no_private_names_imported_across_modules() -> None:
                 offenders.append(f"{_rel(path)}:{line} imports {name} from {target}")
         aliases = _module_aliases(module)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name) \
-                    and node.value.id in aliases and aliases[node.value.id] != module:
+            if (
+                isinstance(node, ast.Attribute)
+                and _is_private(node.attr)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and aliases[node.value.id] != module
+            ):
                 offenders.append(f"{_rel(path)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not offenders, "private names used across modules:\n" + "\n".join(sorted(set(offenders)))
 
@@ -267,11 +283,17 @@ def _code_lines(path: Path) -> list[tuple[int, str]]:
         body = getattr(node, "body", None)
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body:
             first = body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
-                                                                                                     str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 skip.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
-    return [(i, s) for i, line in enumerate(text.splitlines(), 1)
-            if (s := line.strip()) and not s.startswith("#") and i not in skip]
+    return [
+        (i, s)
+        for i, line in enumerate(text.splitlines(), 1)
+        if (s := line.strip()) and not s.startswith("#") and i not in skip
+    ]
 
 
 def repeated_blocks(paths: list[Path], n: int = DUP_LINES) -> list[str]:
@@ -280,9 +302,14 @@ def repeated_blocks(paths: list[Path], n: int = DUP_LINES) -> list[str]:
     seen: dict[tuple[str, ...], list[tuple[Path, int]]] = {}
     for p, ls in lines.items():
         for k in range(len(ls) - n + 1):
-            seen.setdefault(tuple(s for _, s in ls[k:k + n]), []).append((p, k))
-    pairs = {(a, ka, b, kb) for locs in seen.values() for i, (a, ka) in enumerate(locs) for b, kb in locs[i + 1:]
-             if a != b or abs(ka - kb) >= n}
+            seen.setdefault(tuple(s for _, s in ls[k : k + n]), []).append((p, k))
+    pairs = {
+        (a, ka, b, kb)
+        for locs in seen.values()
+        for i, (a, ka) in enumerate(locs)
+        for b, kb in locs[i + 1 :]
+        if a != b or abs(ka - kb) >= n
+    }
     out = []
     for a, ka, b, kb in sorted(pairs, key=lambda t: (str(t[0]), t[1], str(t[2]), t[3])):
         if (a, ka - 1, b, kb - 1) in pairs:
@@ -295,8 +322,9 @@ def repeated_blocks(paths: list[Path], n: int = DUP_LINES) -> list[str]:
 def test_at_most_two_repeated_blocks() -> None:
     paths = [p for d in ("pelt_cli", "tests", "bench") for p in sorted((REPO / d).rglob("*.py"))]
     found = repeated_blocks(paths)
-    assert len(found) <= MAX_DUP_PAIRS, f"{len(found)} pairs of repeated {DUP_LINES}-line blocks (at most " \
-        f"{MAX_DUP_PAIRS}):\n" + "\n".join(found)
+    assert len(found) <= MAX_DUP_PAIRS, (
+        f"{len(found)} pairs of repeated {DUP_LINES}-line blocks (at most {MAX_DUP_PAIRS}):\n" + "\n".join(found)
+    )
 
 
 def test_repeated_blocks_finder(tmp_path: Path) -> None:
@@ -320,13 +348,19 @@ def _ruff() -> str:
 
 
 def test_ruff_clean() -> None:
-    r = subprocess.run([_ruff(), "check", "--output-format", "concise", *RUFF_PATHS], cwd=REPO, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [_ruff(), "check", "--output-format", "concise", *RUFF_PATHS], cwd=REPO, capture_output=True, text=True
+    )
     assert r.returncode == 0, "ruff check found problems:\n" + r.stdout + r.stderr
 
 
 def test_ruff_format_clean() -> None:
-    r = subprocess.run([_ruff(), "format", "--check", "--output-format", "concise", *RUFF_PATHS], cwd=REPO,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, "files ruff format would change (run `ruff format pelt_cli tests bench`):\n" + \
-        r.stdout + r.stderr
+    r = subprocess.run(
+        [_ruff(), "format", "--check", "--output-format", "concise", *RUFF_PATHS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, (
+        "files ruff format would change (run `ruff format pelt_cli tests bench`):\n" + r.stdout + r.stderr
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, hash_tree, pelt_main
+from conftest import REPO, hash_tree, pelt_main, pelt_pipeline
 
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
@@ -33,16 +33,19 @@ def minilm_before(minilm: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("recipe_name", ["lora", "adapter", "prefix", "ia3", "unipelt"])
-def test_every_method_learns_and_base_is_untouched(minilm: Path, minilm_before: tuple[dict, dict],
-                                                  sentiment: tuple[Path, Path], tmp_path: Path,
-                                                  recipe_name: str) -> None:
+def test_every_method_learns_and_base_is_untouched(
+    minilm: Path, minilm_before: tuple[dict, dict], sentiment: tuple[Path, Path], tmp_path: Path, recipe_name: str
+) -> None:
     """The real MiniLM, a sentiment task it can learn: eval loss falls and accuracy rises far above chance."""
     before, base_state = minilm_before
     run = apply(rc.load(recipe_name), minilm, tmp_path / "run")
     epochs = 2
-    res = train_run(run, str(sentiment[0]), str(sentiment[1]),
-                    TrainConfig(epochs=epochs, batch_size=16, lr=LR.get(recipe_name, 3e-3), warmup=0.0, patience=0,
-                                max_length=24))
+    res = train_run(
+        run,
+        str(sentiment[0]),
+        str(sentiment[1]),
+        TrainConfig(epochs=epochs, batch_size=16, lr=LR.get(recipe_name, 3e-3), warmup=0.0, patience=0, max_length=24),
+    )
     hist = res.history
     assert hist[-1]["eval_loss"] < 0.5 < 0.69  # ln 2 = 0.69 is the loss of a coin flip
     assert res.best_metric >= 0.9, hist  # chance is 0.5
@@ -77,7 +80,11 @@ def _pipeline_agrees(run: Path, model: torch.nn.Module, base: Path, out: Path) -
         scores = {d["label"]: d["score"] for d in row}
         assert abs(scores["negative"] - p[0].item()) <= 1e-5 and abs(scores["positive"] - p[1].item()) <= 1e-5
     assert [max(r, key=lambda d: d["score"])["label"] for r in pipe(texts)] == [
-        "positive", "negative", "positive", "negative"]
+        "positive",
+        "negative",
+        "positive",
+        "negative",
+    ]
 
 
 def test_resume_equals_uninterrupted(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
@@ -149,11 +156,10 @@ def test_gate_statistics_recorded(tiny_bert: Path, sentiment: tuple[Path, Path],
 
 
 def test_cli_pipeline_prints_run(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    cmd = (f"{sys.executable} -m pelt_cli.cli apply lora {tiny_bert} -o {tmp_path / 'run'} | "
-           f"{sys.executable} -m pelt_cli.cli train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 "
-           f"--batch-size 32")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the stages run side by side: one thread each, no oversubscription
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
+    r = pelt_pipeline(
+        f"apply lora {tiny_bert} -o {tmp_path / 'run'}",
+        f"train - --data {sentiment[0]} --eval {sentiment[1]} --epochs 1 --batch-size 32",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
     assert "epoch 1: eval_loss" in r.stderr and "training" in r.stderr
@@ -172,9 +178,28 @@ def test_refuses_bad_options(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_
 def test_two_process_torchrun_ranks_agree(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
     run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
     env = {**os.environ, "PELT_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "pelt_cli.cli", "train", str(run), "--data", str(sentiment[0]), "--eval", str(sentiment[1]),
-           "--epochs", "1", "--batch-size", "16", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "pelt_cli.cli",
+        "train",
+        str(run),
+        "--data",
+        str(sentiment[0]),
+        "--eval",
+        str(sentiment[1]),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "-q",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines() == [str(run)]  # only rank 0 prints and writes
@@ -190,12 +215,18 @@ def audio_pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return synth_audio_pairs(d / "train", 24, seed=1), synth_audio_pairs(d / "eval", 8, seed=2)
 
 
-def test_domain_adapter_closes_the_feature_gap(tiny_dir: Path, audio_pairs: tuple[Path, Path],
-                                               tmp_path: Path) -> None:
-    run = apply(rc.load("qwen2-audio-domain-adapter", ["inserts.0.params.dropout=0.0"]), tiny_dir / "qwen2_audio",
-                tmp_path / "run")
-    res = train_run(run, str(audio_pairs[0]), str(audio_pairs[1]),
-                    TrainConfig(epochs=6, batch_size=8, lr=3e-2, scale_lr=1e-1, warmup=0.0, patience=0))
+def test_domain_adapter_closes_the_feature_gap(tiny_dir: Path, audio_pairs: tuple[Path, Path], tmp_path: Path) -> None:
+    run = apply(
+        rc.load("qwen2-audio-domain-adapter", ["inserts.0.params.dropout=0.0"]),
+        tiny_dir / "qwen2_audio",
+        tmp_path / "run",
+    )
+    res = train_run(
+        run,
+        str(audio_pairs[0]),
+        str(audio_pairs[1]),
+        TrainConfig(epochs=6, batch_size=8, lr=3e-2, scale_lr=1e-1, warmup=0.0, patience=0),
+    )
     assert res.task == "domain-matching"
     first, last = res.history[0], res.history[-1]
     assert abs(first["feature_mse_unadapted"] - last["feature_mse_unadapted"]) < 1e-9  # frozen encoder
@@ -232,8 +263,13 @@ def test_audio_classification_learns(tmp_path: Path) -> None:
 def test_eval_every_n_steps_logs_partial_rows(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
     run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
     events: list[dict] = []
-    train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1, eval_every=5)),
-              on_event=events.append)
+    train_run(
+        run,
+        str(sentiment[0]),
+        str(sentiment[1]),
+        TrainConfig(**dict(FAST, epochs=1, eval_every=5)),
+        on_event=events.append,
+    )
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("partial", False)) for r in rows] == [(5, True), (10, True), (12, False)]
     assert [e["step"] for e in events if e["kind"] == "eval"] == [5, 10, 12]

@@ -8,41 +8,77 @@ from typing import Any
 FAMILIES = ["bert", "roberta", "gpt2", "llama", "qwen2", "whisper", "vit", "qwen2_audio"]
 
 
+WHISPER = dict(
+    vocab_size=100,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    num_mel_bins=16,
+    max_source_positions=100,
+    max_target_positions=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=1,
+)
+
+
+SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+CONFIGS = {  # family: (transformers config class, its tiny settings beyond SHAPE)
+    "bert": ("BertConfig", dict(vocab_size=100, max_position_embeddings=64)),
+    "roberta": ("RobertaConfig", dict(vocab_size=100, max_position_embeddings=64)),
+    "llama": ("LlamaConfig", dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)),
+    "qwen2": ("Qwen2Config", dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)),
+    "vit": ("ViTConfig", dict(image_size=16, patch_size=8, num_channels=3)),
+}
+
+
+def config(family: str, **overrides: Any) -> Any:
+    """The tiny transformers config of ``family`` (hidden 32, 2 layers, 4 heads), with ``overrides`` on top."""
+    import transformers as tf
+
+    name, settings = CONFIGS[family]
+    return getattr(tf, name)(**{**SHAPE, **settings, **overrides})
+
+
 def build(family: str) -> Any:
     """Return a freshly initialised tiny model of ``family`` (seeded: the same weights every call)."""
     import torch
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     if family == "bert":
-        return tf.BertForMaskedLM(tf.BertConfig(vocab_size=100, max_position_embeddings=64, **common))
+        return tf.BertForMaskedLM(config("bert"))
     if family == "roberta":
-        return tf.RobertaModel(tf.RobertaConfig(vocab_size=100, max_position_embeddings=64, **common))
+        return tf.RobertaModel(config("roberta"))
     if family == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4))
     if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=100, num_key_value_heads=2,
-                                                  max_position_embeddings=64, **common))
+        return tf.LlamaForCausalLM(config("llama"))
     if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=100, num_key_value_heads=2,
-                                                  max_position_embeddings=64, **common))
+        return tf.Qwen2ForCausalLM(config("qwen2"))
     if family == "whisper":
-        return tf.WhisperForConditionalGeneration(tf.WhisperConfig(
-            vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
-            max_source_positions=100, max_target_positions=64, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2, decoder_start_token_id=1))
+        return tf.WhisperForConditionalGeneration(tf.WhisperConfig(**WHISPER))
     if family == "vit":
-        return tf.ViTModel(tf.ViTConfig(image_size=16, patch_size=8, num_channels=3, **common))
+        return tf.ViTModel(config("vit"))
     if family == "qwen2_audio":
         cfg = tf.Qwen2AudioConfig(
-            audio_config=dict(model_type="qwen2_audio_encoder", d_model=32, encoder_layers=2,
-                              encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=16,
-                              max_source_positions=100),
-            text_config=dict(model_type="qwen2", vocab_size=100, num_key_value_heads=2,
-                             max_position_embeddings=64, **common),
-            audio_token_index=99)
+            audio_config=dict(
+                model_type="qwen2_audio_encoder",
+                d_model=32,
+                encoder_layers=2,
+                encoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                num_mel_bins=16,
+                max_source_positions=100,
+            ),
+            text_config=dict(model_type="qwen2", **SHAPE, **CONFIGS["qwen2"][1]),
+            audio_token_index=99,
+        )
         return tf.Qwen2AudioForConditionalGeneration(cfg)
     raise ValueError(f"unknown family {family!r}")
 

@@ -182,7 +182,7 @@ def clean_stale_temps(out: str | os.PathLike[str]) -> list[Path]:
         return removed
     head = f".{out.name}."
     for p in out.parent.iterdir():
-        kind, _, pid = p.name[len(head):].rpartition("-")
+        kind, _, pid = p.name[len(head) :].rpartition("-")
         if not p.name.startswith(head) or kind not in (TMP_TAG, OLD_TAG) or not pid.isdigit():
             continue
         if int(pid) == os.getpid() or pid_alive(int(pid)):

@@ -44,7 +44,7 @@ class Checkpoint:
 def _refuse_pickle(p: Path) -> CheckpointError:
     return CheckpointError(
         f"{p}: pickle checkpoint refused: pelt never executes pickles, it reads safetensors only",
-        hint="convert once in a trusted environment: python -c \"from transformers import AutoModel; "
+        hint='convert once in a trusted environment: python -c "from transformers import AutoModel; '
         f"AutoModel.from_pretrained('{p if p.is_dir() else p.parent}').save_pretrained('OUT')\" "
         "(saves model.safetensors)",
     )
@@ -64,8 +64,10 @@ def resolve_files(path: str | os.PathLike[str]) -> tuple[Path, list[Path], bool]
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory", hint="give a directory, a .safetensors file or "
-                              "a short name (pelt inspect --help lists them)")
+        raise CheckpointError(
+            f"{p}: no such file or directory",
+            hint="give a directory, a .safetensors file or a short name (pelt inspect --help lists them)",
+        )
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             raise _refuse_pickle(p)

@@ -37,7 +37,9 @@ def _fingerprint_cache(ckpt: Checkpoint) -> tuple[Path, int] | None:
     parts, newest = [], 0
     for f in sorted({str(i.file) for i in ckpt.tensors.values()}):
         st = os.stat(f)
-        parts.append(f"{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}")
+        parts.append(
+            f"{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}"
+        )
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pelt" / "fingerprints"
     return root / hashlib.blake2b("\n".join(parts).encode(), digest_size=16).hexdigest(), newest

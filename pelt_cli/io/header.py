@@ -21,10 +21,22 @@ from typing import Any
 from pelt_cli.errors import CheckpointError
 
 DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
 }
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 INDEX_NAME = "model.safetensors.index.json"
@@ -154,8 +166,9 @@ def _parse_entries(
             raise _bad(p, f"tensor {name!r}: data_offsets {offsets} hold {e - b} bytes, {dtype}{shape} needs {want}")
         if e > data_len:
             raise _bad(
-                p, f"tensor {name!r}: data_offsets {offsets} run past the end of the file "
-                f"(data region is {data_len} bytes): truncated or corrupt"
+                p,
+                f"tensor {name!r}: data_offsets {offsets} run past the end of the file "
+                f"(data region is {data_len} bytes): truncated or corrupt",
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), p, data_start + b, data_start + e)
     _check_overlaps(p, tensors)
@@ -183,7 +196,6 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
-
 def encode_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
     """Build a safetensors header for tensors laid out back to back in the given order.
 
@@ -205,16 +217,26 @@ def encode_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
-
 def torch_dtype(dtype: str) -> Any:
     """The torch dtype for a safetensors dtype string."""
     import torch
 
     table = {
-        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-        "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-        "F64": torch.float64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "I32": torch.int32,
+        "I64": torch.int64,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "U16": torch.uint16,
+        "U32": torch.uint32,
+        "U64": torch.uint64,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
     }
     return table[dtype]
 
@@ -224,9 +246,20 @@ def safetensors_dtype(tdtype: Any) -> str:
     import torch
 
     table = {
-        torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
-        torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
-        torch.float64: "F64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-        torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+        torch.bool: "BOOL",
+        torch.uint8: "U8",
+        torch.int8: "I8",
+        torch.int16: "I16",
+        torch.int32: "I32",
+        torch.int64: "I64",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float32: "F32",
+        torch.float64: "F64",
+        torch.uint16: "U16",
+        torch.uint32: "U32",
+        torch.uint64: "U64",
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
     }
     return table[tdtype]

@@ -21,8 +21,17 @@ def parse_size(text: str) -> int:
     Raises:
         UsageError: the text has no recognised unit or is not a positive number.
     """
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     t = text.strip().upper().replace(" ", "")
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
@@ -177,8 +186,9 @@ class ShardedWriter:
             except (AttributeError, OSError):  # old kernel, other file system: copy through a buffer
                 n = os.pwrite(self._fds[shard], os.pread(src_fd, min(left, 1 << 26), src), dst)
             if n <= 0:
-                raise CheckpointError(f"tensor {name!r}: source ended after {spec.nbytes - left} of {spec.nbytes} "
-                                      "bytes")
+                raise CheckpointError(
+                    f"tensor {name!r}: source ended after {spec.nbytes - left} of {spec.nbytes} bytes"
+                )
             left, src, dst = left - n, src + n, dst + n
         self._written.add(name)
 

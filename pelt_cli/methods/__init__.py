@@ -136,8 +136,10 @@ def register(cls: type) -> type:
     """
     other = REGISTRY.get(cls.name)
     if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise PeltError(f"method {cls.name!r} is registered twice: {other.__module__}.{other.__qualname__} and "
-                        f"{cls.__module__}.{cls.__qualname__}")
+        raise PeltError(
+            f"method {cls.name!r} is registered twice: {other.__module__}.{other.__qualname__} and "
+            f"{cls.__module__}.{cls.__qualname__}"
+        )
     REGISTRY[cls.name] = cls
     return cls
 

@@ -60,8 +60,16 @@ class BottleneckAdapter(nn.Module):
         learn_scale: make ``s`` a trainable scalar.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, activation: str = "relu",
-                 dropout: float = 0.0, scale: float = 1.0, learn_scale: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        scale: float = 1.0,
+        learn_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.rank, self.activation = rank, activation
         self.act = ACTIVATIONS[activation]
@@ -138,14 +146,21 @@ def _parallel_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torc
 class AdapterParams:
     """Hyper-parameters of ``adapter``."""
 
-    size: int | None = field(default=None, metadata={
-        "min": 1, "help": "bottleneck width r (give size or reduction, not both)"})
-    reduction: float | None = field(default=None, metadata={
-        "min": 1e-9, "help": "r = d / reduction (16 when neither size nor reduction is given)"})
+    size: int | None = field(
+        default=None, metadata={"min": 1, "help": "bottleneck width r (give size or reduction, not both)"}
+    )
+    reduction: float | None = field(
+        default=None, metadata={"min": 1e-9, "help": "r = d / reduction (16 when neither size nor reduction is given)"}
+    )
     activation: str = field(default="relu", metadata={"choices": list(ACTIVATIONS), "help": "σ in the bottleneck"})
-    placement: str = field(default="after_ffn", metadata={
-        "choices": list(PLACEMENTS), "help": "after_ffn (targets ffn.down), after_attn (targets attn.o) or "
-                                             "parallel to the FFN (targets ffn.down)"})
+    placement: str = field(
+        default="after_ffn",
+        metadata={
+            "choices": list(PLACEMENTS),
+            "help": "after_ffn (targets ffn.down), after_attn (targets attn.o) or "
+            "parallel to the FFN (targets ffn.down)",
+        },
+    )
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999, "help": "dropout inside the branch"})
     scale: float = field(default=1.0, metadata={"help": "s, the branch multiplier (initial value if learned)"})
     learn_scale: bool = field(default=False, metadata={"help": "make s a trainable scalar"})
@@ -154,8 +169,10 @@ class AdapterParams:
     def validate(kwargs: dict) -> list[str]:
         """``size`` and ``reduction`` both set the bottleneck: at most one may be given."""
         if kwargs.get("size") is not None and kwargs.get("reduction") is not None:
-            return [f"size ({kwargs['size']}) and reduction ({kwargs['reduction']}) both set the bottleneck "
-                    "width; give only one of them"]
+            return [
+                f"size ({kwargs['size']}) and reduction ({kwargs['reduction']}) both set the bottleneck "
+                "width; give only one of them"
+            ]
         return []
 
 
@@ -186,30 +203,42 @@ class AdapterMethod:
         for s in sites:
             mod = surgery.get_module(model, s.module)
             if not surgery.is_linear(mod):
-                problems.append(f"{s.disk_module} is a {type(mod).__name__}; adapter needs a Linear or Conv1D "
-                                "layer (its output is what the adapter transforms)")
+                problems.append(
+                    f"{s.disk_module} is a {type(mod).__name__}; adapter needs a Linear or Conv1D "
+                    "layer (its output is what the adapter transforms)"
+                )
                 continue
             if s.role not in (expected, "unknown"):
-                problems.append(f"placement {params.placement} expects {expected} sites; {s.disk_module} has role "
-                                f"{s.role} (set targets: [{expected}] or another placement)")
+                problems.append(
+                    f"placement {params.placement} expects {expected} sites; {s.disk_module} has role "
+                    f"{s.role} (set targets: [{expected}] or another placement)"
+                )
             d = surgery.features(mod)[1]
             r = bottleneck_size(d, params.size, params.reduction)
             if r < 1:
-                problems.append(f"reduction {params.reduction or DEFAULT_REDUCTION:g} leaves no bottleneck at "
-                                f"{s.disk_module} (d = {d} → r = {r}); expected reduction ≤ {d} or a size")
+                problems.append(
+                    f"reduction {params.reduction or DEFAULT_REDUCTION:g} leaves no bottleneck at "
+                    f"{s.disk_module} (d = {d} → r = {r}); expected reduction ≤ {d} or a size"
+                )
             elif r > d:
-                problems.append(f"adapter size {r} is larger than the output width of {s.disk_module} (d = {d}); "
-                                f"expected size ≤ {d}")
+                problems.append(
+                    f"adapter size {r} is larger than the output width of {s.disk_module} (d = {d}); "
+                    f"expected size ≤ {d}"
+                )
             if params.placement == "parallel" and s.role == "ffn.down":
                 up = ffn_input_site(all_sites, s)
                 if up is None:
-                    problems.append(f"placement parallel needs the FFN input: {s.disk_module} has no ffn.up or "
-                                    f"ffn.gate module in its layer ({s.block} layer {s.layer})")
+                    problems.append(
+                        f"placement parallel needs the FFN input: {s.disk_module} has no ffn.up or "
+                        f"ffn.gate module in its layer ({s.block} layer {s.layer})"
+                    )
                 elif surgery.is_linear(surgery.get_module(model, up.module)):
                     h = surgery.features(surgery.get_module(model, up.module))[0]
                     if h != d:
-                        problems.append(f"placement parallel: the FFN input of {s.disk_module} ({up.disk_module}, "
-                                        f"width {h}) differs from its output width {d}; expected equal widths")
+                        problems.append(
+                            f"placement parallel: the FFN input of {s.disk_module} ({up.disk_module}, "
+                            f"width {h}) differs from its output width {d}; expected equal widths"
+                        )
         return problems
 
     def insert(self, model: nn.Module, params: AdapterParams, sites: list[ModelSite]) -> list[Insertion]:
@@ -221,8 +250,7 @@ class AdapterMethod:
             d = surgery.features(mod)[1]
             r = bottleneck_size(d, params.size, params.reduction)
             with torch.device(mod.weight.device):
-                branch = BottleneckAdapter(d, d, r, params.activation, params.dropout, params.scale,
-                                           params.learn_scale)
+                branch = BottleneckAdapter(d, d, r, params.activation, params.dropout, params.scale, params.learn_scale)
             path = surgery.attach(model, s.module, "adapter", branch)
             note = f"r={r} {params.placement}"
             if params.placement == "parallel":

@@ -76,15 +76,28 @@ class DomainAdapter(nn.Module):
         max_len: the longest sequence the learned table covers.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, ffn: int, dropout: float = 0.1, scale_init: float = 0.1,
-                 pos: str = "sinusoidal", max_len: int = 1500) -> None:
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        ffn: int,
+        dropout: float = 0.1,
+        scale_init: float = 0.1,
+        pos: str = "sinusoidal",
+        max_len: int = 1500,
+    ) -> None:
         super().__init__()
         self.width, self.pos, self.max_len = width, pos, max_len
         self.pos_embed = nn.Parameter(torch.zeros(max_len, width)) if pos == "learned" else None
-        self.layers = nn.ModuleList([
-            nn.TransformerEncoderLayer(width, heads, ffn, dropout, activation="gelu", batch_first=True,
-                                       norm_first=True)
-            for _ in range(layers)])
+        self.layers = nn.ModuleList(
+            [
+                nn.TransformerEncoderLayer(
+                    width, heads, ffn, dropout, activation="gelu", batch_first=True, norm_first=True
+                )
+                for _ in range(layers)
+            ]
+        )
         self.proj = nn.Linear(width, width)
         self.norm = nn.LayerNorm(width)
         self.gate = nn.Linear(width, 1)
@@ -108,8 +121,11 @@ class DomainAdapter(nn.Module):
             z = z + sinusoidal_positions(length, self.width, h.device, h.dtype)
         elif self.pos_embed is not None:
             if length > self.max_len:
-                raise PeltError(f"domain adapter: sequence of {length} steps is longer than max_len {self.max_len} "
-                                "of its learned positions", hint="raise max_len or use pos: sinusoidal")
+                raise PeltError(
+                    f"domain adapter: sequence of {length} steps is longer than max_len {self.max_len} "
+                    "of its learned positions",
+                    hint="raise max_len or use pos: sinusoidal",
+                )
             z = z + self.pos_embed[:length].to(h.dtype)
         for layer in self.layers:
             z = layer(z)
@@ -127,8 +143,12 @@ class DomainAdapter(nn.Module):
         if self.last_gate is None:
             raise PeltError("domain adapter: no forward has run yet, so there is no gate to summarise")
         g = self.last_gate.float()
-        return {"mean": g.mean().item(), "std": g.std(unbiased=False).item(), "min": g.min().item(),
-                "max": g.max().item()}
+        return {
+            "mean": g.mean().item(),
+            "std": g.std(unbiased=False).item(),
+            "min": g.min().item(),
+            "max": g.max().item(),
+        }
 
 
 def _domain_hook(module: nn.Module, args: tuple) -> tuple:
@@ -141,9 +161,13 @@ def _domain_hook(module: nn.Module, args: tuple) -> tuple:
 class DomainParams:
     """Hyper-parameters of ``domain``."""
 
-    preset: str = field(default="lightweight", metadata={
-        "choices": list(PRESETS), "help": "lightweight (1 layer, 4 heads, FFN 1024), standard (2, 8, 2048), "
-                                          "heavy (4, 16, 4096)"})
+    preset: str = field(
+        default="lightweight",
+        metadata={
+            "choices": list(PRESETS),
+            "help": "lightweight (1 layer, 4 heads, FFN 1024), standard (2, 8, 2048), heavy (4, 16, 4096)",
+        },
+    )
     layers: int | None = field(default=None, metadata={"min": 1, "help": "encoder layers (overrides the preset)"})
     heads: int | None = field(default=None, metadata={"min": 1, "help": "attention heads; must divide the width"})
     ffn: int | None = field(default=None, metadata={"min": 1, "help": "feed-forward inner width (overrides preset)"})
@@ -190,7 +214,7 @@ def resolve_module(model: nn.Module, name: str) -> str | None:
     for disk, mem in km.to_memory.items():
         if not disk.startswith(name + "."):
             continue
-        suffix = disk[len(name) + 1:]
+        suffix = disk[len(name) + 1 :]
         if mem.endswith("." + suffix):
             path = mem[: -len(suffix) - 1]
             try:
@@ -236,30 +260,38 @@ class DomainMethod:
         after, before = self._places(model, params)
         for key, value, found in (("after", params.after, after), ("before", params.before, before)):
             if found is None:
-                problems.append(f"{key}: module {value!r} not found in {type(model).__name__}; "
-                                f"its modules include {_hint(model)}")
+                problems.append(
+                    f"{key}: module {value!r} not found in {type(model).__name__}; its modules include {_hint(model)}"
+                )
         if before is None:
             return problems
         if after is not None and after == before:
             problems.append(f"after and before are the same module {after!r}; expected two adjacent modules")
         mod = surgery.get_module(model, before)
         if isinstance(mod, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            problems.append(f"before: {params.before!r} is a {type(mod).__name__}, which would run an inserted child "
-                            f"itself; name its first layer instead (e.g. {params.before}.0)")
+            problems.append(
+                f"before: {params.before!r} is a {type(mod).__name__}, which would run an inserted child "
+                f"itself; name its first layer instead (e.g. {params.before}.0)"
+            )
         lin = _first_linear(mod)
         width = self._width(model, params, before)
         if width is None:
-            problems.append(f"before: cannot infer the feature width of {params.before!r} (no Linear layer in it); "
-                            "set width")
+            problems.append(
+                f"before: cannot infer the feature width of {params.before!r} (no Linear layer in it); set width"
+            )
             return problems
         if lin is not None and surgery.features(lin)[0] != width:
-            problems.append(f"width {width} does not match {params.before!r}, whose first Linear takes "
-                            f"{surgery.features(lin)[0]} features; expected width {surgery.features(lin)[0]}")
+            problems.append(
+                f"width {width} does not match {params.before!r}, whose first Linear takes "
+                f"{surgery.features(lin)[0]} features; expected width {surgery.features(lin)[0]}"
+            )
         _, heads, _ = resolve_shape(params, width)
         if width % heads:
             divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
-            problems.append(f"heads {heads} does not divide the width {width} of {params.before!r}; expected one of "
-                            f"{', '.join(map(str, divisors))}")
+            problems.append(
+                f"heads {heads} does not divide the width {width} of {params.before!r}; expected one of "
+                f"{', '.join(map(str, divisors))}"
+            )
         return problems
 
     def insert(self, model: nn.Module, params: DomainParams, sites: list[ModelSite]) -> list[Insertion]:
@@ -276,8 +308,9 @@ class DomainMethod:
         if weight is None:
             weight = next(model.parameters())
         with torch.device(weight.device):
-            adapter = DomainAdapter(width, layers, heads, ffn, params.dropout, params.scale_init, params.pos,
-                                    params.max_len)
+            adapter = DomainAdapter(
+                width, layers, heads, ffn, params.dropout, params.scale_init, params.pos, params.max_len
+            )
         path = surgery.attach(model, before, "domain", adapter)
         surgery.hook_input(model, before, _domain_hook)
         note = f"between {after} and {before}: d={width}, {layers} layers, {heads} heads, ffn {ffn}"
@@ -287,8 +320,9 @@ class DomainMethod:
         """The adapter is one unit, gated by its own per-timestep gate."""
         return [GateUnit(entry, self.name, rows[0][0], tuple(i for i, _ in rows), ("domain", "gate"))] if rows else []
 
-    def pruned_entries(self, entry: dict[str, Any], decided: list[tuple[GateUnit, str]],
-                       rows: list[Any]) -> list[dict[str, Any]]:
+    def pruned_entries(
+        self, entry: dict[str, Any], decided: list[tuple[GateUnit, str]], rows: list[Any]
+    ) -> list[dict[str, Any]]:
         """A pruned domain adapter goes whole."""
         return []
 

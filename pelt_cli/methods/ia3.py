@@ -30,8 +30,12 @@ FFN_PLACEMENTS = ("down_input", "up_output")
 FFN_ROLE = {"down_input": "ffn.down", "up_output": "ffn.up"}
 
 
-def fold_output_scale(weight: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor,  # noqa: E741
-                      transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fold_output_scale(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    l: torch.Tensor,  # noqa: E741
+    transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold an output scale into its layer (k, v, fused qkv, ffn ``up_output``); computed in fp32.
 
     Args:
@@ -105,10 +109,14 @@ def _input_hook(module: nn.Module, args: tuple) -> tuple:
 class IA3Params:
     """Hyper-parameters of ``ia3``."""
 
-    ffn_placement: str = field(default="down_input", metadata={
-        "choices": list(FFN_PLACEMENTS),
-        "help": "down_input: scale the input of ffn.down (after the activation; target ffn.down); "
-                "up_output: scale the output of ffn.up (before the activation; target ffn.up)"})
+    ffn_placement: str = field(
+        default="down_input",
+        metadata={
+            "choices": list(FFN_PLACEMENTS),
+            "help": "down_input: scale the input of ffn.down (after the activation; target ffn.down); "
+            "up_output: scale the output of ffn.up (before the activation; target ffn.up)",
+        },
+    )
 
 
 def site_kind(role: str, params: IA3Params) -> str:
@@ -143,13 +151,18 @@ class IA3Method:
             if kind == "bad":
                 want = FFN_ROLE[params.ffn_placement]
                 other = next(p for p in FFN_PLACEMENTS if p != params.ffn_placement)
-                hint = (f"target {want}, or set ffn_placement: {other}" if s.role == FFN_ROLE[other]
-                        else f"target {want}")
-                problems.append(f"ffn_placement {params.ffn_placement} scales the FFN hidden at {want}; "
-                                f"{s.disk_module} has role {s.role} ({hint})")
+                hint = (
+                    f"target {want}, or set ffn_placement: {other}" if s.role == FFN_ROLE[other] else f"target {want}"
+                )
+                problems.append(
+                    f"ffn_placement {params.ffn_placement} scales the FFN hidden at {want}; "
+                    f"{s.disk_module} has role {s.role} ({hint})"
+                )
             elif kind == "qkv" and surgery.features(mod)[1] % 3:
-                problems.append(f"{s.disk_module} is a fused QKV layer of width {surgery.features(mod)[1]}; "
-                                "expected a multiple of 3")
+                problems.append(
+                    f"{s.disk_module} is a fused QKV layer of width {surgery.features(mod)[1]}; "
+                    "expected a multiple of 3"
+                )
         return problems
 
     def insert(self, model: nn.Module, params: IA3Params, sites: list[ModelSite]) -> list[Insertion]:
@@ -180,8 +193,9 @@ class IA3Method:
         """``exact``: a scale on a layer's output or input is a scale of its weight (and bias) rows or columns."""
         return "exact"
 
-    def fold(self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor],
-             gate: float | None = None) -> dict[str, list[FoldOp]]:
+    def fold(
+        self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor], gate: float | None = None
+    ) -> dict[str, list[FoldOp]]:
         """The fold of each vector of an insertion row into its layer's weight (and bias, for output scales)."""
         site = surgery.get_module(model, row.site)
         _, _, transposed = surgery.features(site)
@@ -193,12 +207,12 @@ class IA3Method:
                 fn = functools.partial(fold_input_scale, l=vec, transposed=transposed)
                 ops.setdefault(f"{row.site}.weight", []).append(FoldOp(fn, late=True))
                 continue
-            ops.setdefault(f"{row.site}.weight", []).append(FoldOp(functools.partial(_scale_weight, l=vec,
-                                                                                    transposed=transposed)))
+            ops.setdefault(f"{row.site}.weight", []).append(
+                FoldOp(functools.partial(_scale_weight, l=vec, transposed=transposed))
+            )
             if getattr(site, "bias", None) is not None:
                 ops.setdefault(f"{row.site}.bias", []).append(FoldOp(functools.partial(_scale_bias, l=vec)))
         return ops
-
 
     def to_peft(self, model: nn.Module, rows: list[Any], adapter: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         """PEFT ``ia3_l`` vectors by site (output scales ``(out, 1)``, input scales ``(1, in)``, listed in
@@ -230,8 +244,11 @@ class IA3Method:
             side = "input" if t.shape[0] == 1 and t.dim() == 2 and t.shape[1] > 1 else "output"
             sides[side].append(site)
             vectors[site] = (side, t.reshape(-1))
-        entries = [{"method": self.name, "targets": sites, "params": {"ffn_placement": p}}
-                   for sites, p in ((sides["input"], "down_input"), (sides["output"], "up_output")) if sites]
+        entries = [
+            {"method": self.name, "targets": sites, "params": {"ffn_placement": p}}
+            for sites, p in ((sides["input"], "down_input"), (sides["output"], "up_output"))
+            if sites
+        ]
         return entries, functools.partial(_fit_vectors, vectors)
 
 
@@ -241,13 +258,17 @@ def _fit_vectors(vectors: dict[str, tuple[str, torch.Tensor]], skeleton: nn.Modu
     for site, (side, vec) in vectors.items():
         mod = skeleton.get_submodule(f"{site}.pelt_ia3")
         if mod.side != side or vec.numel() != mod.l.numel() + mod.fixed:
-            raise ExportRefused(f"{site}: the PEFT vector scales the layer's {side} ({vec.numel()} wide); pelt's "
-                                f"ia3 scales its {mod.side} there")
+            raise ExportRefused(
+                f"{site}: the PEFT vector scales the layer's {side} ({vec.numel()} wide); pelt's "
+                f"ia3 scales its {mod.side} there"
+            )
         if mod.fixed and not torch.equal(vec[: mod.fixed], torch.ones(mod.fixed, dtype=vec.dtype)):
-            raise ExportRefused(f"{site}: the PEFT vector scales the q third of a fused QKV layer; pelt's ia3 "
-                                "keeps it at one")
+            raise ExportRefused(
+                f"{site}: the PEFT vector scales the q third of a fused QKV layer; pelt's ia3 keeps it at one"
+            )
         values[f"{site}.pelt_ia3.l"] = vec[mod.fixed :].contiguous()
     return values
+
 
 def _scale_weight(w: torch.Tensor, l: torch.Tensor, transposed: bool) -> torch.Tensor:  # noqa: E741
     return fold_output_scale(w, None, l, transposed)[0]  # W' = diag(l) W

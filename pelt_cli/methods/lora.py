@@ -22,8 +22,14 @@ def lora_scale(rank: int, alpha: float) -> float:
     return alpha / rank
 
 
-def fold_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-              slices: list[tuple[int, int]] | None = None, transposed: bool = False) -> torch.Tensor:
+def fold_lora(
+    w: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    slices: list[tuple[int, int]] | None = None,
+    transposed: bool = False,
+) -> torch.Tensor:
     """Fold a LoRA branch into its layer's fp32 weight, in place (``addmm_``: no out×in temporary).
 
     Args:
@@ -60,8 +66,16 @@ class LoRA(nn.Module):
         slices: ``[(start, end), …]`` of the layer's output that the branch writes (fused QKV), or None for all.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
-                 init: str = "kaiming", slices: list[tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        slices: list[tuple[int, int]] | None = None,
+    ) -> None:
         super().__init__()
         self.rank, self.alpha, self.scale = rank, alpha, lora_scale(rank, alpha)
         self.slices = [tuple(s) for s in slices] if slices else None
@@ -115,7 +129,7 @@ class LoRA(nn.Module):
             return y.add_(delta) if inplace else y + delta
         out, offset = (y if inplace else y.clone()), 0
         for start, end in self.slices:
-            out[..., start:end] += delta[..., offset: offset + end - start]
+            out[..., start:end] += delta[..., offset : offset + end - start]
             offset += end - start
         return out
 
@@ -132,8 +146,9 @@ def qkv_slices(out_features: int, parts: list[str], config: dict[str, Any] | Non
     return fused_slices(config, out_features, parts)
 
 
-def site_slices(model: nn.Module, params: LoRAParams, site: ModelSite, out_features: int
-                ) -> list[tuple[int, int]] | None:
+def site_slices(
+    model: nn.Module, params: LoRAParams, site: ModelSite, out_features: int
+) -> list[tuple[int, int]] | None:
     """The output ranges a branch at ``site`` writes: the explicit ``fused_parts``, else the parts of a fused QKV
     layer that the recipe's roles chose (``attn.q``, ``attn.v`` on ``c_attn``), else None (the whole output)."""
     from pelt_cli.targets import config_dict
@@ -151,7 +166,8 @@ class LoRAParams:
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999, "help": "dropout on the branch input"})
     init: str = field(default="kaiming", metadata={"choices": ["kaiming", "gaussian"], "help": "init of A (B is 0)"})
     fused_parts: list[str] | None = field(
-        default=None, metadata={"choices": list(QKV_PARTS), "help": "for a fused QKV layer: which of q, k, v"})
+        default=None, metadata={"choices": list(QKV_PARTS), "help": "for a fused QKV layer: which of q, k, v"}
+    )
 
 
 @register
@@ -181,8 +197,10 @@ class LoRAMethod:
                 continue
             width = sum(e - b for b, e in slices) if slices else out_f
             if params.rank > min(in_f, width):
-                problems.append(f"rank {params.rank} is larger than the layer {s.disk_module} "
-                                f"(in {in_f}, out {width}); expected rank ≤ {min(in_f, width)}")
+                problems.append(
+                    f"rank {params.rank} is larger than the layer {s.disk_module} "
+                    f"(in {in_f}, out {width}); expected rank ≤ {min(in_f, width)}"
+                )
         return problems
 
     def insert(self, model: nn.Module, params: LoRAParams, sites: list[ModelSite]) -> list[Insertion]:
@@ -204,16 +222,18 @@ class LoRAMethod:
         """``exact``: ``W' = W + (α/r) B A`` gives the same function."""
         return "exact"
 
-    def fold(self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor],
-             gate: float | None = None) -> dict[str, list[FoldOp]]:
+    def fold(
+        self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor], gate: float | None = None
+    ) -> dict[str, list[FoldOp]]:
         """The fold of each LoRA branch of an insertion row into its layer's weight (``gate``: a frozen gate)."""
         _, _, transposed = surgery.features(surgery.get_module(model, row.site))
         ops = []
         for path in row.modules:
             mod = surgery.get_module(model, path)
             a, b, scale = adapter[f"{path}.A"], adapter[f"{path}.B"], mod.scale * (1.0 if gate is None else gate)
-            ops.append(FoldOp(functools.partial(fold_lora, a=a, b=b, scale=scale, slices=mod.slices,
-                                                transposed=transposed)))
+            ops.append(
+                FoldOp(functools.partial(fold_lora, a=a, b=b, scale=scale, slices=mod.slices, transposed=transposed))
+            )
         return {f"{row.site}.weight": ops}
 
     def to_peft(self, model: nn.Module, rows: list[Any], adapter: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -238,8 +258,15 @@ class LoRAMethod:
             fan_in_fan_out |= transposed
         r, alpha = max(set(ranks.values()), key=list(ranks.values()).count)
         return tensors, {
-            "r": r, "lora_alpha": _num(alpha), "lora_dropout": dropout, "bias": "none", "use_rslora": False,
-            "use_dora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+            "r": r,
+            "lora_alpha": _num(alpha),
+            "lora_dropout": dropout,
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
             "fan_in_fan_out": fan_in_fan_out,
             "rank_pattern": {s: v[0] for s, v in ranks.items() if v[0] != r},
             "alpha_pattern": {s: _num(v[1]) for s, v in ranks.items() if v[1] != alpha},
@@ -251,9 +278,19 @@ class LoRAMethod:
         Raises:
             ExportRefused: PEFT options pelt's lora does not have (DoRA, biases, …).
         """
-        unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save", "layer_replication",
-                                   "target_parameters", "trainable_token_indices", "alora_invocation_tokens")
-                       if cfg.get(k)]
+        unsupported = [
+            k
+            for k in (
+                "use_dora",
+                "lora_bias",
+                "modules_to_save",
+                "layer_replication",
+                "target_parameters",
+                "trainable_token_indices",
+                "alora_invocation_tokens",
+            )
+            if cfg.get(k)
+        ]
         if cfg.get("bias", "none") != "none":
             unsupported.append(f"bias={cfg['bias']}")
         odd = sorted(n for n in state if not n.endswith((".lora_A.weight", ".lora_B.weight")))
@@ -265,15 +302,21 @@ class LoRAMethod:
         for name in sorted(n for n in state if n.endswith(".lora_A.weight")):
             site = name[: -len(".lora_A.weight")]
             r = state[name].shape[0]
-            alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if pattern_matches(k, site)),
-                         cfg["lora_alpha"])
+            alpha = next(
+                (v for k, v in (cfg.get("alpha_pattern") or {}).items() if pattern_matches(k, site)), cfg["lora_alpha"]
+            )
             alpha = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha  # rsLoRA α/√r = (α√r)/r
             groups.setdefault((r, float(alpha)), []).append(site)
             values[f"{site}.pelt_lora.A"] = state[name]
             values[f"{site}.pelt_lora.B"] = state[f"{site}.lora_B.weight"]
-        entries = [{"method": self.name, "targets": sites,
-                    "params": {"rank": r, "alpha": a, "dropout": float(cfg.get("lora_dropout") or 0.0)}}
-                   for (r, a), sites in groups.items()]
+        entries = [
+            {
+                "method": self.name,
+                "targets": sites,
+                "params": {"rank": r, "alpha": a, "dropout": float(cfg.get("lora_dropout") or 0.0)},
+            }
+            for (r, a), sites in groups.items()
+        ]
         return entries, lambda skeleton: values
 
 

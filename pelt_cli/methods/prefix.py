@@ -40,8 +40,10 @@ def prepend_prefix(prefix: torch.Tensor, states: torch.Tensor, gate: torch.Tenso
     """``[g·P; S]``: a prefix ``[ℓ, heads·head_dim]`` put in front of ``states [B, heads, T, head_dim]`` (dim 2)."""
     b, heads, _, head_dim = states.shape
     if prefix.shape[-1] != heads * head_dim:
-        raise PeltError(f"prefix width {prefix.shape[-1]} does not match the attention's {heads} key/value heads "
-                        f"× head_dim {head_dim} = {heads * head_dim}")
+        raise PeltError(
+            f"prefix width {prefix.shape[-1]} does not match the attention's {heads} key/value heads "
+            f"× head_dim {head_dim} = {heads * head_dim}"
+        )
     p = prefix.to(states.dtype).view(prefix.shape[0], heads, head_dim).transpose(0, 1)
     p = p.unsqueeze(0).expand(b, -1, -1, -1)
     if gate is not None:
@@ -49,8 +51,9 @@ def prepend_prefix(prefix: torch.Tensor, states: torch.Tensor, gate: torch.Tenso
     return torch.cat([p, states], dim=2)
 
 
-def extend_mask(mask: torch.Tensor | None, length: int, q_len: int, kv_len: int, causal: bool,
-                device: torch.device) -> torch.Tensor | None:
+def extend_mask(
+    mask: torch.Tensor | None, length: int, q_len: int, kv_len: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
     """The attention mask over ``[prefix; keys]``: every query may attend to all ℓ prefix positions.
 
     A bool mask (True = attend) is padded with True, an additive float mask with 0. Without a mask, a causal module
@@ -89,8 +92,16 @@ class Prefix(nn.Module):
         hidden: width of the MLP's hidden layer.
     """
 
-    def __init__(self, length: int, k_width: int, v_width: int, init_std: float = 0.02, reparam: bool = False,
-                 embed_dim: int = 0, hidden: int = 512) -> None:
+    def __init__(
+        self,
+        length: int,
+        k_width: int,
+        v_width: int,
+        init_std: float = 0.02,
+        reparam: bool = False,
+        embed_dim: int = 0,
+        hidden: int = 512,
+    ) -> None:
         super().__init__()
         self.length, self.k_width, self.v_width, self.reparam = length, k_width, v_width, reparam
         self.gate: Any = None
@@ -110,7 +121,7 @@ class Prefix(nn.Module):
         """``(P_k [ℓ, k_width], P_v [ℓ, v_width])``."""
         if self.reparam:
             kv = self.mlp(self.embedding)  # [P_k | P_v] = MLP(E)
-            return kv[:, : self.k_width], kv[:, self.k_width:]
+            return kv[:, : self.k_width], kv[:, self.k_width :]
         return self.key, self.value
 
     def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +147,14 @@ class Prefix(nn.Module):
         return self
 
 
-def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """transformers attention function ``pelt``: sdpa, with ``module.pelt_prefix`` (if any) prepended to K and V."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -176,8 +193,10 @@ def use_prefix_attention(config: Any) -> None:
 def _guard(module: nn.Module, args: tuple) -> None:
     impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if impl != ATTN_IMPL:
-        raise PeltError(f"{type(module).__name__} has a prefix but its attention implementation is {impl!r}; "
-                        f"prefix tuning needs {ATTN_IMPL!r} (do not call set_attn_implementation after inserting)")
+        raise PeltError(
+            f"{type(module).__name__} has a prefix but its attention implementation is {impl!r}; "
+            f"prefix tuning needs {ATTN_IMPL!r} (do not call set_attn_implementation after inserting)"
+        )
 
 
 def parent_path(site: str) -> str:
@@ -221,19 +240,24 @@ class PrefixMethod:
         problems = []
         for s in sites:
             if s.role not in ROLES:
-                problems.append(f"{s.disk_module} has role {s.role}; prefix selects attention key projections "
-                                f"(role {' or '.join(ROLES)}) and acts on their attention module")
+                problems.append(
+                    f"{s.disk_module} has role {s.role}; prefix selects attention key projections "
+                    f"(role {' or '.join(ROLES)}) and acts on their attention module"
+                )
                 continue
             mod = surgery.get_module(model, s.module)
             if not surgery.is_linear(mod):
-                problems.append(f"{s.disk_module} is a {type(mod).__name__}; prefix expects a Linear or Conv1D "
-                                "key projection")
+                problems.append(
+                    f"{s.disk_module} is a {type(mod).__name__}; prefix expects a Linear or Conv1D key projection"
+                )
                 continue
             parent = surgery.get_module(model, parent_path(s.module))
             if not hasattr(getattr(parent, "config", None), "_attn_implementation"):
-                problems.append(f"{type(parent).__name__} above {s.disk_module} has no transformers config with an "
-                                "attention implementation; prefix needs an attention module that calls "
-                                "transformers' attention interface")
+                problems.append(
+                    f"{type(parent).__name__} above {s.disk_module} has no transformers config with an "
+                    "attention implementation; prefix needs an attention module that calls "
+                    "transformers' attention interface"
+                )
                 continue
             _, out_f, _ = surgery.features(mod)
             if s.role == "attn.qkv" and out_f % 3 and out_f % 2:
@@ -252,8 +276,9 @@ class PrefixMethod:
             weight = surgery.get_module(model, s.module).weight
             d_e, k_width, v_width = kv_widths(model, s)
             with torch.device(weight.device):
-                prefix = Prefix(params.length, k_width, v_width, params.init_std, params.reparam, d_e,
-                                params.reparam_hidden)
+                prefix = Prefix(
+                    params.length, k_width, v_width, params.init_std, params.reparam, d_e, params.reparam_hidden
+                )
             child = surgery.attach(model, path, CHILD, prefix)
             use_prefix_attention(parent.config)
             surgery.hook_input(model, path, _guard)

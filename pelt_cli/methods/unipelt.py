@@ -44,14 +44,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def sigmoid_gates(h: torch.Tensor, proj: nn.Linear, temperature: float,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+def sigmoid_gates(
+    h: torch.Tensor, proj: nn.Linear, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Paper gates ``G = mean_t σ(W h_t / T)`` over real tokens: ``h`` [B, T, d], ``mask`` [B, T] → [B, k]."""
     return masked_mean(torch.sigmoid(proj(h) / temperature), mask)
 
 
-def softmax_gates(h: torch.Tensor, mlp: nn.Sequential, temperature: float,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+def softmax_gates(
+    h: torch.Tensor, mlp: nn.Sequential, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Guide gates ``softmax(W_2 ReLU(W_1 mean_t h) / T)``, the mean over real tokens: → [B, k], rows sum to 1."""
     return torch.softmax(mlp(masked_mean(h, mask)) / temperature, dim=-1)
 
@@ -91,8 +93,9 @@ class GateController(nn.Module):
         temperature: T, dividing the gate logits.
     """
 
-    def __init__(self, width: int, names: list[str], mode: str = "sigmoid", hidden: int = 64,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self, width: int, names: list[str], mode: str = "sigmoid", hidden: int = 64, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         self.names, self.mode, self.temperature = list(names), mode, temperature
         k = len(self.names)
@@ -158,13 +161,23 @@ class GateController(nn.Module):
         out = {}
         for i, name in enumerate(self.names):
             if self._n == 0:
-                out[name] = {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"),
-                             "count": 0}
+                out[name] = {
+                    "mean": float("nan"),
+                    "std": float("nan"),
+                    "min": float("nan"),
+                    "max": float("nan"),
+                    "count": 0,
+                }
                 continue
             mean = self._sum[i].item() / self._n
             var = max(self._sq[i].item() / self._n - mean * mean, 0.0)
-            out[name] = {"mean": mean, "std": var ** 0.5, "min": self._min[i].item(), "max": self._max[i].item(),
-                         "count": self._n}
+            out[name] = {
+                "mean": mean,
+                "std": var**0.5,
+                "min": self._min[i].item(),
+                "max": self._max[i].item(),
+                "count": self._n,
+            }
         return out
 
 
@@ -190,8 +203,9 @@ class UniLoRA:
     rank: int = field(default=8, metadata={"min": 1})
     alpha: float = field(default=16.0, metadata={"min": 1e-9})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
-    targets: list[str] = field(default_factory=lambda: ["attn.q", "attn.v"],
-                               metadata={"help": "roles in each layer that get LoRA"})
+    targets: list[str] = field(
+        default_factory=lambda: ["attn.q", "attn.v"], metadata={"help": "roles in each layer that get LoRA"}
+    )
 
 
 @dataclass(frozen=True)
@@ -217,14 +231,20 @@ class UniAdapter:
 class UniPELTParams:
     """Hyper-parameters of ``unipelt`` (paper defaults: prefix length 10, adapter reduction 16, LoRA r=8)."""
 
-    modules: list[str] = field(default_factory=lambda: list(MODULES),
-                               metadata={"choices": list(MODULES), "help": "which of lora, prefix, adapter to use"})
+    modules: list[str] = field(
+        default_factory=lambda: list(MODULES),
+        metadata={"choices": list(MODULES), "help": "which of lora, prefix, adapter to use"},
+    )
     gate: str = field(default="sigmoid", metadata={"choices": ["sigmoid", "softmax"]})
     gate_hidden: int = field(default=64, metadata={"min": 1, "help": "hidden width of the softmax gate MLP"})
     temperature: float = field(default=1.0, metadata={"min": 1e-6, "help": "gate temperature T"})
-    pruned: list[str] = field(default_factory=list, metadata={
-        "choices": list(MODULES), "help": "modules removed by pelt prune: still gated (the other gates keep their "
-        "values), not inserted"})
+    pruned: list[str] = field(
+        default_factory=list,
+        metadata={
+            "choices": list(MODULES),
+            "help": "modules removed by pelt prune: still gated (the other gates keep their values), not inserted",
+        },
+    )
     lora: UniLoRA = field(default_factory=UniLoRA)
     prefix: UniPrefix = field(default_factory=UniPrefix)
     adapter: UniAdapter = field(default_factory=UniAdapter)
@@ -279,12 +299,14 @@ class UniPELTMethod:
             lora = [x for x in same if x.role in params.lora.targets]
             if not lora and "attn.q" in params.lora.targets:  # fused attention (GPT-2): LoRA on the q, v thirds
                 lora = [x for x in same if x.role == "attn.qkv"]
-            layers.append({
-                "anchor": s,
-                "lora": lora,
-                "prefix": [x for x in same if x.role in PREFIX_ROLES][:1],
-                "adapter": [x for x in same if x.role == "ffn.down"][:1],
-            })
+            layers.append(
+                {
+                    "anchor": s,
+                    "lora": lora,
+                    "prefix": [x for x in same if x.role in PREFIX_ROLES][:1],
+                    "adapter": [x for x in same if x.role == "ffn.down"][:1],
+                }
+            )
         return layers
 
     def check(self, model: nn.Module, params: UniPELTParams, sites: list[ModelSite]) -> list[str]:
@@ -292,8 +314,10 @@ class UniPELTMethod:
         problems = []
         for s in sites:
             if s.role not in ("attn.q", "attn.qkv"):
-                problems.append(f"{s.disk_module} has role {s.role}; unipelt selects layers by their query "
-                                "projection (attn.q, or attn.qkv for fused attention)")
+                problems.append(
+                    f"{s.disk_module} has role {s.role}; unipelt selects layers by their query "
+                    "projection (attn.q, or attn.qkv for fused attention)"
+                )
         if problems:
             return problems
         for layer in self._layers(model, params, sites):
@@ -309,8 +333,9 @@ class UniPELTMethod:
     @staticmethod
     def _lora_params(params: UniPELTParams, sites: list[ModelSite]) -> LoRAParams:
         fused = ["q", "v"] if any(s.role == "attn.qkv" for s in sites) else None
-        return LoRAParams(rank=params.lora.rank, alpha=params.lora.alpha, dropout=params.lora.dropout,
-                          fused_parts=fused)
+        return LoRAParams(
+            rank=params.lora.rank, alpha=params.lora.alpha, dropout=params.lora.dropout, fused_parts=fused
+        )
 
     def insert(self, model: nn.Module, params: UniPELTParams, sites: list[ModelSite]) -> list[Insertion]:
         """Insert the enabled modules per layer, then a gate controller whose gates they read."""
@@ -321,8 +346,7 @@ class UniPELTMethod:
             q = surgery.get_module(model, anchor.module)
             width = surgery.features(q)[0]
             with torch.device(q.weight.device):
-                ctl = GateController(width, list(params.modules), params.gate, params.gate_hidden,
-                                     params.temperature)
+                ctl = GateController(width, list(params.modules), params.gate, params.gate_hidden, params.temperature)
             ctl.tokens = tokens
             gate_path = surgery.attach(model, anchor.module, "gate", ctl)
             surgery.hook_input(model, anchor.module, _gate_hook)
@@ -332,8 +356,11 @@ class UniPELTMethod:
                 self._gate(model, ins, ctl, "lora", 3)
                 inserted += ins
             if "prefix" in params.modules and "prefix" not in params.pruned:
-                pp = PrefixParams(length=params.prefix.length, reparam=params.prefix.reparam,
-                                  reparam_hidden=params.prefix.reparam_hidden)
+                pp = PrefixParams(
+                    length=params.prefix.length,
+                    reparam=params.prefix.reparam,
+                    reparam_hidden=params.prefix.reparam_hidden,
+                )
                 ins = PrefixMethod().insert(model, pp, layer["prefix"])
                 self._gate(model, ins, ctl, "prefix", 4)
                 inserted += ins
@@ -356,13 +383,13 @@ class UniPELTMethod:
             for path in ins.modules:
                 surgery.get_module(model, path).gate = GateRef(ctl, name, dims)
 
-
     def foldable(self, row: Any) -> str | None:
         """Only the gated LoRA folds, and only with its gate frozen (``gated``): the gate depends on the input."""
         return "gated" if row.method == f"{self.name}.lora" else None
 
-    def fold(self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor],
-             gate: float | None = None) -> dict[str, list[FoldOp]]:
+    def fold(
+        self, model: nn.Module, row: Any, adapter: dict[str, torch.Tensor], gate: float | None = None
+    ) -> dict[str, list[FoldOp]]:
         """The gated LoRA folded with its gate fixed at ``gate``: ``W' = W + g·(α/r) B A`` (approximate)."""
         if gate is None or row.method != f"{self.name}.lora":
             raise PeltError(f"internal: {row.method} at {row.disk_site} folds only as gated LoRA with a frozen gate")
@@ -376,12 +403,22 @@ class UniPELTMethod:
                 groups.append((i, row, []))
             elif groups:
                 groups[-1][2].append((i, row))
-        return [GateUnit(entry, name, g, tuple(i for i, r in members if r.method == f"{self.name}.{name}"),
-                         ("layers", gate.site, name), pruned=name in params.pruned)
-                for g, gate, members in groups for name in params.modules]
+        return [
+            GateUnit(
+                entry,
+                name,
+                g,
+                tuple(i for i, r in members if r.method == f"{self.name}.{name}"),
+                ("layers", gate.site, name),
+                pruned=name in params.pruned,
+            )
+            for g, gate, members in groups
+            for name in params.modules
+        ]
 
-    def pruned_entries(self, entry: dict[str, Any], decided: list[tuple[GateUnit, str]],
-                       rows: list[Any]) -> list[dict[str, Any]]:
+    def pruned_entries(
+        self, entry: dict[str, Any], decided: list[tuple[GateUnit, str]], rows: list[Any]
+    ) -> list[dict[str, Any]]:
         """The entry split by layer groups, each group's removed modules in ``params.pruned``."""
         modules = entry["params"]["modules"]
         by_gate: dict[int, set[str]] = {}
@@ -413,10 +450,12 @@ class UniPELTMethod:
         if not left:
             raise PeltError(f"internal: every module of a {self.name} entry was folded; the entry should be gone")
         if entry["params"]["gate"] == "softmax":
-            raise MergeRefused("softmax gates share one normalisation across lora, prefix and adapter: after "
-                               "folding the LoRA, the remaining gates could not be reproduced",
-                               hint="merge without --freeze-gates and with --keep-unmerged (the gated LoRA "
-                                    "then stays in the rest run, exactly)")
+            raise MergeRefused(
+                "softmax gates share one normalisation across lora, prefix and adapter: after "
+                "folding the LoRA, the remaining gates could not be reproduced",
+                hint="merge without --freeze-gates and with --keep-unmerged (the gated LoRA "
+                "then stays in the rest run, exactly)",
+            )
         new = copy.deepcopy(entry)
         new["params"]["modules"] = left
         keep = [mods.index(m) for m in left]

@@ -143,7 +143,8 @@ def test_clean_stale_temps_removes_dead_keeps_live(tmp_path: Path) -> None:
     removed = clean_stale_temps(tmp_path / "out")
     assert sorted(p.name for p in removed) == [f".out.pelt-old-{dead}", f".out.pelt-tmp-{dead}"]
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [f".out.pelt-tmp-{me}", f".other.pelt-tmp-{dead}", ".out.pelt-tmp-notapid", "out"])
+        [f".out.pelt-tmp-{me}", f".other.pelt-tmp-{dead}", ".out.pelt-tmp-notapid", "out"]
+    )
     assert clean_stale_temps(tmp_path / "missing-parent" / "out") == []
 
 

@@ -29,8 +29,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     (tmp / "pickle-dir" / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     (tmp / "model.bin").write_bytes(b"\x80\x04pickle")
     (tmp / "short.safetensors").write_bytes(b"\x01\x02\x03")
-    overlap = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    overlap = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
     return {
         "missing": (tmp / "does-not-exist", "no such file or directory"),
         "no-weights": (tmp / "empty-dir", "no weights found"),
@@ -44,8 +46,20 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "no-weights", "truncated", "length-too-big", "not-json", "overlap",
-                                  "past-end", "pickle-file", "pickle-dir"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "no-weights",
+        "truncated",
+        "length-too-big",
+        "not-json",
+        "overlap",
+        "past-end",
+        "pickle-file",
+        "pickle-dir",
+    ],
+)
 def test_bad_input_library(tmp_path: Path, case: str) -> None:
     path, fragment = _bad_inputs(tmp_path)[case]
     with pytest.raises(CheckpointError) as e:

@@ -19,7 +19,10 @@ def test_header_matches_safetensors(tmp_path: Path) -> None:
     st_save_file(tensors, tmp_path / "x.safetensors")
     h = read_header(tmp_path / "x.safetensors")
     assert {n: (t.dtype, t.shape) for n, t in h.tensors.items()} == {
-        "a": ("F32", (3, 5)), "b": ("I64", (7,)), "c": ("BF16", (2,))}
+        "a": ("F32", (3, 5)),
+        "b": ("I64", (7,)),
+        "c": ("BF16", (2,)),
+    }
     assert h.tensors["a"].nbytes == 60 and h.tensors["b"].numel == 7
     with TensorReader(open_checkpoint(tmp_path / "x.safetensors")) as r:
         for name, t in tensors.items():
@@ -36,10 +39,14 @@ def test_encode_header_round_trips(tmp_path: Path) -> None:
     h = read_header(tmp_path / "h.safetensors")
     assert h.metadata == {"k": "v"} and h.data_start == len(header)
     assert [(t.name, t.dtype, t.shape, t.begin - h.data_start, t.nbytes) for t in h.tensors.values()] == [
-        ("w", "F32", (2, 3), 0, 24), ("b", "I64", (3,), 24, 24), ("e", "F16", (0,), 48, 0)]
+        ("w", "F32", (2, 3), 0, 24),
+        ("b", "I64", (3,), 24, 24),
+        ("e", "F16", (0,), 48, 0),
+    ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool,
-                                   torch.uint8, torch.float8_e4m3fn])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.uint8, torch.float8_e4m3fn]
+)
 def test_dtype_tables_invert(dtype: torch.dtype) -> None:
     assert torch_dtype(safetensors_dtype(dtype)) == dtype

@@ -16,8 +16,12 @@ from pelt_cli.io.reader import TensorReader, load_file
 
 def _saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(4, 3, generator=g), "i": torch.arange(5), "h": torch.randn(2, generator=g).half(),
-               "empty": torch.zeros(0, 2)}
+    tensors = {
+        "w": torch.randn(4, 3, generator=g),
+        "i": torch.arange(5),
+        "h": torch.randn(2, generator=g).half(),
+        "empty": torch.zeros(0, 2),
+    }
     st_save_file(tensors, tmp_path / "a.safetensors")
     return tmp_path / "a.safetensors", tensors
 

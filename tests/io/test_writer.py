@@ -86,8 +86,10 @@ def test_writer_atomic_on_failure(tmp_path: Path) -> None:
     with pytest.raises(PeltError, match="never written"), ShardedWriter(tmp_path / "out", specs) as w:
         w.write("a", torch.ones(4))
     assert os.listdir(tmp_path) == []
-    with pytest.raises(PeltError, match="planned F32\\[4\\], got F16\\[4\\]"), \
-            ShardedWriter(tmp_path / "out", specs) as w:
+    with (
+        pytest.raises(PeltError, match="planned F32\\[4\\], got F16\\[4\\]"),
+        ShardedWriter(tmp_path / "out", specs) as w,
+    ):
         w.write("a", torch.ones(4).half())
     assert os.listdir(tmp_path) == []
 
@@ -138,8 +140,9 @@ def test_plan_shards_and_names() -> None:
     assert shard_names(3) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 
 
-@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30),
-                                           ("1.5kb", 1500), ("1024B", 1024)])
+@pytest.mark.parametrize(
+    "text,expected", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5kb", 1500), ("1024B", 1024)]
+)
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 

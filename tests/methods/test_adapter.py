@@ -160,8 +160,10 @@ def test_check_size_larger_than_layer() -> None:
     model, sites = _sites("bert", "ffn.down")
     problems = get("adapter").check(model, adapter_mod.AdapterParams(size=64), sites)
     assert len(problems) == 2
-    assert problems[0] == ("adapter size 64 is larger than the output width of bert.encoder.layer.0.output.dense "
-                           "(d = 32); expected size ≤ 32")
+    assert problems[0] == (
+        "adapter size 64 is larger than the output width of bert.encoder.layer.0.output.dense "
+        "(d = 32); expected size ≤ 32"
+    )
 
 
 def test_check_reduction_leaving_no_bottleneck() -> None:
@@ -173,20 +175,26 @@ def test_check_reduction_leaving_no_bottleneck() -> None:
 def test_check_placement_role_and_kind() -> None:
     model, sites = _sites("bert", "ffn.down")
     problems = get("adapter").check(model, adapter_mod.AdapterParams(placement="after_attn"), sites)
-    assert problems[0] == ("placement after_attn expects attn.o sites; bert.encoder.layer.0.output.dense has role "
-                           "ffn.down (set targets: [attn.o] or another placement)")
+    assert problems[0] == (
+        "placement after_attn expects attn.o sites; bert.encoder.layer.0.output.dense has role "
+        "ffn.down (set targets: [attn.o] or another placement)"
+    )
     model, sites = _sites("bert", "bert.encoder.layer.0.output.LayerNorm")
     problems = get("adapter").check(model, adapter_mod.AdapterParams(), sites)
-    assert problems == ["bert.encoder.layer.0.output.LayerNorm is a LayerNorm; adapter needs a Linear or Conv1D "
-                        "layer (its output is what the adapter transforms)"]
+    assert problems == [
+        "bert.encoder.layer.0.output.LayerNorm is a LayerNorm; adapter needs a Linear or Conv1D "
+        "layer (its output is what the adapter transforms)"
+    ]
 
 
 def test_check_parallel_needs_ffn_up_sibling() -> None:
     model, sites = _sites("whisper", "ffn.down")
     lonely = [dataclasses.replace(sites[0], block="elsewhere")]
     problems = get("adapter").check(model, adapter_mod.AdapterParams(placement="parallel"), lonely)
-    assert problems == ["placement parallel needs the FFN input: model.encoder.layers.0.fc2 has no ffn.up or "
-                        "ffn.gate module in its layer (elsewhere layer 0)"]
+    assert problems == [
+        "placement parallel needs the FFN input: model.encoder.layers.0.fc2 has no ffn.up or "
+        "ffn.gate module in its layer (elsewhere layer 0)"
+    ]
     assert get("adapter").check(model, adapter_mod.AdapterParams(placement="parallel"), sites) == []
 
 

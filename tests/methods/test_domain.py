@@ -29,11 +29,20 @@ WIDTH = 32
 def audio_inputs(batch: int = 2, seed: int = 1) -> dict:
     """Mel features (B, 16, 200) → 50 audio tokens; input_ids holding exactly 50 audio tokens per row."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.randint(3, 90, (batch, 3), generator=g), torch.full((batch, 50), AUDIO_TOKEN),
-                     torch.randint(3, 90, (batch, 4), generator=g)], dim=1)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "input_features": torch.randn(batch, 16, 200, generator=g),
-            "feature_attention_mask": torch.ones(batch, 200, dtype=torch.long)}
+    ids = torch.cat(
+        [
+            torch.randint(3, 90, (batch, 3), generator=g),
+            torch.full((batch, 50), AUDIO_TOKEN),
+            torch.randint(3, 90, (batch, 4), generator=g),
+        ],
+        dim=1,
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "input_features": torch.randn(batch, 16, 200, generator=g),
+        "feature_attention_mask": torch.ones(batch, 200, dtype=torch.long),
+    }
 
 
 def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -62,11 +71,19 @@ def tiny_llava() -> nn.Module:
 
     torch.manual_seed(0)
     cfg = tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, image_size=16, patch_size=8, projection_dim=32),
-        text_config=tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-        image_token_index=98, vision_feature_layer=-1)
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        text_config=tiny_models.config("llama"),
+        image_token_index=98,
+        vision_feature_layer=-1,
+    )
     return tf.LlavaForConditionalGeneration(cfg).eval()
 
 
@@ -154,12 +171,14 @@ def test_check_names_missing_modules_bad_heads_and_width() -> None:
     problems = method.check(model, DomainParams(before="projektor"), [])
     assert len(problems) == 1 and problems[0].startswith("before: module 'projektor' not found")
     problems = method.check(model, DomainParams(heads=5), [])
-    assert problems == ["heads 5 does not divide the width 32 of 'multi_modal_projector'; expected one of "
-                        "1, 2, 4, 8, 16, 32"]
+    assert problems == [
+        "heads 5 does not divide the width 32 of 'multi_modal_projector'; expected one of 1, 2, 4, 8, 16, 32"
+    ]
     problems = method.check(model, DomainParams(width=48), [])
     assert len(problems) == 1 and "width 48" in problems[0] and "expected width 32" in problems[0]
     assert method.check(model, DomainParams(after="audio_tower", before="audio_tower"), [])[0].startswith(
-        "after and before are the same module")
+        "after and before are the same module"
+    )
 
 
 def test_meta_skeleton_counts_like_cpu() -> None:
@@ -216,10 +235,15 @@ def test_llava_vision_tower_to_projector() -> None:
     ins, adapter = insert(model, after="vision_tower", before="multi_modal_projector", preset="standard")
     assert ins[0].site == "model.multi_modal_projector"
     g = torch.Generator().manual_seed(2)
-    ids = torch.cat([torch.randint(3, 90, (2, 2), generator=g), torch.full((2, 4), 98),
-                     torch.randint(3, 90, (2, 3), generator=g)], dim=1)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    ids = torch.cat(
+        [torch.randint(3, 90, (2, 2), generator=g), torch.full((2, 4), 98), torch.randint(3, 90, (2, 3), generator=g)],
+        dim=1,
+    )
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(2, 3, 16, 16, generator=g),
+    }
     assert (logits(model, inputs) - logits(base, inputs)).abs().max().item() <= 1e-6
     assert adapter.last_gate.shape == (2, 4, 1)  # the hook ran: 4 patch tokens per image (CLS dropped)
     with torch.no_grad():

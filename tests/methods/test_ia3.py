@@ -47,8 +47,9 @@ def expected_trainable(model: torch.nn.Module, sites: list) -> int:
         mod = surgery.get_module(model, s.module)
         w = mod.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-        total += {"attn.k": out_f, "attn.v": out_f, "attn.qkv": 2 * out_f // 3, "ffn.down": in_f,
-                  "ffn.up": out_f}[s.role]
+        total += {"attn.k": out_f, "attn.v": out_f, "attn.qkv": 2 * out_f // 3, "ffn.down": in_f, "ffn.up": out_f}[
+            s.role
+        ]
     return total
 
 
@@ -135,6 +136,7 @@ def test_bf16_model_runs(family: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ merge folds
 
+
 def test_fold_output_scale_formula() -> None:
     torch.manual_seed(0)
     w, b, v, x = torch.randn(5, 3), torch.randn(5), torch.rand(5) + 0.5, torch.randn(4, 3)
@@ -195,6 +197,7 @@ def test_merged_weights_equal_hooked_model(family: str, placement: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ check
 
+
 def _check(family: str, target: str, placement: str) -> list[str]:
     model = tiny_models.build(family)
     sites, problems = targets.select(targets.view(model), [target])
@@ -205,19 +208,24 @@ def _check(family: str, target: str, placement: str) -> list[str]:
 def test_check_ffn_site_must_fit_placement() -> None:
     assert _check("llama", "ffn.down", "up_output")[0] == (
         "ffn_placement up_output scales the FFN hidden at ffn.up; model.layers.0.mlp.down_proj has role ffn.down "
-        "(target ffn.up, or set ffn_placement: down_input)")
+        "(target ffn.up, or set ffn_placement: down_input)"
+    )
     assert _check("bert", "ffn.up", "down_input")[0] == (
         "ffn_placement down_input scales the FFN hidden at ffn.down; bert.encoder.layer.0.intermediate.dense has "
-        "role ffn.up (target ffn.down, or set ffn_placement: up_output)")
+        "role ffn.up (target ffn.down, or set ffn_placement: up_output)"
+    )
     assert _check("llama", "ffn.gate", "up_output") == [
         f"ffn_placement up_output scales the FFN hidden at ffn.up; model.layers.{i}.mlp.gate_proj has role ffn.gate "
-        "(target ffn.up)" for i in (0, 1)]
+        "(target ffn.up)"
+        for i in (0, 1)
+    ]
     assert _check("llama", "ffn.up", "up_output") == [] and _check("gpt2", "attn.qkv", "down_input") == []
 
 
 def test_check_non_linear_site() -> None:
     assert _check("llama", "model.layers.0.input_layernorm", "down_input") == [
-        "model.layers.0.input_layernorm is a LlamaRMSNorm; ia3 needs a Linear or Conv1D layer"]
+        "model.layers.0.input_layernorm is a LlamaRMSNorm; ia3 needs a Linear or Conv1D layer"
+    ]
 
 
 def test_recipe_defaults_and_choices() -> None:

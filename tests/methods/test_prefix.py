@@ -16,9 +16,19 @@ from pelt_cli.methods import prefix as pm
 METHOD = get("prefix")
 KV_ROLES = ("attn.k", "attn.qkv")
 # (family, blocks) → every family with attention key projections; Whisper and Qwen2-Audio per block kind.
-CASES = [("bert", ()), ("roberta", ()), ("gpt2", ()), ("llama", ()), ("qwen2", ()), ("vit", ()),
-         ("whisper", ("encoder",)), ("whisper", ("decoder",)), ("whisper", ("cross-attention",)),
-         ("qwen2_audio", ("audio",)), ("qwen2_audio", ("decoder",))]
+CASES = [
+    ("bert", ()),
+    ("roberta", ()),
+    ("gpt2", ()),
+    ("llama", ()),
+    ("qwen2", ()),
+    ("vit", ()),
+    ("whisper", ("encoder",)),
+    ("whisper", ("decoder",)),
+    ("whisper", ("cross-attention",)),
+    ("qwen2_audio", ("audio",)),
+    ("qwen2_audio", ("decoder",)),
+]
 
 
 def sites_of(model, blocks=(), targets_=KV_ROLES):
@@ -74,6 +84,7 @@ def expected_widths(model, site):
 
 # ------------------------------------------------------------------------------------------------ params and check
 
+
 def test_length_zero_rejected_by_recipe():
     with pytest.raises(RecipeError) as e:
         recipe.loads("inserts: [{method: prefix, params: {length: 0}}]")
@@ -94,6 +105,7 @@ def test_check_accepts_key_sites_and_rejects_others():
 
 
 # ------------------------------------------------------------------------------------------------ every family
+
 
 @pytest.mark.parametrize("family,blocks", CASES, ids=[f"{f}-{'-'.join(b) or 'all'}" for f, b in CASES])
 def test_every_family_shape_counts_and_effect(family, blocks):
@@ -138,6 +150,7 @@ def test_meta_skeleton_counts_equal_real():
 
 # ------------------------------------------------------------------------------------------------ reference math
 
+
 def eager_prefix_attention(q, k, v, pk, pv, scale, allowed):
     """softmax(Q [P_k; K]^T · scale, masked) [P_v; V]; q, k, v [B,H,T,d], pk, pv [H,ℓ,d], allowed [T, ℓ+T]."""
     b = q.shape[0]
@@ -161,7 +174,7 @@ def test_bert_attention_matches_eager_reference():
         got, _ = att(x)
         q, k, v = heads(att.query(x)), heads(att.key(x)), heads(att.value(x))
         pk, pv = (t.view(3, 4, 8).transpose(0, 1) for t in (pre.key, pre.value))
-        ref = eager_prefix_attention(q, k, v, pk, pv, 8 ** -0.5, torch.ones(7, 10, dtype=torch.bool))
+        ref = eager_prefix_attention(q, k, v, pk, pv, 8**-0.5, torch.ones(7, 10, dtype=torch.bool))
     assert (got - ref.transpose(1, 2).reshape(2, 7, 32)).abs().max() <= 1e-5
 
 
@@ -192,7 +205,7 @@ def test_llama_attention_matches_eager_reference(with_mask):
         q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
         pk, pv = (t.view(3, 2, 8).transpose(0, 1) for t in (pre.key, pre.value))
         rep = lambda t: t.repeat_interleave(2, dim=-3)  # noqa: E731  (kv head h serves query heads 2h, 2h+1)
-        ref = eager_prefix_attention(q, rep(k), rep(v), rep(pk), rep(pv), 8 ** -0.5, mask)
+        ref = eager_prefix_attention(q, rep(k), rep(v), rep(pk), rep(pv), 8**-0.5, mask)
         ref = att.o_proj(ref.transpose(1, 2).reshape(2, 7, 32))
     assert (got - ref).abs().max() <= 1e-5
 
@@ -208,6 +221,7 @@ def test_extend_mask_formats():
 
 
 # ------------------------------------------------------------------------------------------------ padding and cache
+
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_right_padding_matches_unpadded(family):
@@ -234,8 +248,14 @@ def test_left_padding_llama_with_position_ids():
     mask[1, :3] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        base_gap = (model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[1, 3:]
-                    - model(input_ids=ids[1:, 3:]).logits[0]).abs().max()
+        base_gap = (
+            (
+                model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[1, 3:]
+                - model(input_ids=ids[1:, 3:]).logits[0]
+            )
+            .abs()
+            .max()
+        )
     if base_gap > 1e-5:
         pytest.skip(f"the base model itself differs by {base_gap:.2e} under left padding")
     apply(model, length=4)
@@ -265,6 +285,7 @@ def test_llama_incremental_decoding_matches_full_forward():
 
 # ------------------------------------------------------------------------------------------------ training
 
+
 def test_gradients_reach_only_the_prefix():
     for family, reparam in (("llama", False), ("gpt2", True), ("whisper", False)):
         model = tiny_models.build(family).train()
@@ -282,8 +303,12 @@ def test_gradients_reach_only_the_prefix():
 def test_train_mode_with_dropout():
     import transformers as tf
 
-    for family, key in (("bert", "attention_probs_dropout_prob"), ("gpt2", "attn_pdrop"),
-                        ("llama", "attention_dropout"), ("whisper", "attention_dropout")):
+    for family, key in (
+        ("bert", "attention_probs_dropout_prob"),
+        ("gpt2", "attn_pdrop"),
+        ("llama", "attention_dropout"),
+        ("whisper", "attention_dropout"),
+    ):
         cfg = copy.deepcopy(tiny_models.build(family).config)
         setattr(cfg, key, 0.3)
         model = getattr(tf, type(tiny_models.build(family)).__name__)(cfg).train()
@@ -304,6 +329,7 @@ def test_bf16_model():
 
 
 # ------------------------------------------------------------------------------------------------ reparam, bake, gate
+
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_reparam_counts_and_bake_keeps_outputs(family):
@@ -349,6 +375,7 @@ def test_gate_scales_prefix_keys_and_values():
 
 
 # ------------------------------------------------------------------------------------------------ installing
+
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "whisper", "vit", "qwen2_audio"])
 def test_attention_function_without_prefix_is_sdpa(family):

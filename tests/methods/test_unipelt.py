@@ -148,8 +148,7 @@ def test_gates_pool_over_real_tokens_only(gate: str) -> None:
     """A sequence's gates and outputs are the same alone and padded in a batch beside a longer one (≤ 1e-6)."""
     import transformers
 
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64)
+    cfg = tiny_models.config("bert")
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     insert_recipe(model, rc.load("unipelt-softmax" if gate == "softmax" else "unipelt"))
