@@ -311,3 +311,27 @@ def test_golden_inspect(tmp_path: Path, family: str) -> None:
     if os.environ.get("PELT_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert text == path.read_text(), f"{path.name} differs (PELT_UPDATE_GOLDEN=1 regenerates)"
+
+
+def test_ia3_on_fused_layers_follows_the_layout(tmp_path: Path) -> None:
+    """IA³ scales the k|v block of a contiguous fused layer (GQA widths from the config) and refuses interleaved ones."""
+    import transformers as tf
+
+    from pelt_cli.apply import apply
+    from pelt_cli.merge import merge_run
+    from pelt_cli.run import load_run
+
+    with pytest.raises(RecipeError, match="not one block after q"):
+        insert_recipe(build("gpt_neox"), rc.load("ia3"))
+    base = _save("phi3", tmp_path / "base")
+    apply(rc.load("ia3"), base, tmp_path / "run")
+    randomise(tmp_path / "run", others=0.2)
+    model, meta = load_run(tmp_path / "run")
+    qkv = next(m for n, m in model.named_modules() if n.endswith("qkv_proj.pelt_ia3"))
+    cfg = model.config
+    assert qkv.fixed == cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)  # the q part
+    merge_run(tmp_path / "run", tmp_path / "merged")
+    merged = tf.Phi3ForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        x = inputs("phi3")
+        assert (main_output(model.eval()(**x)) - main_output(merged.eval()(**x))).abs().max().item() <= 1e-5

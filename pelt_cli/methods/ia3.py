@@ -119,6 +119,19 @@ class IA3Params:
     )
 
 
+def kv_start(model: nn.Module, layer: nn.Module) -> int | None:
+    """Where the k and v outputs of a fused ``[q | k | v]`` layer begin (grouped-query widths from the config);
+    None when k and v are not one block that ends the output (per-head interleaved layouts) or cannot be told."""
+    from pelt_cli.roles import fused_slices
+
+    out_f = surgery.features(layer)[1]
+    try:
+        spans = fused_slices(model.config.to_dict(), out_f, ["k", "v"])
+    except ValueError:
+        return None
+    return spans[0][0] if len(spans) == 1 and spans[0][1] == out_f and spans[0][0] > 0 else None
+
+
 def site_kind(role: str, params: IA3Params) -> str:
     """How a site of ``role`` is scaled: ``qkv``, ``input``, ``output``, or ``bad`` (an FFN role off-placement)."""
     if role == "attn.qkv":
@@ -158,10 +171,11 @@ class IA3Method:
                     f"ffn_placement {params.ffn_placement} scales the FFN hidden at {want}; "
                     f"{s.disk_module} has role {s.role} ({hint})"
                 )
-            elif kind == "qkv" and surgery.features(mod)[1] % 3:
+            elif kind == "qkv" and kv_start(model, mod) is None:
                 problems.append(
-                    f"{s.disk_module} is a fused QKV layer of width {surgery.features(mod)[1]}; "
-                    "expected a multiple of 3"
+                    f"{s.disk_module} is a fused QKV layer whose k and v outputs are not one block after q "
+                    f"(width {surgery.features(mod)[1]}, per-head interleaved or of unknown layout); ia3 scales a "
+                    "contiguous [q | k | v] layer only"
                 )
         return problems
 
@@ -176,7 +190,7 @@ class IA3Method:
                 if kind == "input":
                     vec = IA3Vector(in_f, side="input")
                 elif kind == "qkv":
-                    vec = IA3Vector(out_f, fixed=out_f // 3)
+                    vec = IA3Vector(out_f, fixed=kv_start(model, mod) or 0)
                 else:
                     vec = IA3Vector(out_f)
             path = surgery.attach(model, s.module, "ia3", vec)
@@ -185,7 +199,7 @@ class IA3Method:
                 note = "scales the input"
             else:
                 surgery.hook_output(model, s.module, _output_hook)
-                note = "scales the k and v thirds of the output" if kind == "qkv" else "scales the output"
+                note = "scales the k and v part of the output" if kind == "qkv" else "scales the output"
             out.append(Insertion(s.module, s.role, self.name, [path], note))
         return out
 
