@@ -314,7 +314,7 @@ def test_golden_inspect(tmp_path: Path, family: str) -> None:
 
 
 def test_ia3_on_fused_layers_follows_the_layout(tmp_path: Path) -> None:
-    """IA³ scales the k|v block of a contiguous fused layer (GQA widths from the config) and refuses interleaved ones."""
+    """IA³ scales the k|v block of a contiguous fused layer (GQA widths from the config), refuses interleaved ones."""
     import transformers as tf
 
     from pelt_cli.apply import apply
