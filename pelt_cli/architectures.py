@@ -50,12 +50,12 @@ GPT2_ROLES: list[Rule] = [
 # Modules outside the attention/FFN blocks; shared by every known family.
 COMMON_ROLES: list[Rule] = [
     (r"(^|\.)(word|position|token_type)_embeddings$", "embed"),
-    (r"(^|\.)(embed_tokens|embed_positions|wte|wpe)$", "embed"),
+    (r"(^|\.)(embed_tokens|embed_positions|wte|wpe|shared|word_embeddings|embed_in)$", "embed"),
     (r"(^|\.)patch_embeddings\.projection$", "embed"),
     (r"(^|\.)embeddings$", "embed"),
-    (r"(^|\.)(lm_head|proj_out)$", "lm_head"),
+    (r"(^|\.)(lm_head|proj_out|embed_out)$", "lm_head"),
     (r"^cls\.predictions\.decoder$", "lm_head"),
-    (r"(LayerNorm|layer_norm|layernorm|_layernorm|layernorm_\w+|ln_\w+|(^|\.)norm)$", "norm"),
+    (r"(LayerNorm|layer_norm\d*|layernorm\d*|_layernorm|layernorm_\w+|ln_\w+|_norm\d*|(^|\.)norm\d*)$", "norm"),
     (r"(^|\.)pooler\.dense$", "pooler"),
     (r"(^|\.)multi_modal_projector\.\w+$", "projector"),
     (r"(^|\.)(classifier|score|cls\.predictions\.transform\.dense|cls\.predictions)$", "head"),
@@ -140,5 +140,3 @@ SIGNATURES: list[Rule] = [
     (r"\bself_attn\.q_proj\.bias$", "qwen2"),
     (r"\bself_attn\.q_proj\.weight$", "llama"),
 ]
-
-LAYER_INDEX = r"(?:^|\.)(?:layer|layers|h|blocks)\.(\d+)\."

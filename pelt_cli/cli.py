@@ -124,10 +124,11 @@ class Device(str, Enum):
 
 
 def complete_model(incomplete: str) -> list[str]:
-    """Complete MODEL: short names, then paths."""
+    """Complete MODEL: short names, Hub ids in the local cache, then paths."""
+    from pelt_cli.hub import cached_ids
     from pelt_cli.report import SHORT_NAMES
 
-    names = [n for n in SHORT_NAMES if n.startswith(incomplete)]
+    names = [n for n in SHORT_NAMES if n.startswith(incomplete)] + cached_ids(incomplete)
     base = Path(incomplete).expanduser()
     parent = base if incomplete.endswith("/") else base.parent
     try:
@@ -163,7 +164,8 @@ RunArg = Annotated[
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="Base checkpoint: directory, .safetensors file, short name (minilm), or - to read the path from stdin.",
+        help="Base checkpoint: directory, .safetensors file, short name (minilm), Hub id org/name[@revision] in the "
+        "local Hugging Face cache, or - to read the path from stdin.",
         autocompletion=complete_model,
         show_default=False,
     ),
@@ -240,8 +242,8 @@ def main_callback(version: VersionOpt = False, verbose: VerboseOpt = 0, quiet: Q
 InspectArg = Annotated[
     str,
     typer.Argument(
-        help="A checkpoint directory, a .safetensors file, a short name (minilm), "
-        "a run directory, or - to read the path from stdin.",
+        help="A checkpoint directory, a .safetensors file, a short name (minilm), a Hub id org/name[@revision] "
+        "(from the local cache, else its headers over HTTP), a run directory, or - to read the path from stdin.",
         autocompletion=complete_model,
         show_default=False,
     ),
@@ -265,6 +267,7 @@ JsonOpt = Annotated[bool, _opt("Output", "Same as --format json.", "--json")]
     "  pelt inspect minilm --summary\n\n"
     "  pelt inspect ./llama --filter 'model.layers.0.*' --format json | jq '.total_params'\n\n"
     "  pelt inspect ./qwen2-audio --depth 2 --sort params:desc --limit 5\n\n"
+    "  pelt inspect Qwen/Qwen2-0.5B@main --summary   (cache, else headers over HTTP)\n\n"
     "Exit codes: 0 ok (also when stdout closes early, e.g. '| head'); 1 runtime failure; 2 bad input.",
 )
 def inspect(
@@ -280,18 +283,20 @@ def inspect(
 ) -> None:
     """Show a checkpoint's tensors with role, layer, dtype, shape, params and bytes, read from headers only."""
     from pelt_cli import console
-    from pelt_cli.report import inspect_checkpoint
+    from pelt_cli.report import inspect_checkpoint, resolve_source
 
-    path = _path(model)
+    path = resolve_source(model)
+    if isinstance(path, Path) and str(path) != str(Path(model)):
+        console.detail(f"{model} → {path}")
     chosen = _format(Format.json if as_json else fmt)
-    if (path / "run.json").is_file():
+    if isinstance(path, Path) and (path / "run.json").is_file():
         from pelt_cli.apply import run_report
 
         console.emit_run(run_report(path), chosen)
         return
     report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
     if report["family"] is None:
-        console.info(f"note: {path}: model family not recognised, roles are 'unknown'")
+        console.info(f"note: {report['path']}: no role table for this family; roles are inferred from its naming")
     console.emit_inspect(report, chosen, summary)
 
 

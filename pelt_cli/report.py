@@ -22,23 +22,63 @@ SORT_KEYS = ("name", "params", "bytes", "role", "layer", "dtype")
 
 
 def resolve_model(arg: str, stdin: Any = None) -> Path:
-    """Turn a MODEL argument into a path: a directory, a file, a known short name, or ``-`` (read from stdin).
+    """Turn a MODEL argument into a path: a directory, a file, a known short name, ``-`` (read from stdin), or a
+    Hub id ``org/name[@revision]`` found in the local Hugging Face cache (offline; the snapshot directory).
 
     Raises:
-        UsageError: ``-`` with nothing on stdin, or a short name whose package is not installed.
+        UsageError: ``-`` with nothing on stdin, a short name whose package is not installed, or a malformed id.
+        HubNotCached: a Hub id, or its revision, that is not in the cache (the message gives ``hf download``).
     """
-    if arg == "-":
-        line = (stdin or sys.stdin).readline().strip()
-        if not line:
-            raise UsageError("MODEL is '-' but standard input gave no path", hint="pipe a path: echo DIR | pelt …")
-        arg = line
-    if arg.lower() in SHORT_NAMES and not os.path.exists(arg):
+    arg = _from_stdin(arg, stdin)
+    if os.path.exists(arg):
+        return Path(arg)
+    if arg.lower() in SHORT_NAMES:
         pkg, dist = SHORT_NAMES[arg.lower()]
         spec = importlib.util.find_spec(pkg)
         if spec is None or spec.origin is None:
             raise UsageError(f"short name {arg!r} needs the package {dist}", hint=f"pip install {dist}")
         return Path(spec.origin).parent / "model"
-    return Path(arg)
+    from .hub import HubNotCached, cached_snapshot, parse_hub_id
+
+    hub = parse_hub_id(arg)
+    if hub is None:
+        return Path(arg)
+    try:
+        return cached_snapshot(hub)
+    except HubNotCached:
+        if Path(arg).parent.is_dir():  # runs/typo: a local path mistyped, not an id
+            return Path(arg)
+        raise
+
+
+def resolve_source(arg: str, stdin: Any = None) -> Path | Checkpoint:
+    """:func:`resolve_model`, and for a Hub id not in the cache while online, its headers read over HTTP.
+
+    Returns:
+        A path, or a :class:`Checkpoint` of a Hub model (tensor table and config, no weights) for ``pelt inspect``.
+    """
+    from .hub import HubNotCached, offline, parse_hub_id, remote_checkpoint
+
+    arg = _from_stdin(arg, stdin)
+    try:
+        return resolve_model(arg)
+    except HubNotCached as e:
+        hub = parse_hub_id(arg)
+        if hub is not None and offline():
+            raise HubNotCached(f"{e.message}; or unset HF_HUB_OFFLINE to inspect its headers over HTTP") from None
+        if hub is None:
+            raise
+        return remote_checkpoint(hub)
+
+
+def _from_stdin(arg: str, stdin: Any) -> str:
+    """``-`` → the first line of standard input; any other argument as it is."""
+    if arg != "-":
+        return arg
+    line = (stdin or sys.stdin).readline().strip()
+    if not line:
+        raise UsageError("MODEL is '-' but standard input gave no path", hint="pipe a path: echo DIR | pelt …")
+    return line
 
 
 def site_row(s: Site) -> dict[str, Any]:
@@ -108,7 +148,7 @@ def sort_rows(rows: list[dict[str, Any]], spec: str) -> list[dict[str, Any]]:
 
 
 def inspect_checkpoint(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Checkpoint,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     depth: int | None = None,
@@ -118,7 +158,7 @@ def inspect_checkpoint(
     """Describe a checkpoint from its headers: tensors with roles, optional roll-up, and a summary.
 
     Args:
-        path: a checkpoint path (directory or ``.safetensors`` file).
+        path: a checkpoint path (directory or ``.safetensors`` file), or an opened :class:`Checkpoint`.
         include: glob patterns; keep only tensors matching one (by name, module or role).
         exclude: glob patterns; drop tensors matching one.
         depth: roll tensors up to their first ``depth`` name segments.
@@ -133,7 +173,7 @@ def inspect_checkpoint(
         raise UsageError(f"--depth {depth}: expected a positive integer")
     if limit is not None and limit < 0:
         raise UsageError(f"--limit {limit}: expected zero or more")
-    ckpt = open_checkpoint(path)
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     rows = [site_row(s) for s in sites(ckpt)]
     if include:
         rows = [r for r in rows if matches(r["name"], include) or r["role"] in include]

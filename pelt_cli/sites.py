@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .architectures import COMMON_ROLES, FAMILIES, LAYER_INDEX, SIGNATURES
+from .architectures import COMMON_ROLES, FAMILIES, SIGNATURES
 from .io.checkpoint import Checkpoint
 from .io.header import TensorInfo
+from .roles import block_kind, infer_role, layer_index
 
 UNKNOWN = "unknown"
 ROLES = [
@@ -32,8 +33,11 @@ ROLES = [
     "projector",
     "pooler",
     "head",
+    "router",
     UNKNOWN,
 ]
+# Target sets a recipe may name besides roles and globs (``all-linear``: peft's semantics).
+TARGET_SETS = ("all-linear", "all-attention", "all-ffn")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class Site:
     """One tensor placed in its model: module path, role, layer and block kind.
 
     ``tied_to`` is set for a tensor that the model ties to another one and that is absent from disk
-    (``save_pretrained`` drops tied targets); such a site has no ``info``.
+    (``save_pretrained`` drops tied targets); such a site has no ``info``. ``how`` says how the role was found:
+    ``table`` (a family's hand table), ``inferred`` (from the naming in its block) or empty (unknown).
     """
 
     name: str
@@ -51,6 +56,7 @@ class Site:
     block: str
     info: TensorInfo | None
     tied_to: str | None = None
+    how: str = ""
 
     @property
     def params(self) -> int:
@@ -87,29 +93,48 @@ def detect_family(ckpt: Checkpoint) -> str | None:
     return None
 
 
+Rules = list[tuple[re.Pattern[str], str]]
+_COMMON: Rules = [(re.compile(p), r) for p, r in COMMON_ROLES]
+
+
 @lru_cache(maxsize=64)
-def _compiled(family: str) -> tuple[list[tuple[re.Pattern[str], str]], list[tuple[re.Pattern[str], str]]]:
+def _compiled(family: str) -> tuple[Rules, Rules]:
     spec = FAMILIES[family]
-    roles = [(re.compile(p), r) for p, r in list(spec["roles"]) + COMMON_ROLES]
+    roles = [(re.compile(p), r) for p, r in spec["roles"]]
     blocks = [(re.compile(p), b) for p, b in spec["blocks"]]
     return roles, blocks
 
 
+@lru_cache(maxsize=65536)
+def role_how(module: str, family: str | None) -> tuple[str, str]:
+    """``(role, how)`` of a module path (on-disk naming): the family's table first, then the role the module's
+    own naming means in its block (``inferred``), then the names shared by every model (embeddings, norms, heads).
+    """
+    if family is not None:
+        for rx, role in _compiled(family)[0]:
+            if rx.search(module):
+                return role, "table"
+    role = infer_role(module)
+    if role != UNKNOWN:
+        return role, "inferred"
+    for rx, role in _COMMON:
+        if rx.search(module):
+            return role, "table" if family else "inferred"
+    return UNKNOWN, ""
+
+
 def role_of(module: str, family: str | None) -> str:
     """The role of a module path (on-disk naming) in ``family``; ``unknown`` when nothing matches."""
-    if family is None:
-        return UNKNOWN
-    roles, _ = _compiled(family)
-    for rx, role in roles:
-        if rx.search(module):
-            return role
-    return UNKNOWN
+    return role_how(module, family)[0]
 
 
-def block_of(name: str, family: str | None) -> str:
-    """The block kind of a tensor or module path: encoder, decoder, cross-attention, audio, vision, projector or -."""
+def block_of(name: str, family: str | None, config: dict[str, Any] | None = None) -> str:
+    """The block kind of a tensor or module path: encoder, decoder, cross-attention, audio, vision, projector or -.
+
+    A known family's table decides; otherwise the kind follows the block list's path and the config's model type.
+    """
     if family is None:
-        return "-"
+        return block_kind(name, config)
     _, blocks = _compiled(family)
     for rx, block in blocks:
         if rx.search(name + "."):
@@ -118,9 +143,8 @@ def block_of(name: str, family: str | None) -> str:
 
 
 def layer_of(name: str) -> int | None:
-    """The layer index in a path (``…layers.3.…`` → 3), or ``None`` outside the repeated blocks."""
-    m = re.search(LAYER_INDEX, name + ".")
-    return int(m.group(1)) if m else None
+    """The index in the model's block list (``…layers.3.…`` → 3, T5 ``block.3.layer.1`` → 3), or ``None``."""
+    return layer_index(name)
 
 
 def ties_enabled(config: dict[str, Any] | None, family: str) -> bool:
@@ -154,17 +178,21 @@ def sites(ckpt: Checkpoint) -> list[Site]:
     """Every tensor of the checkpoint as a :class:`Site`, plus tied targets absent from disk, in key order."""
     family = detect_family(ckpt)
     ties = tied_keys(ckpt, family)
-    out = [_site(name, info, family, ties.get(name)) for name, info in ckpt.tensors.items()]
+    cfg = ckpt.config
+    out = [_site(name, info, family, cfg, ties.get(name)) for name, info in ckpt.tensors.items()]
     for target, source in ties.items():
         if target not in ckpt.tensors:
-            out.append(_site(target, None, family, tied_to=source))
+            out.append(_site(target, None, family, cfg, tied_to=source))
     out.sort(key=lambda s: natural_key(s.name))
     return out
 
 
-def _site(name: str, info: TensorInfo | None, family: str | None, tied_to: str | None = None) -> Site:
+def _site(
+    name: str, info: TensorInfo | None, family: str | None, config: dict[str, Any] | None, tied_to: str | None = None
+) -> Site:
     module = module_of(name)
-    return Site(name, module, role_of(module, family), layer_of(name), block_of(name, family), info, tied_to)
+    role, how = role_how(module, family)
+    return Site(name, module, role, layer_of(name), block_of(name, family, config), info, tied_to, how)
 
 
 def natural_key(name: str) -> tuple[Any, ...]:

@@ -112,13 +112,28 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
         raise _bad(p, "is a directory, expected a .safetensors file") from None
     except PermissionError:
         raise _bad(p, "permission denied") from None
+    return parse_header(p, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> ShardHeader:
+    """Parse and validate the JSON header of a safetensors file read elsewhere (e.g. over HTTP Range requests).
+
+    Args:
+        path: the file's name, used in messages and as every tensor's ``file``.
+        raw: the header bytes (after the 8-byte length).
+        size: the whole file's size in bytes.
+
+    Raises:
+        CheckpointError: the header is not JSON or its entries are inconsistent.
+    """
+    p = path
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(p, f"header is not valid JSON ({e.__class__.__name__}: {e})") from None
     if not isinstance(doc, dict):
         raise _bad(p, f"header is JSON {type(doc).__name__}, expected an object of tensors")
-    data_start = 8 + n
+    data_start = 8 + len(raw)
     tensors, metadata = _parse_entries(p, doc, data_start, size)
     return ShardHeader(path=p, tensors=tensors, metadata=metadata, data_start=data_start, size=size)
 

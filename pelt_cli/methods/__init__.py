@@ -51,6 +51,9 @@ class ModelSite:
         role: attn.q, attn.v, ffn.down, … (see :data:`pelt_cli.sites.ROLES`).
         layer: layer index, or None outside repeated blocks.
         block: encoder, decoder, cross-attention, audio, vision, projector or ``-``.
+        parts: for a fused QKV layer selected by ``attn.q``/``attn.k``/``attn.v``, the parts chosen (``("q", "v")``);
+            None for the whole layer.
+        how: how the role was found: ``table``, ``inferred`` or empty.
     """
 
     module: str
@@ -58,6 +61,8 @@ class ModelSite:
     role: str
     layer: int | None
     block: str
+    parts: tuple[str, ...] | None = None
+    how: str = ""
 
 
 def linear_sites(

@@ -117,6 +117,19 @@ class IA3Params:
     )
 
 
+def kv_start(model: nn.Module, layer: nn.Module) -> int | None:
+    """Where the k and v outputs of a fused ``[q | k | v]`` layer begin (grouped-query widths from the config);
+    None when k and v are not one block that ends the output (per-head interleaved layouts) or cannot be told."""
+    from pelt_cli.roles import fused_slices
+
+    out_f = surgery.features(layer)[1]
+    try:
+        spans = fused_slices(model.config.to_dict(), out_f, ["k", "v"])
+    except ValueError:
+        return None
+    return spans[0][0] if len(spans) == 1 and spans[0][1] == out_f and spans[0][0] > 0 else None
+
+
 def site_kind(role: str, params: IA3Params) -> str:
     """How a site of ``role`` is scaled: ``qkv``, ``input``, ``output``, or ``bad`` (an FFN role off-placement)."""
     if role == "attn.qkv":
@@ -138,7 +151,7 @@ class IA3Method:
     default_targets = ("attn.k", "attn.v", "ffn.down")  # ffn_placement up_output: target ffn.up instead
 
     def check(self, model: nn.Module, params: IA3Params, sites: list[ModelSite]) -> list[str]:
-        """Sites must be Linear/Conv1D; an FFN site must fit ``ffn_placement``; a fused QKV width must be 3·d."""
+        """Sites must be Linear/Conv1D; an FFN site must fit ``ffn_placement``; a fused QKV layer must be [q|k|v]."""
         problems = []
         for s, mod in linear_sites(model, sites, self.name, problems):
             kind = site_kind(s.role, params)
@@ -152,10 +165,11 @@ class IA3Method:
                     f"ffn_placement {params.ffn_placement} scales the FFN hidden at {want}; "
                     f"{s.disk_module} has role {s.role} ({hint})"
                 )
-            elif kind == "qkv" and surgery.features(mod)[1] % 3:
+            elif kind == "qkv" and kv_start(model, mod) is None:
                 problems.append(
-                    f"{s.disk_module} is a fused QKV layer of width {surgery.features(mod)[1]}; "
-                    "expected a multiple of 3"
+                    f"{s.disk_module} is a fused QKV layer whose k and v outputs are not one block after q "
+                    f"(width {surgery.features(mod)[1]}, per-head interleaved or of unknown layout); ia3 scales a "
+                    "contiguous [q | k | v] layer only"
                 )
         return problems
 
@@ -171,7 +185,7 @@ class IA3Method:
             if kind == "input":
                 vec = IA3Vector(in_f, side="input")
             elif kind == "qkv":
-                vec = IA3Vector(out_f, fixed=out_f // 3)
+                vec = IA3Vector(out_f, fixed=kv_start(model, mod) or 0)
             else:
                 vec = IA3Vector(out_f)
         path = surgery.attach(model, s.module, "ia3", vec)
@@ -180,7 +194,7 @@ class IA3Method:
             note = "scales the input"
         else:
             surgery.hook_output(model, s.module, _output_hook)
-            note = "scales the k and v thirds of the output" if kind == "qkv" else "scales the output"
+            note = "scales the k and v part of the output" if kind == "qkv" else "scales the output"
         return Insertion(s.module, s.role, self.name, [path], note)
 
     foldable = always_exact  # a scale on a layer's output or input is a scale of its weight (and bias) rows or columns

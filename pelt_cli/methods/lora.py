@@ -138,10 +138,23 @@ def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
     return module.pelt_lora.add_to(output, args[0])
 
 
-def qkv_slices(out_features: int, parts: list[str]) -> list[tuple[int, int]]:
-    """Column ranges of q, k, v inside a fused QKV projection of ``out_features = 3·d`` (GPT-2 ``c_attn``)."""
-    d = out_features // 3
-    return [(QKV_PARTS.index(p) * d, (QKV_PARTS.index(p) + 1) * d) for p in parts]
+def qkv_slices(out_features: int, parts: list[str], config: dict[str, Any] | None = None) -> list[tuple[int, int]]:
+    """Output ranges of ``parts`` (q, k, v) inside a fused QKV projection: from the config's head counts and the
+    family's layout (GPT-2 ``c_attn``: thirds; Phi-3 ``qkv_proj``: grouped-query sizes; GPT-NeoX/BLOOM: per head)."""
+    from pelt_cli.roles import fused_slices
+
+    return fused_slices(config, out_features, parts)
+
+
+def site_slices(
+    model: nn.Module, params: LoRAParams, site: ModelSite, out_features: int
+) -> list[tuple[int, int]] | None:
+    """The output ranges a branch at ``site`` writes: the explicit ``fused_parts``, else the parts of a fused QKV
+    layer that the recipe's roles chose (``attn.q``, ``attn.v`` on ``c_attn``), else None (the whole output)."""
+    from pelt_cli.targets import config_dict
+
+    parts = params.fused_parts or (list(site.parts) if site.parts else None)
+    return qkv_slices(out_features, parts, config_dict(model)) if parts else None
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,12 @@ class LoRAMethod:
             in_f, out_f, _ = surgery.features(mod)
             if params.fused_parts and s.role != "attn.qkv":
                 problems.append(f"fused_parts is for fused QKV layers; {s.disk_module} has role {s.role}")
-            width = out_f // 3 if params.fused_parts else out_f
+            try:
+                slices = site_slices(model, params, s, out_f)
+            except ValueError as e:
+                problems.append(f"{s.disk_module}: {e}")
+                continue
+            width = sum(e - b for b, e in slices) if slices else out_f
             if params.rank > min(in_f, width):
                 problems.append(
                     f"rank {params.rank} is larger than the layer {s.disk_module} "
@@ -191,7 +209,7 @@ class LoRAMethod:
         for s in sites:
             mod = surgery.get_module(model, s.module)
             in_f, out_f, _ = surgery.features(mod)
-            slices = qkv_slices(out_f, params.fused_parts) if params.fused_parts else None
+            slices = site_slices(model, params, s, out_f)
             width = sum(e - b for b, e in slices) if slices else out_f
             with torch.device(mod.weight.device):
                 branch = LoRA(in_f, width, params.rank, params.alpha, params.dropout, params.init, slices)
