@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiny_models
 from conftest import REPO, pelt_main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -31,17 +32,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=16384,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = tf.LlamaForCausalLM(cfg)
+    model = tf.LlamaForCausalLM(tiny_models.config("llama", vocab_size=16384, tie_word_embeddings=False))
     root = tmp_path_factory.mktemp("hubmodels")
     model.save_pretrained(root / "tiny")
     model.save_pretrained(root / "tiny-sharded", max_shard_size="3MB")

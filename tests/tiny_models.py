@@ -8,8 +8,7 @@ from typing import Any
 FAMILIES = ["bert", "roberta", "gpt2", "llama", "qwen2", "whisper", "vit", "qwen2_audio"]
 
 
-WHISPER = dict(
-    vocab_size=100,
+SEQ2SEQ = dict(  # an encoder-decoder's tiny sizes (Whisper, BART, …)
     d_model=32,
     encoder_layers=2,
     decoder_layers=2,
@@ -17,6 +16,10 @@ WHISPER = dict(
     decoder_attention_heads=4,
     encoder_ffn_dim=64,
     decoder_ffn_dim=64,
+)
+WHISPER = dict(
+    SEQ2SEQ,
+    vocab_size=100,
     num_mel_bins=16,
     max_source_positions=100,
     max_target_positions=64,
@@ -28,12 +31,13 @@ WHISPER = dict(
 
 
 SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+VISION = dict(SHAPE, image_size=16, patch_size=8)  # a tiny vision tower (CLIP, SigLIP, ViT)
 CONFIGS = {  # family: (transformers config class, its tiny settings beyond SHAPE)
     "bert": ("BertConfig", dict(vocab_size=100, max_position_embeddings=64)),
     "roberta": ("RobertaConfig", dict(vocab_size=100, max_position_embeddings=64)),
     "llama": ("LlamaConfig", dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)),
     "qwen2": ("Qwen2Config", dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64)),
-    "vit": ("ViTConfig", dict(image_size=16, patch_size=8, num_channels=3)),
+    "vit": ("ViTConfig", dict(VISION, num_channels=3)),
 }
 
 

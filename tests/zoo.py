@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tiny_models import SEQ2SEQ, VISION
+
 D = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -97,17 +99,7 @@ ZOO: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "bart": (
         "BartConfig",
         "BartForConditionalGeneration",
-        dict(
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            vocab_size=100,
-            max_position_embeddings=64,
-        ),
+        dict(SEQ2SEQ, vocab_size=100, max_position_embeddings=64),
         "seq2seq",
     ),
     "distilbert": (
@@ -129,27 +121,13 @@ ZOO: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "clip": (
         "CLIPVisionConfig",
         "CLIPVisionModel",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=16,
-            patch_size=8,
-        ),
+        VISION,
         "image",
     ),
     "siglip": (
         "SiglipVisionConfig",
         "SiglipVisionModel",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=16,
-            patch_size=8,
-        ),
+        VISION,
         "image",
     ),
     "wav2vec2": (

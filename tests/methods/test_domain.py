@@ -71,15 +71,7 @@ def tiny_llava() -> nn.Module:
 
     torch.manual_seed(0)
     cfg = tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=8,
-            projection_dim=32,
-        ),
+        vision_config=tf.CLIPVisionConfig(**tiny_models.VISION, projection_dim=32),
         text_config=tiny_models.config("llama"),
         image_token_index=98,
         vision_feature_layer=-1,
