@@ -240,6 +240,7 @@ def _shard(r: dict[str, Any]) -> str:
 TENSOR_COLUMNS = [
     Column("name"),
     Column("role"),
+    Column("how"),  # table (a family's role table) or inferred (from names and shapes)
     Column("layer", right=True),
     Column("block"),
     Column("dtype"),

@@ -87,6 +87,7 @@ def site_row(s: Site) -> dict[str, Any]:
         "name": s.name,
         "module": s.module,
         "role": s.role,
+        "how": s.how,
         "layer": s.layer,
         "block": s.block,
         "dtype": s.info.dtype if s.info else None,

@@ -106,7 +106,7 @@ def test_formats_agree(tiny_dir: Path) -> None:
     tsv = pelt_main("inspect", path, "--format", "tsv").stdout.splitlines()
     table = pelt_main("inspect", path, "--format", "table", env={"COLUMNS": "200"})
     assert [json.loads(x) for x in lines] == as_json["tensors"]
-    assert tsv[0].split("\t") == ["name", "role", "layer", "block", "dtype", "shape", "params", "bytes", "shard"]
+    assert tsv[0].split("\t") == ["name", "role", "how", "layer", "block", "dtype", "shape", "params", "bytes", "shard"]
     assert len(tsv) == len(as_json["tensors"]) + 1
     assert table.returncode == 0 and "model.layers.0.self_attn.q_proj.weight" in table.stdout
     assert "attn.q" in table.stdout
