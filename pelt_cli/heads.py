@@ -85,8 +85,9 @@ def audio_encoder(model: nn.Module) -> nn.Module:
 def forward_hidden(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
     """Run the model for a classification task; return the last hidden states and the attention mask."""
     if task == "audio-classification":
-        out = audio_encoder(model)(batch["input_features"])
-        return out.last_hidden_state, None
+        h = audio_encoder(model)(batch["input_features"]).last_hidden_state
+        adapter = find_domain_adapter(model)
+        return (adapter(h) if adapter is not None else h), None  # a domain run: the adapted features
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     out = model(**inputs, output_hidden_states=True)
     h = getattr(out, "last_hidden_state", None)
@@ -126,12 +127,24 @@ def domain_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     return adapter(src), ref, src
 
 
-def domain_adapter(model: nn.Module) -> nn.Module:
-    """The run's inserted domain adapter."""
+def find_domain_adapter(model: nn.Module) -> nn.Module | None:
+    """The run's inserted domain adapter, or None."""
     for name, mod in model.named_modules():
         if name.endswith(".pelt_domain") or name == "pelt_domain":
             return mod
-    raise PeltError("domain-matching needs a run with a domain adapter (pelt apply qwen2-audio-domain-adapter …)")
+    return None
+
+
+def domain_adapter(model: nn.Module) -> nn.Module:
+    """The run's inserted domain adapter.
+
+    Raises:
+        PeltError: the run has none.
+    """
+    adapter = find_domain_adapter(model)
+    if adapter is None:
+        raise PeltError("domain-matching needs a run with a domain adapter (pelt apply qwen2-audio-domain-adapter …)")
+    return adapter
 
 
 def domain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:

@@ -640,6 +640,8 @@ def run_epoch(
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, total = _step_loss(model, batch, cfg, task, f"step {st['step'] + 1} (epoch {epoch + 1}, batch {i + 1})")
         (total / cfg.grad_accum).backward()
+        if i == 0:
+            check_gradients(model, task)
         if (i + 1) % cfg.grad_accum and i + 1 != len(batches):
             continue
         _optimizer_step(opt, sched, params, cfg, world)
@@ -677,6 +679,23 @@ def _step_loss(
             hint="lower --lr, check the data, or clip harder with --max-grad-norm",
         )
     return loss, total
+
+
+def check_gradients(model: torch.nn.Module, task: str) -> None:
+    """Refuse a run whose trainable modules get no gradient from the task's loss (after the first backward).
+
+    Raises:
+        TrainingError: the modules (by path) that no gradient reaches: they would never train.
+    """
+    dead = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and p.grad is None})
+    if dead:
+        more = f" and {len(dead) - 3} more" if len(dead) > 3 else ""
+        raise TrainingError(
+            f"no gradient reaches {len(dead)} trainable module(s) from the {task} loss: "
+            f"{', '.join(dead[:3])}{more}; they would never train",
+            hint="insert the modules where the task's loss flows (e.g. recipe blocks: [encoder] for "
+            "an audio task), or pick the task that uses them",
+        )
 
 
 def _optimizer_step(opt: Any, sched: Any, params: list, cfg: TrainConfig, world: int) -> None:

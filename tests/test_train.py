@@ -254,10 +254,27 @@ def test_audio_classification_learns(tmp_path: Path) -> None:
         for conv in (model.model.encoder.conv1, model.model.encoder.conv2):
             conv.weight.mul_(25)
     model.save_pretrained(tmp_path / "whisper")
-    run = apply(rc.load("lora"), tmp_path / "whisper", tmp_path / "run")
+    # LoRA on the decoder too would get no gradient from a classifier that reads the encoder: refused at step 1
+    both = apply(rc.load("lora"), tmp_path / "whisper", tmp_path / "both")
+    with pytest.raises(TrainingError, match=r"no gradient reaches 8 trainable module\(s\) .*decoder\.layers\.0"):
+        train_run(both, str(train), str(ev), TrainConfig(epochs=1, batch_size=8))
+    run = apply(rc.load("lora", ["inserts.0.blocks=[encoder]"]), tmp_path / "whisper", tmp_path / "run")
     res = train_run(run, str(train), str(ev), TrainConfig(epochs=4, batch_size=8, lr=1e-2, warmup=0.0, patience=0))
     assert res.task == "audio-classification"
     assert res.best_metric >= 0.8, res.history  # low vs high tones; chance is 0.5
+
+
+def test_audio_classification_on_a_domain_run_trains_the_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    from fixtures_audio import synth_audio_classes
+    from safetensors.torch import load_file
+
+    data = synth_audio_classes(tmp_path / "tr", 4, seed=0)
+    run = apply(rc.load("qwen2-audio-domain-adapter"), tiny_dir / "qwen2_audio", tmp_path / "run")
+    before = load_file(run / ADAPTER_FILE)
+    train_run(run, str(data), str(data), TrainConfig(epochs=1, batch_size=4, lr=1e-2, warmup=0.0, patience=0))
+    after = load_file(run / ADAPTER_FILE)
+    moved = [n for n in before if "pelt_domain" in n and not torch.equal(before[n], after[n])]
+    assert len(moved) >= len([n for n in before if "pelt_domain" in n]) // 2  # the adapter learned: it is upstream
 
 
 def test_eval_every_n_steps_logs_partial_rows(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
