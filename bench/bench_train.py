@@ -28,7 +28,7 @@ What it measures (``torch.set_num_threads(2)``, fp32, HF_HUB_OFFLINE=1; the mode
     ``pelt_cli.train.train_run`` — exactly ``pelt train RUN --data vader`` with its defaults (3 epochs, batch 32,
     AdamW lr 1e-3, weight decay 0.01, linear schedule with 6% warm-up, clipping 1.0, max length 128, seed 0;
     accuracy of the best epoch) — and HF peft LoRA driven through the same code: pelt's data loading and
-    ``Batcher`` (same batches, same order), ``param_groups``, ``lr_lambda``, the epoch loop ``train._epoch`` and
+    ``Batcher`` (same batches, same order), ``param_groups``, ``lr_lambda``, the epoch loop ``train.run_epoch`` and
     ``train.evaluate``. ``peft lora`` starts from the same weights as pelt LoRA under seed 0 (pelt's A matrices
     copied into ``lora_A``, B = 0 on both sides, the head pelt's trainer initialises) and the same torch RNG state
     (dropout masks); ``peft lora (own init)`` is for information: peft's own initialisation after seed 0.
@@ -236,7 +236,7 @@ def print_steps(s: dict[str, Any], rounds: int, steps: int, warmup: int) -> None
 
 
 class StepClock:
-    """``on_event`` callback for ``train_run``/``train._epoch``: times between consecutive optimizer steps.
+    """``on_event`` callback for ``train_run``/``train.run_epoch``: times between consecutive optimizer steps.
 
     An evaluation (or the start) breaks the chain, so evaluation and checkpoint writing are not counted.
     """
@@ -339,7 +339,7 @@ def table_peft(base: Path, tmp: Path, cfg: train.TrainConfig, same_start: bool) 
     clock = StepClock()
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        done = train._epoch(
+        done = train.run_epoch(
             model, train_b, cfg, td.task, device, opt, sched, params, st, epoch, 0, 1, clock, total_steps
         )
         clock({"kind": "eval"})

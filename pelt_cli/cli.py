@@ -112,6 +112,20 @@ class GateSparsity(str, Enum):
     l1 = "l1"
 
 
+class EarlyStopOn(str, Enum):
+    """What ``pelt train``'s early stopping and best checkpoint follow."""
+
+    metric = "metric"
+    loss = "loss"
+
+
+class ClassWeights(str, Enum):
+    """Per-class weights of the training cross-entropy."""
+
+    none = "none"
+    auto = "auto"
+
+
 class Device(str, Enum):
     """Where ``pelt train`` runs."""
 
@@ -429,6 +443,9 @@ EvalOpt = Annotated[
 TokenizerOpt = Annotated[str | None, _opt(INPUT, "Tokenizer directory if the base has none.")]
 ResumeOpt = Annotated[bool, _opt(TRAINING, "Continue from the last epoch checkpoint.", "--resume")]
 TrainQuietOpt = Annotated[bool, _opt("Output", "No progress on stderr (the same as pelt -q).", "--quiet", "-q")]
+StopOnOpt = Annotated[EarlyStopOn, _opt(TRAINING, "Early stopping follows the task's metric or the eval loss.")]
+MinDeltaOpt = Annotated[float, _opt(TRAINING, "An epoch improves only by more than this.")]
+ClassWeightsOpt = Annotated[ClassWeights, _opt(TRAINING, "auto: weight the training loss by inverse class frequency.")]
 
 
 @app.command(
@@ -440,6 +457,7 @@ TrainQuietOpt = Annotated[bool, _opt("Output", "No progress on stderr (the same 
     "its last good checkpoint); 2 bad data, run or option; 130 interrupted.",
 )
 def train(
+    ctx: typer.Context,
     run: RunArg,
     data: DataOpt,
     eval_data: EvalOpt = None,
@@ -465,8 +483,14 @@ def train(
     grad_accum: Annotated[int, _opt(TRAINING, "Gradient accumulation steps.")] = 1,
     max_grad_norm: Annotated[float, _opt(TRAINING, "Gradient clipping (0: off).")] = 1.0,
     patience: Annotated[int, _opt(TRAINING, "Early stopping patience in epochs (0: off).")] = 3,
+    early_stop_on: StopOnOpt = EarlyStopOn.metric,
+    min_delta: MinDeltaOpt = 0.0,
+    class_weights: ClassWeightsOpt = ClassWeights.none,
     max_steps: Annotated[int | None, _opt(TRAINING, "Stop after N optimizer steps.")] = None,
     eval_every: Annotated[int, _opt(TRAINING, "Also evaluate every N optimizer steps (0: only at epoch ends).")] = 0,
+    log_every: Annotated[
+        int, _opt(TRAINING, "Log training loss, lr and gradient norms to metrics.jsonl every N steps (0: off).")
+    ] = 10,
     seed: Annotated[int, _opt(TRAINING, "Random seed.")] = 0,
     gate_warmup: Annotated[int, _opt(GATES, "Steps with gates frozen.")] = 0,
     gate_sparsity: Annotated[GateSparsity, _opt(GATES, "Sparsity term on the gates.")] = GateSparsity.none,
@@ -476,6 +500,7 @@ def train(
 ) -> None:
     """Train only what was inserted (plus a task head where needed); evaluate each epoch; record every gate."""
     cfg = train_config(locals())  # first, while locals() holds only the options
+    given = given_options(ctx)  # these override the run recipe's train: section, which overrides the other options
     from pelt_cli import console
     from pelt_cli.train import train_run
 
@@ -485,7 +510,7 @@ def train(
     console.detail(f"settings: {cfg}")
     progress = console.TrainProgress()
     try:
-        train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress)
+        train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress, given=given)
     finally:
         progress.close()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -502,7 +527,8 @@ PngOpt = Annotated[Path | None, _opt("Output", "Also write a heatmap (layers × 
     "  pelt gates runs/u --png gates.png   (needs matplotlib: pip install 'pelt[plot]')"
 )
 def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
-    """Show each gate's mean, std, min and max per layer after training, with a bar per gate."""
+    """Show each gate's mean, std, min and max per layer after training, with a bar per gate, each layer's gate
+    entropy, the mean gates of every epoch, and the guide's remedy hints where they apply."""
     from pelt_cli import console
     from pelt_cli import gates as gatestats
     from pelt_cli.errors import CheckpointError
@@ -517,7 +543,8 @@ def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
     if png is not None:
         gatestats.heatmap(doc, png)
         console.info(f"wrote {png}")
-    console.emit_gates(doc, gatestats.rows(doc), _format(fmt))
+    hints, history = gatestats.hints(doc), gatestats.history_rows(doc)
+    console.emit_gates(doc, gatestats.rows(doc), _format(fmt), history=history, hints=hints)
 
 
 PruneOutOpt = Annotated[
@@ -933,6 +960,16 @@ def train_config(options: dict[str, Any]) -> "TrainConfig":
     from pelt_cli.train import TrainConfig
 
     return TrainConfig(**{f.name: _plain(options[f.name]) for f in fields(TrainConfig)})
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters of the running command given on its command line (or through an environment variable).
+
+    Args:
+        ctx: the command's context.
+    """
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, src in sources.items() if getattr(src, "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
 
 
 def _plain(value: Any) -> Any:

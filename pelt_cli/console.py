@@ -494,8 +494,17 @@ def _short_site(short: dict[str, str]) -> Column:
     return Column("site", table=lambda r: short.get(r["site"], r["site"]))
 
 
-def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width: int = 20) -> None:
-    """Print gate statistics: a table with one bar per gate, or json (the whole ``doc``), jsonl or tsv rows."""
+def emit_gates(
+    doc: dict[str, Any],
+    rows: list[dict[str, Any]],
+    fmt: str,
+    width: int = 20,
+    history: tuple[list[str], list[dict[str, Any]]] | None = None,
+    hints: list[str] | None = None,
+) -> None:
+    """Print gate statistics: a table with one bar per gate and the layer's gate entropy, the per-epoch history of
+    the means and the guide's remedy hints; or json (the whole ``doc`` with ``entropy`` and ``hints``), jsonl or tsv
+    rows (the hints on stderr)."""
     short, suffix = short_sites([r["site"] for r in rows if r["site"] != "domain"])
     count = next((r.get("count") for r in rows if r.get("count")), None)
     title = f"gates after epoch {doc.get('epoch', '?')}" + (f" over {count:,} eval sequences" if count else "")
@@ -509,12 +518,24 @@ def emit_gates(doc: dict[str, Any], rows: list[dict[str, Any]], fmt: str, width:
         _short_site(short),
         Column("layer", in_table=False),
         Column("module"),
-        *[Column(k, right=True) for k in ("mean", "std", "min", "max")],
+        *[Column(k, right=True) for k in ("mean", "std", "min", "max", "entropy")],
         Column("mean gate", bar, in_tsv=False),
     ]
+    entropy = {r["site"]: r["entropy"] for r in rows if r.get("entropy") is not None}
+    full = {**doc, **({"entropy": entropy} if entropy else {}), "hints": list(hints or [])}
     emit_rows(
-        rows, cols, fmt, doc=doc, title=title + (f"; sites *{suffix}" if suffix else ""), footer=_domain_line(doc)
+        rows, cols, fmt, doc=full, title=title + (f"; sites *{suffix}" if suffix else ""), footer=_domain_line(doc)
     )
+    if fmt == "table" and history and len(history[0]) > 1:
+        epochs, hrows = history
+        hcols = [_short_site(short), Column("module"), *[Column(e, header=f"epoch {e}", right=True) for e in epochs]]
+        _emit_table(hrows, hcols, "mean gate per epoch", None, None)
+    if fmt != "json":  # json carries them in the doc
+        for h in hints or []:
+            if fmt == "table":
+                _stdout_console().print(f"hint: {h}", markup=False)
+            else:
+                info(f"hint: {h}")
 
 
 def _domain_line(doc: dict[str, Any]) -> str | None:

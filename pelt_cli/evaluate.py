@@ -22,10 +22,12 @@ EVAL_BATCH = 32
 EVAL_MAX_LENGTH = 128
 
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
-    """The task's loss (and logits for classification)."""
+def compute_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, class_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Any]:
+    """The task's loss (and logits for classification; ``class_weight``: a weighted cross-entropy)."""
     if task in heads.CLASSIFICATION:
-        return heads.classification_loss(model, batch, task)
+        return heads.classification_loss(model, batch, task, class_weight)
     if task == "causal-lm":
         return heads.lm_loss(model, batch)
     if task == "domain-matching":

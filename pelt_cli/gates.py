@@ -4,6 +4,11 @@
 sits on) and per gated module, the mean, std, min and max of the gate over the eval set, plus the history of the
 means per epoch; for a domain adapter, its gate statistics, its ``scale`` and whether the mean gate is in the
 healthy band (0.3–0.7, the brief's rule of thumb).
+
+Diagnostics (the guide's): the entropy of each layer's mean gate distribution (:func:`layer_entropy`), the share of
+attention the queries put on prefix positions, measured only while evaluating (:func:`reset` starts it,
+:func:`snapshot` reads it), and remedy hints (:func:`hints`) for a module always suppressed or a domain gate outside
+the healthy band.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 
 GATES_FILE = "gates.json"
 HEALTHY = (0.3, 0.7)
+SUPPRESSED = 0.05  # a gate whose mean stays below this in every epoch is "always suppressed" (AutoPELT's θ)
+DIAGNOSTIC_KEYS = ("prefix_activation",)  # in a snapshot, not in gates.json: they go to the eval rows
 
 
 class DomainGateMeter:
@@ -58,17 +65,30 @@ def controllers(model: Any) -> dict[str, Any]:
     return gate_controllers(run_root(model))
 
 
+def prefixes(model: Any) -> dict[str, Any]:
+    """The prefix modules (``pelt_prefix``) by the path of the attention module they sit on."""
+    from pelt_cli.methods.prefix import CHILD, Prefix
+
+    return {n.removesuffix("." + CHILD): m for n, m in model.named_modules() if isinstance(m, Prefix)}
+
+
 def reset(model: Any) -> None:
-    """Clear every controller's running statistics (before an evaluation)."""
+    """Clear every controller's running statistics and start measuring prefix activation (before an evaluation)."""
     for ctl in controllers(model).values():
         ctl.reset_stats()
+    for p in prefixes(model).values():
+        p.start_measuring()
 
 
 def snapshot(model: Any, domain_meter: DomainGateMeter | None = None) -> dict[str, Any]:
-    """The current statistics of every gate in the model, JSON-ready."""
+    """The current statistics of every gate in the model, JSON-ready; with prefixes, the share of attention on them
+    since :func:`reset` (``prefix_activation``: attention module → share), which stops being measured."""
     out: dict[str, Any] = {"layers": {}}
     for site, ctl in controllers(model).items():
         out["layers"][site] = ctl.stats()
+    activation = {path: p.stop_measuring() for path, p in prefixes(model).items()}
+    if any(v is not None for v in activation.values()):
+        out["prefix_activation"] = activation
     if domain_meter is not None:
         from pelt_cli.heads import domain_adapter
 
@@ -91,7 +111,41 @@ def merge_history(previous: dict[str, Any] | None, current: dict[str, Any], epoc
     if "domain" in current:
         entry["domain"] = {"gate": current["domain"]["gate"]["mean"], "scale": current["domain"]["scale"]}
     history[str(epoch)] = entry
-    return {**current, "epoch": epoch, "history": history}
+    kept = {k: v for k, v in current.items() if k not in DIAGNOSTIC_KEYS}
+    return {**kept, "epoch": epoch, "history": history}
+
+
+def entropy(means: list[float]) -> float:
+    """Shannon entropy (nats) of the means normalised to a distribution: 0 (one module takes all) to ln k (even).
+
+    Softmax gates' means already sum to 1; sigmoid gates' are normalised by their sum. NaN when no mean is > 0.
+    """
+    finite = [m for m in means if m == m and m > 0]
+    total = sum(finite)
+    if not total:
+        return math.nan
+    return -sum(m / total * math.log(m / total) for m in finite) + 0.0
+
+
+def layer_entropy(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Gate entropy per gate site from ``{site: {module: stats with "mean" (or a bare mean)}}``."""
+    return {site: entropy([_mean(s) for s in mods.values()]) for site, mods in layers.items()}
+
+
+def _mean(s: Any) -> float:
+    return float(s["mean"] if isinstance(s, dict) else s)
+
+
+def eval_diagnostics(snap: dict[str, Any]) -> dict[str, Any]:
+    """What an eval row of ``metrics.jsonl`` carries from a snapshot: ``gate_entropy`` per site and the mean
+    ``prefix_activation`` over the prefixed attention modules (each only when there is one)."""
+    out: dict[str, Any] = {}
+    if snap.get("layers"):
+        out["gate_entropy"] = layer_entropy(snap["layers"])
+    shares = [v for v in (snap.get("prefix_activation") or {}).values() if v is not None]
+    if shares:
+        out["prefix_activation"] = sum(shares) / len(shares)
+    return out
 
 
 def read(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -107,12 +161,79 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     from pelt_cli.sites import layer_of
 
     out = []
+    ent = layer_entropy(doc.get("layers", {}))
     for site, mods in doc.get("layers", {}).items():
         for module, s in mods.items():
-            out.append({"site": site, "layer": layer_of(site), "module": module, **s})
+            out.append({"site": site, "layer": layer_of(site), "module": module, **s, "entropy": ent[site]})
     if "domain" in doc:
         out.append({"site": "domain", "layer": None, "module": "domain.gate", **doc["domain"]["gate"]})
     return out
+
+
+def history_rows(doc: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``(epochs, rows)``: per gated module (and the domain gate), its mean gate after each epoch (key: the epoch),
+    from ``gates.json``'s ``history``; with ``entropy`` rows per site after the module rows."""
+    history = doc.get("history") or {}
+    epochs = sorted(history, key=int)
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def put(site: str, module: str, epoch: str, value: float) -> None:
+        rows.setdefault((site, module), {"site": site, "module": module})[epoch] = value
+
+    for e in epochs:
+        for site, mods in history[e].items():
+            if site == "domain":
+                put("domain", "domain.gate", e, mods["gate"])
+                continue
+            for module, mean in mods.items():
+                put(site, module, e, mean)
+            put(site, "entropy", e, layer_entropy({site: mods})[site])
+    return epochs, list(rows.values())
+
+
+def hints(doc: dict[str, Any]) -> list[str]:
+    """The guide's remedies that apply to a run's gates: a module whose mean gate stayed below 0.05 in every epoch
+    (at every site it is at), a domain gate outside the healthy band 0.3–0.7."""
+    out = []
+    for module, sites in _always_suppressed(doc).items():
+        out.append(
+            f"{module}: mean gate < {SUPPRESSED} in every epoch at {len(sites)} site(s) ({_sites_text(sites)}); "
+            "the module is always suppressed: check its placement, the learning rate and the sparsity λ"
+        )
+    d = (doc.get("domain") or {}).get("gate") or {}
+    mean = d.get("mean")
+    if isinstance(mean, float) and mean == mean and not HEALTHY[0] <= mean <= HEALTHY[1]:
+        where, remedy = (
+            ("below", "raise the adapter's scale to 0.5 if the loss does not move")
+            if mean < HEALTHY[0]
+            else ("above", "lower the adapter's scale to 0.05 if the source domain degrades")
+        )
+        out.append(f"domain gate mean {mean:.3f} is {where} the healthy band {HEALTHY[0]}–{HEALTHY[1]}: {remedy}")
+    return out
+
+
+def _always_suppressed(doc: dict[str, Any]) -> dict[str, list[str]]:
+    """Gated module → the sites where its mean gate was below :data:`SUPPRESSED` in every recorded epoch (the
+    current means when there is no history)."""
+    history = list((doc.get("history") or {}).values()) or [
+        {site: {m: _mean(s) for m, s in mods.items()} for site, mods in doc.get("layers", {}).items()}
+    ]
+    out: dict[str, list[str]] = {}
+    for site, mods in doc.get("layers", {}).items():
+        for module in mods:
+            seen = [h[site][module] for h in history if module in h.get(site, {})]
+            if seen and all(m < SUPPRESSED for m in seen):
+                out.setdefault(module, []).append(site)
+    return out
+
+
+def _sites_text(sites: list[str]) -> str:
+    from pelt_cli.sites import layer_of
+
+    layers = [layer_of(s) for s in sites]
+    if all(x is not None for x in layers):
+        return "layer " + ", ".join(str(x) for x in layers)
+    return ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
 
 
 def heatmap(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:

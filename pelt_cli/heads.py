@@ -96,14 +96,18 @@ def forward_hidden(model: nn.Module, batch: dict[str, torch.Tensor], task: str) 
     return h, batch.get("attention_mask")
 
 
-def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, Any]:
-    """Cross-entropy of the head's logits (a task model's, or pelt's own head's); returns ``(loss, logits)``."""
+def classification_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], task: str, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Any]:
+    """Cross-entropy of the head's logits (a task model's, or pelt's own head's), weighted per class by ``weight``
+    if given; returns ``(loss, logits)``."""
     if surgery.head_params(model):
         logits = task_logits(model, batch, task)
     else:
         h, mask = forward_hidden(model, batch, task)
         logits = model.pelt_head(h, mask)
-    return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
+    w = weight.to(logits.device, torch.float32) if weight is not None else None
+    return nn.functional.cross_entropy(logits.float(), batch["labels"], weight=w), logits
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:

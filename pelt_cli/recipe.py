@@ -5,13 +5,16 @@ Each problem carries ``file:line:col`` (from PyYAML's node marks) and its YAML p
 
 Top level: ``name``, ``description``, ``families`` (the model families the recipe is meant for), ``seed`` and
 ``inserts``, a list of entries with ``method``, ``targets`` (roles such as ``attn.q`` or module-path globs),
-``layers``, ``blocks`` and ``params`` (the method's hyper-parameters).
+``layers``, ``blocks`` and ``params`` (the method's hyper-parameters), and optionally ``train``: the training
+settings of ``pelt train`` (:class:`pelt_cli.train.TrainConfig` fields), which options given on its command line
+override.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -23,7 +26,38 @@ import yaml
 from .errors import RecipeError
 
 Pos = tuple[int, int]
-TOP_KEYS = {"name": str, "description": str, "families": list, "seed": int, "inserts": list}
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+TOP_KEYS = {"name": str, "description": str, "families": list, "seed": int, "inserts": list, "train": dict}
+TRAIN_EXCLUDED = ("device", "new_head", "task")  # where and how one invocation runs, not a recipe's settings
+# The train: section: each pelt_cli.train.TrainConfig field but TRAIN_EXCLUDED, with its type and range (the checks of
+# TrainConfig.check); kept here so that validating a recipe needs no torch (tests/test_recipe.py keeps them in step).
+TRAIN_FIELDS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "epochs": (int, {"min": 1}),
+    "batch_size": (int, {"min": 1}),
+    "lr": (float, {"min": 1e-12}),
+    "gate_lr": (float | None, {"min": 1e-12}),
+    "scale_lr": (float, {"min": 1e-12}),
+    "head_lr": (float | None, {"min": 1e-12}),
+    "weight_decay": (float, {"min": 0.0}),
+    "warmup": (float, {"min": 0.0}),
+    "schedule": (str, {"choices": ["linear", "cosine", "constant"]}),
+    "max_grad_norm": (float, {"min": 0.0}),
+    "grad_accum": (int, {"min": 1}),
+    "gate_warmup": (int, {"min": 0}),
+    "gate_sparsity": (str, {"choices": ["none", "entropy", "l1"]}),
+    "gate_lambda": (float, {"min": 0.0}),
+    "gate_temperature": (float | None, {"min": 1e-6}),
+    "patience": (int, {"min": 0}),
+    "early_stop_on": (str, {"choices": ["metric", "loss"]}),
+    "min_delta": (float, {"min": 0.0}),
+    "class_weights": (str, {"choices": ["none", "auto"]}),
+    "eval_every": (int, {"min": 0}),
+    "log_every": (int, {"min": 0}),
+    "eval_fraction": (float, {"min": 1e-9, "max": 0.999999}),
+    "max_length": (int, {"min": 2}),
+    "max_steps": (int | None, {"min": 1}),
+    "seed": (int, {}),
+}
 ENTRY_KEYS = {"method": str, "name": str, "targets": list, "layers": object, "blocks": list, "params": dict}
 BLOCKS = ["encoder", "decoder", "cross-attention", "audio", "vision", "projector", "-"]
 
@@ -56,6 +90,7 @@ class Recipe:
     families: tuple[str, ...] = ()
     seed: int = 0
     source: str = ""
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # only the keys the recipe's train: sets
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "<recipe>") -> Recipe:
@@ -84,6 +119,7 @@ class Recipe:
                 }
                 for e in self.inserts
             ],
+            **({"train": dict(self.train)} if self.train else {}),
         }
 
 
@@ -245,6 +281,8 @@ def _check_value(ck: _Checker, value: Any, tp: Any, meta: dict, path: tuple) -> 
         return [_check_value(ck, v, item_tp, meta, path + (i,)) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         ck.add(path, f"expected {_type_name(tp)}, got {value!r}")
         return value
@@ -332,6 +370,7 @@ def validate(data: Any, pos: dict[tuple, Pos], where: str) -> Recipe:
     if not isinstance(families, list):
         ck.add(("families",), f"expected a list of model families, got {families!r}")
         families = []
+    train = train_section(ck, data.get("train"))
     if ck.problems:
         raise RecipeError(ck.problems, hint="pelt validate RECIPE checks a recipe; pelt recipes cat NAME shows one")
     return Recipe(
@@ -341,7 +380,22 @@ def validate(data: Any, pos: dict[tuple, Pos], where: str) -> Recipe:
         families=tuple(families),
         seed=int(data.get("seed", 0)),
         source=where,
+        train=train,
     )
+
+
+def train_section(ck: _Checker, raw: Any) -> dict[str, Any]:
+    """Validate the optional ``train:`` mapping against :data:`TRAIN_FIELDS`; the keys it sets, values converted."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        ck.add(("train",), f"expected a mapping of training settings (pelt train's options), got {raw!r}")
+        return {}
+    for k in TRAIN_EXCLUDED:
+        if k in raw:
+            ck.add(("train", k), f"not a recipe setting: give it to pelt train (--{k.replace('_', '-')})")
+    ck.keys({k: v for k, v in raw.items() if k not in TRAIN_EXCLUDED}, TRAIN_FIELDS, ("train",))
+    return {k: _check_value(ck, v, *TRAIN_FIELDS[k], ("train", k)) for k, v in raw.items() if k in TRAIN_FIELDS}
 
 
 def _entry(ck: _Checker, raw: dict, path: tuple, index: int, methods: Any) -> Entry | None:

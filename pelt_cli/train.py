@@ -11,12 +11,14 @@ only rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import torch
 
 from pelt_cli import gates as gatestats
 from pelt_cli import heads, surgery
+from pelt_cli.diagnostics import TrainLog, is_train_row
 from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
 from pelt_cli.io.atomic import atomic_file, write_bytes_atomic, write_text_atomic
@@ -53,7 +56,11 @@ class TrainConfig:
     gate_lambda: float = 0.01
     gate_temperature: float | None = None
     patience: int = 3
+    early_stop_on: str = "metric"  # metric: the task's primary metric; loss: the eval loss
+    min_delta: float = 0.0  # an epoch improves only when it beats the best by more than this
+    class_weights: str = "none"  # auto: cross-entropy weighted by inverse class frequency (training loss only)
     eval_every: int = 0
+    log_every: int = 10  # a "kind": "train" row (loss, lr, gradient norms) in metrics.jsonl every N steps; 0: none
     eval_fraction: float = 0.1
     max_length: int = 128
     max_steps: int | None = None
@@ -79,8 +86,15 @@ class TrainConfig:
                 f"--gate-sparsity {self.gate_sparsity!r}: expected none, entropy or l1",
             ),
             (self.patience >= 0, f"--patience {self.patience}: expected ≥ 0 (0 disables early stopping)"),
+            (
+                self.early_stop_on in ("metric", "loss"),
+                f"--early-stop-on {self.early_stop_on!r}: expected metric or loss",
+            ),
+            (self.min_delta >= 0, f"--min-delta {self.min_delta}: expected ≥ 0"),
+            (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: expected none or auto"),
             (0 < self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction}: expected between 0 and 1"),
             (self.eval_every >= 0, f"--eval-every {self.eval_every}: expected ≥ 0 (0: only at epoch ends)"),
+            (self.log_every >= 0, f"--log-every {self.log_every}: expected ≥ 0 (0: no training-loss rows)"),
             (self.max_length >= 2, f"--max-length {self.max_length}: expected ≥ 2"),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: expected ≥ 0"),
             (self.head_lr is None or self.head_lr > 0, f"--head-lr {self.head_lr}: expected > 0"),
@@ -93,6 +107,41 @@ class TrainConfig:
         for ok, message in rules:
             if not ok:
                 raise UsageError(message)
+
+
+def resolve_config(cfg: TrainConfig | None, given: Collection[str] | None, recipe_train: dict[str, Any]) -> TrainConfig:
+    """The settings a run trains with: TrainConfig defaults < the recipe's ``train:`` section < what was given.
+
+    Args:
+        cfg: the caller's settings (the CLI's options); None: the defaults.
+        given: the fields of ``cfg`` set on purpose (options given on the command line); None: all of them when
+            ``cfg`` is given (the recipe's section then changes nothing), none when it is not.
+        recipe_train: the run recipe's validated ``train:`` section (only the keys it sets).
+    """
+    if cfg is None:
+        cfg, given = TrainConfig(), ()
+    elif given is None:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in recipe_train.items() if k in fields and k not in set(given)}
+    return dataclasses.replace(cfg, **merged)
+
+
+def monitored(task: str, cfg: TrainConfig) -> tuple[str, bool]:
+    """The eval value early stopping and the best checkpoint follow, and whether higher is better."""
+    return ("eval_loss", False) if cfg.early_stop_on == "loss" else primary_metric(task)
+
+
+def is_improvement(value: float, best: float, higher: bool, min_delta: float) -> bool:
+    """Whether an epoch's ``value`` beats ``best`` by more than ``min_delta``."""
+    return value > best + min_delta if higher else value < best - min_delta
+
+
+def class_weights(rows: list[dict[str, Any]], labels: list[str]) -> list[float]:
+    """Inverse class frequency, ``N / (K · n_c)`` (1 for every class when balanced); 0 for a class without rows."""
+    counts = Counter(r["label"] for r in rows)
+    n, k = sum(counts[lab] for lab in labels), len(labels)
+    return [n / (k * counts[lab]) if counts[lab] else 0.0 for lab in labels]
 
 
 @dataclass
@@ -385,7 +434,18 @@ def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any)
     if cfg.gate_temperature is not None:
         for ctl in gatestats.controllers(model).values():
             ctl.temperature = cfg.gate_temperature
+    _set_class_weights(model, d, cfg)
     return model.to(device).train(), trainable, total
+
+
+def _set_class_weights(model: torch.nn.Module, d: _Data, cfg: TrainConfig) -> None:
+    """``--class-weights auto``: the training loss's per-class weights (:func:`class_weights`) on the model as
+    ``pelt_class_weights`` (a plain attribute, never saved); the eval loss stays unweighted."""
+    if cfg.class_weights == "none":
+        return
+    if d.task not in heads.CLASSIFICATION or not d.labels:
+        raise UsageError(f"--class-weights {cfg.class_weights}: applies to classification tasks, not {d.task}")
+    model.pelt_class_weights = torch.tensor(class_weights(d.train.rows, d.labels))
 
 
 @dataclass
@@ -454,6 +514,7 @@ def train_run(
     resume: bool = False,
     tokenizer: str | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    given: Collection[str] | None = None,
 ) -> TrainResult:
     """Train a run's inserted parameters (and task head) on a dataset; see the module docstring.
 
@@ -461,17 +522,18 @@ def train_run(
         run_dir: a run directory made by ``pelt apply``.
         data: a data file (JSONL/CSV/TSV) or a built-in dataset name.
         eval_data: an eval file; default: the built-in dataset's eval split or ``eval_fraction`` of ``data``.
-        cfg: hyper-parameters.
+        cfg: hyper-parameters; the run recipe's ``train:`` section fills what ``given`` leaves out.
         resume: continue from the run's last epoch checkpoint (optimizer, scheduler and RNG state included).
         tokenizer: tokenizer directory when the base has none.
         on_event: progress callback (``{"kind": "start"|"step"|"eval"|"end", …}``); rank 0 only.
+        given: the fields of ``cfg`` set on purpose (see :func:`resolve_config`).
 
     Raises:
         TrainingError: a non-finite loss (the run keeps its last good checkpoint) or a base parameter that trains.
     """
-    cfg = cfg or TrainConfig()
-    cfg.check()
     run = Run.open(run_dir)
+    cfg = resolve_config(cfg, given, dict(run.recipe.train) if run.recipe else {})
+    cfg.check()
     device = pick_device(cfg.device)
     d = _load_data(run, data, eval_data, cfg)
     inputs = data_inputs(run.meta.base.path, d.task, tokenizer)
@@ -480,7 +542,7 @@ def train_run(
     lp = _loop(run, model, d, cfg, device, inputs, on_event or (lambda e: None))
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
         run.meta.extra["tokenizer"] = str(Path(tokenizer or run.meta.base.path).resolve())
-    metric_name, higher = primary_metric(d.task)
+    metric_name, higher = monitored(d.task, cfg)
     st = _resume(run.dir, lp.opt, lp.sched, cfg) if resume else _fresh_state(higher)
     _start(lp, st, trainable, total)
     t0 = time.time()
@@ -497,7 +559,7 @@ def train_run(
         st["best_epoch"],
         st["best"],
         metric_name,
-        st["history"],
+        [r for r in st["history"] if not is_train_row(r)],
         stopped,
         trainable,
         time.time() - t0,
@@ -543,7 +605,7 @@ def _start(lp: _Loop, st: dict[str, Any], trainable: int, total: int) -> None:
 
 def _epochs(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any] | None, t0: float) -> bool:
     """The epoch loop (evaluation, early stopping and a checkpoint after each); True when it stopped early."""
-    metric_name, higher = primary_metric(lp.data.task)
+    metric_name, higher = monitored(lp.data.task, lp.cfg)
     for epoch in range(st["epoch"], lp.cfg.epochs):
         done = run_epoch(
             lp.model,
@@ -564,12 +626,13 @@ def _epochs(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any] | None, t0: 
         )
         metrics, snap = lp.evaluate()
         value = metrics[metric_name]
-        improved = value > st["best"] if higher else value < st["best"]
+        improved = is_improvement(value, st["best"], higher, lp.cfg.min_delta)
         if improved:
             st["best"], st["best_epoch"], st["bad_epochs"] = value, epoch + 1, 0
         else:
             st["bad_epochs"] += 1
         record = {"epoch": epoch + 1, "step": st["step"], **metrics, "seconds": round(time.time() - t0, 3)}
+        record.update(gatestats.eval_diagnostics(snap))  # gate entropy per site, prefix activation
         st["history"].append(record)
         st["epoch"] = epoch + 1
         gate_doc = _gate_history(gate_doc, snap, epoch + 1, improved)
@@ -632,7 +695,7 @@ def run_epoch(
     batches = list(
         batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world)
     )
-    t0 = time.time()
+    log = TrainLog(model, cfg.log_every, total_steps, emit)
     gated = bool(gatestats.controllers(model))
     for i, batch in enumerate(batches):
         if gated and cfg.gate_warmup:
@@ -644,19 +707,9 @@ def run_epoch(
             check_gradients(model, task)
         if (i + 1) % cfg.grad_accum and i + 1 != len(batches):
             continue
-        _optimizer_step(opt, sched, params, cfg, world)
+        norms = _optimizer_step(opt, sched, params, cfg, world, log if log.due(st["step"] + 1) else None)
         st["step"] += 1
-        emit(
-            {
-                "kind": "step",
-                "step": st["step"],
-                "total_steps": total_steps,
-                "epoch": epoch + 1,
-                "loss": loss.item(),
-                "lr": sched.get_last_lr()[0],
-                "rate": (i + 1) / max(time.time() - t0, 1e-9),
-            }
-        )
+        log.step(st, epoch + 1, i + 1, loss, sched.get_last_lr()[0], norms)
         if cfg.max_steps and st["step"] >= cfg.max_steps:
             return True
         if evaluator and cfg.eval_every and st["step"] % cfg.eval_every == 0 and i + 1 < len(batches):
@@ -670,7 +723,7 @@ def _step_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, task: str, where: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(task loss, loss + gate sparsity term)`` of one batch; a non-finite loss stops training."""
-    loss, _ = compute_loss(model, batch, task)
+    loss, _ = compute_loss(model, batch, task, getattr(model, "pelt_class_weights", None))
     penalty = gate_penalty(model, cfg.gate_sparsity)
     total = loss + cfg.gate_lambda * penalty if penalty is not None else loss
     if not torch.isfinite(total.detach()).all():
@@ -698,14 +751,19 @@ def check_gradients(model: torch.nn.Module, task: str) -> None:
         )
 
 
-def _optimizer_step(opt: Any, sched: Any, params: list, cfg: TrainConfig, world: int) -> None:
-    """Average gradients over ranks, clip, step the optimizer and the schedule."""
+def _optimizer_step(
+    opt: Any, sched: Any, params: list, cfg: TrainConfig, world: int, log: TrainLog | None = None
+) -> dict[str, Any] | None:
+    """Average gradients over ranks, clip, step the optimizer and the schedule; with ``log``, its measurement of the
+    gradient norms before clipping (else None)."""
     all_reduce_grads(params, world)
+    norms = log.measure(opt) if log is not None else None
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    return norms
 
 
 def _resume(run: Path, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:

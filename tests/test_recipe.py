@@ -61,3 +61,79 @@ def test_overrides() -> None:
         rc.load("lora", ["inserts.3.params.rank=4"])
     with pytest.raises(RecipeError, match="expected KEY=VALUE or ~KEY"):
         rc.load("lora", ["rank"])
+
+
+TRAIN_BAD = """name: t
+inserts:
+  - method: lora
+train:
+  lr: 1e-4
+  shedule: cosine
+  batch_size: two
+  epochs: 0
+  early_stop_on: los
+  min_delta: -1
+  device: cuda
+"""
+
+
+def test_train_section_every_problem_with_its_line() -> None:
+    with pytest.raises(RecipeError) as e:
+        rc.loads(TRAIN_BAD, "t.yaml")
+    assert sorted(e.value.problems) == [
+        "t.yaml:10:3: train.min_delta: -1.0 is too small: expected ≥ 0.0",
+        "t.yaml:11:3: train.device: not a recipe setting: give it to pelt train (--device)",
+        "t.yaml:6:3: train.shedule: unknown key (did you mean 'schedule'?)",
+        "t.yaml:7:3: train.batch_size: expected an integer, got 'two'",
+        "t.yaml:8:3: train.epochs: 0 is too small: expected ≥ 1",
+        "t.yaml:9:3: train.early_stop_on: 'los' is not one of metric, loss (did you mean 'loss'?)",
+    ]
+    with pytest.raises(RecipeError, match=r"t\.yaml:3:1: train: expected a mapping"):
+        rc.loads("inserts:\n  - method: lora\ntrain: 3\n", "t.yaml")
+
+
+def test_train_section_round_trips() -> None:
+    text = "inserts:\n  - method: lora\ntrain:\n  lr: 1e-4\n  warmup: 500\n  class_weights: auto\n"
+    r = rc.loads(text, "t.yaml")
+    assert r.train == {"lr": 1e-4, "warmup": 500.0, "class_weights": "auto"}  # 1e-4: YAML 1.1 reads a string
+    assert rc.Recipe.from_dict(r.to_dict()).train == r.train
+    assert rc.loads(rc.dump(r), "again.yaml").train == r.train
+    assert "train" not in rc.load("lora").to_dict()  # a recipe without the section resolves as before
+    r = rc.loads(text, "t.yaml", ["train.lr=0.01", "~train.class_weights"])
+    assert r.train == {"lr": 0.01, "warmup": 500.0}
+
+
+def test_bundled_recipes_carry_the_guides_training_settings() -> None:
+    paper = rc.load("unipelt-paper")
+    assert paper.train == {
+        "lr": 1e-3,
+        "warmup": 500.0,
+        "schedule": "cosine",
+        "gate_warmup": 500,
+        "gate_sparsity": "entropy",
+        "gate_lambda": 0.01,
+        "early_stop_on": "loss",
+        "patience": 3,
+        "min_delta": 1e-3,
+    }
+    params = paper.inserts[0].params
+    assert (params.gate_init, params.temperature, params.gate) == (0.1, 0.8, "sigmoid")
+    domain = rc.load("qwen2-audio-domain-adapter")
+    assert domain.train == {"lr": 1e-4, "scale_lr": 1e-3, "epochs": 3, "batch_size": 2, "grad_accum": 8}
+
+
+def test_train_fields_are_the_train_config() -> None:
+    """The train: section takes every TrainConfig field but the per-invocation ones, with TrainConfig's types, and
+    its ranges accept TrainConfig's defaults."""
+    import dataclasses
+    import typing
+
+    from pelt_cli.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(rc.TRAIN_FIELDS) == fields - set(rc.TRAIN_EXCLUDED)
+    assert {k: tp for k, (tp, _) in rc.TRAIN_FIELDS.items()} == {k: hints[k] for k in rc.TRAIN_FIELDS}
+    defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k in rc.TRAIN_FIELDS}
+    r = rc.loads(rc.dump(rc.Recipe("x", rc.load("lora").inserts, train=defaults)), "x.yaml")
+    assert r.train == defaults and dataclasses.replace(TrainConfig(), **r.train).check() is None

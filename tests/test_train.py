@@ -16,7 +16,8 @@ from conftest import REPO, hash_tree, pelt_main, pelt_pipeline
 from pelt_cli import recipe as rc
 from pelt_cli import surgery
 from pelt_cli.apply import apply
-from pelt_cli.errors import TrainingError
+from pelt_cli.diagnostics import is_train_row
+from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.run import ADAPTER_FILE, load_run
 from pelt_cli.train import TrainConfig, train_run
 
@@ -50,8 +51,8 @@ def test_every_method_learns_and_base_is_untouched(
     assert hist[-1]["eval_loss"] < 0.5 < 0.69  # ln 2 = 0.69 is the loss of a coin flip
     assert res.best_metric >= 0.9, hist  # chance is 0.5
     assert hist[-1]["f1"] >= 0.9
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == epochs and json.loads(lines[-1])["epoch"] == epochs
+    lines = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if not is_train_row(r)]
+    assert len(lines) == epochs and lines[-1]["epoch"] == epochs
     assert hash_tree(minilm) == before  # the base checkpoint is never written
     model, meta = load_run(run)
     assert type(model).__name__ == "BertForSequenceClassification"
@@ -109,7 +110,8 @@ def test_resume_equals_uninterrupted(tiny_bert: Path, sentiment: tuple[Path, Pat
         assert torch.equal(wa[k], wb[k]), k
     ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [m["eval_loss"] for m in ma] == [m["eval_loss"] for m in mb]
+    assert [m["eval_loss"] for m in ma if not is_train_row(m)] == [m["eval_loss"] for m in mb if not is_train_row(m)]
+    assert [m for m in ma if is_train_row(m)] == [m for m in mb if is_train_row(m)]  # loss, lr, norms: exact
 
 
 def test_nan_stops_cleanly(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
@@ -140,6 +142,7 @@ def test_gate_statistics_recorded(tiny_bert: Path, sentiment: tuple[Path, Path],
     doc = json.loads((run / "gates.json").read_text())
     assert len(doc["layers"]) == 2 and doc["last_epoch"] == 2 and set(doc["history"]) == {"1", "2"}
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if not is_train_row(m)]
     best = max(metrics, key=lambda m: m["accuracy"])["epoch"]  # the statistics of the weights that were kept
     assert doc["epoch"] == doc["best"]["epoch"] == best and doc["layers"] == doc["best"]["layers"]
     for mods in doc["layers"].values():
@@ -237,6 +240,9 @@ def test_domain_adapter_closes_the_feature_gap(tiny_dir: Path, audio_pairs: tupl
     d = doc["domain"]
     assert 0 < d["gate"]["mean"] < 1 and d["gate"]["count"] == 8 * 50 and d["scale"] != 0.1
     assert d["healthy"] == (0.3 <= d["gate"]["mean"] <= 0.7)
+    (row,) = [r for r in _metrics(run) if is_train_row(r)]  # 3 steps an epoch, --log-every 10: step 10
+    assert row["step"] == 10 and row["grad_norm"]["scale"] > 0 and row["grad_norm"]["modules"] > 0
+    assert "head" not in row["grad_norm"] and "gates" not in row["grad_norm"]  # domain matching: no head, no UniPELT
     r = pelt_main("gates", str(run), "--format", "table", env={"COLUMNS": "160"})
     assert r.returncode == 0 and "domain adapter: mean gate" in r.stdout and "scale" in r.stdout
 
@@ -288,6 +294,122 @@ def test_eval_every_n_steps_logs_partial_rows(tiny_bert: Path, sentiment: tuple[
         on_event=events.append,
     )
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if is_train_row(r)] == [10]  # --log-every 10
+    rows = [r for r in rows if not is_train_row(r)]
     assert [(r["step"], r.get("partial", False)) for r in rows] == [(5, True), (10, True), (12, False)]
     assert [e["step"] for e in events if e["kind"] == "eval"] == [5, 10, 12]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------ recipe train:
+
+
+def _config(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())["training"]["config"]
+
+
+def test_precedence_defaults_recipe_then_given_options(
+    tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """TrainConfig defaults < the recipe's train: section < the options given (library ``given``, CLI flags)."""
+    section = "train={epochs: 3, lr: 0.005, batch_size: 16, max_length: 24, warmup: 0.0, max_steps: 2}"
+    recipe = rc.load("lora", [section])
+    run = apply(recipe, tiny_bert, tmp_path / "run")
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_length=24)
+    train_run(run, str(sentiment[0]), str(sentiment[1]), cfg, given={"epochs"})
+    got = _config(run)
+    assert (got["epochs"], got["lr"], got["batch_size"], got["max_steps"]) == (1, 0.005, 16, 2)
+    assert (got["weight_decay"], got["schedule"]) == (0.01, "linear")  # neither given nor in the recipe: defaults
+    train_run(run2 := apply(recipe, tiny_bert, tmp_path / "run2"), str(sentiment[0]), str(sentiment[1]), cfg)
+    assert (_config(run2)["lr"], _config(run2)["batch_size"]) == (1e-2, 8)  # given=None: cfg as it is
+    run3 = apply(recipe, tiny_bert, tmp_path / "run3")
+    r = pelt_main("train", str(run3), "--data", str(sentiment[0]), "--eval", str(sentiment[1]), "--lr", "0.02", "-q")
+    assert r.returncode == 0, r.stderr
+    got = _config(run3)
+    assert (got["epochs"], got["lr"], got["batch_size"], got["max_steps"], got["patience"]) == (3, 0.02, 16, 2, 3)
+
+
+def test_class_weights_auto(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
+    from pelt_cli.train import _Data, _set_class_weights, class_weights
+
+    rows = [{"label": "positive"}] * 6 + [{"label": "negative"}] * 2
+    assert class_weights(rows, ["negative", "positive"]) == pytest.approx([2.0, 2 / 3])  # N / (K · n_c)
+    assert class_weights(rows, ["negative", "neutral", "positive"]) == pytest.approx([8 / 6, 0.0, 8 / 18])
+    lines = sentiment[0].read_text().splitlines()
+    skewed = [ln for ln in lines if '"positive"' in ln] + [ln for ln in lines if '"negative"' in ln][:24]
+    data = tmp_path / "skewed.jsonl"
+    data.write_text("\n".join(skewed) + "\n")  # 96 positive, 24 negative
+    first = {}
+    for mode in ("none", "auto"):
+        run = apply(rc.load("lora"), tiny_bert, tmp_path / mode)
+        events: list[dict] = []
+        cfg = TrainConfig(**dict(FAST, epochs=1, max_steps=1, class_weights=mode))
+        train_run(run, str(data), str(sentiment[1]), cfg, on_event=events.append)
+        first[mode] = next(e["loss"] for e in events if e["kind"] == "step")
+        assert _config(run)["class_weights"] == mode
+    assert abs(first["auto"] - first["none"]) > 1e-4, first  # the same first batch, weighted differently
+    lm = _Data("causal-lm", None, None, None, "", "")
+    with pytest.raises(UsageError, match="--class-weights auto: applies to classification tasks, not causal-lm"):
+        _set_class_weights(torch.nn.Linear(2, 2), lm, TrainConfig(class_weights="auto"))
+
+
+def test_min_delta_early_stopping_on_loss(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
+    from pelt_cli.train import is_improvement
+
+    assert is_improvement(0.5, 0.6, False, 0.05) and not is_improvement(0.56, 0.6, False, 0.05)
+    assert is_improvement(0.7, 0.6, True, 0.05) and not is_improvement(0.64, 0.6, True, 0.05)
+    assert is_improvement(0.61, 0.6, True, 0.0) and not is_improvement(0.6, 0.6, True, 0.0)
+    run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
+    cfg = TrainConfig(**dict(FAST, epochs=5, patience=1, early_stop_on="loss", min_delta=10.0))
+    res = train_run(run, str(sentiment[0]), str(sentiment[1]), cfg)
+    # epoch 1 beats +inf; epoch 2 cannot lower the eval loss by 10: one bad epoch, patience 1 → stop
+    assert (res.epochs_done, res.best_epoch, res.stopped_early, res.metric_name) == (2, 1, True, "eval_loss")
+    assert res.best_metric == res.history[0]["eval_loss"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_log_train_loss_and_grad_norms(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
+    """--log-every 4: a training row every 4 steps (mean loss, lr, gradient norm per optimizer group before clipping:
+    > 0 for the groups that train, the gates absent while gate warm-up freezes them); the eval row carries the gate
+    entropy per layer and the prefix activation."""
+    import math
+
+    run = apply(rc.load("unipelt"), tiny_bert, tmp_path / "run")
+    cfg = TrainConfig(**dict(FAST, epochs=1, log_every=4, gate_warmup=8, max_grad_norm=1e-3))
+    train_run(run, str(sentiment[0]), str(sentiment[1]), cfg)
+    rows = _metrics(run)
+    train = [r for r in rows if is_train_row(r)]
+    assert [(r["step"], r["epoch"]) for r in train] == [(4, 1), (8, 1), (12, 1)]  # 192 rows / 16 = 12 steps
+    for r in train:
+        assert math.isfinite(r["loss"]) and 0.3 < r["loss"] < 1.5 and 0 < r["lr"] <= FAST["lr"]
+        assert r["grad_norm"]["modules"] > 1e-3  # measured before clipping to 1e-3
+        assert all(math.isfinite(v) and v > 0 for v in r["grad_norm_method"].values())
+    assert "gates" not in train[0]["grad_norm"] and "gates" not in train[1]["grad_norm"]  # frozen: steps 1–8
+    assert train[2]["grad_norm"]["gates"] > 0 and {"lora", "prefix", "adapter"} <= set(train[2]["grad_norm_method"])
+    assert "scale" not in train[2]["grad_norm"]  # no domain adapter: no such group
+    (ev,) = [r for r in rows if not is_train_row(r)]
+    assert "kind" not in ev and ev["step"] == 12
+    doc = json.loads((run / "gates.json").read_text())
+    assert set(ev["gate_entropy"]) == set(doc["layers"])
+    for site, h in ev["gate_entropy"].items():
+        p = [s["mean"] / sum(x["mean"] for x in doc["layers"][site].values()) for s in doc["layers"][site].values()]
+        assert 0 <= h <= math.log(3) and abs(h + sum(q * math.log(q) for q in p)) < 1e-9  # one epoch: the same eval
+    assert 0 < ev["prefix_activation"] < 1
+
+
+@pytest.mark.parametrize("recipe_name", ["prefix", "lora"])
+def test_prefix_activation_only_with_a_prefix(
+    tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path, recipe_name: str
+) -> None:
+    run = apply(rc.load(recipe_name), tiny_bert, tmp_path / "run")
+    train_run(run, str(sentiment[0]), str(sentiment[1]), TrainConfig(**dict(FAST, epochs=1, log_every=0)))
+    rows = _metrics(run)
+    assert len(rows) == 1 and not is_train_row(rows[0])  # --log-every 0: no training rows
+    assert "gate_entropy" not in rows[0]  # no gates
+    if recipe_name == "prefix":
+        assert 0 < rows[0]["prefix_activation"] < 1
+    else:
+        assert "prefix_activation" not in rows[0]

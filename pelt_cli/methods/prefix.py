@@ -105,6 +105,9 @@ class Prefix(nn.Module):
         super().__init__()
         self.length, self.k_width, self.v_width, self.reparam = length, k_width, v_width, reparam
         self.gate: Any = None
+        self.measuring = False  # set while evaluating: prefix_attention then records the attention on the prefix
+        self._mass: torch.Tensor | None = None
+        self._count = 0
         if reparam:
             self.embedding = nn.Parameter(torch.empty(length, embed_dim))
             self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, k_width + v_width))
@@ -130,6 +133,24 @@ class Prefix(nn.Module):
         g = self.gate() if self.gate is not None else None
         return prepend_prefix(pk, key, g), prepend_prefix(pv, value, g)
 
+    def start_measuring(self) -> None:
+        """Record the share of attention the queries put on the prefix from now on (evaluation only: it costs an
+        extra attention-score computation per forward)."""
+        self.measuring, self._mass, self._count = True, None, 0
+
+    def stop_measuring(self) -> float | None:
+        """Stop recording; the mean share of attention on the prefix over the queries, heads and sequences seen
+        (None: no forward since :meth:`start_measuring`)."""
+        self.measuring = False
+        return None if self._mass is None or not self._count else float(self._mass) / self._count
+
+    @torch.no_grad()
+    def record(self, share: torch.Tensor) -> None:
+        """Add the per-query shares ``[B, heads, q]`` of one forward."""
+        total = share.double().sum()
+        self._mass = total if self._mass is None else self._mass + total
+        self._count += share.numel()
+
     @torch.no_grad()
     def bake(self) -> Prefix:
         """Replace the embedding and MLP by the prefix they produce (plain ``key``/``value``); outputs are unchanged.
@@ -145,6 +166,25 @@ class Prefix(nn.Module):
         self.value = nn.Parameter(pv.detach().clone().contiguous())
         self.reparam = False
         return self
+
+
+@torch.no_grad()
+def prefix_share(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, length: int, scaling: float, bias: Any = None
+) -> torch.Tensor:
+    """The attention mass each query puts on the first ``length`` key positions (the prefix), ``[B, heads, q]``.
+
+    ``softmax(Q Kᵀ · scaling + mask [+ bias])`` summed over the prefix columns (GQA keys repeated to the query
+    heads); a query whose keys are all masked counts 0.
+    """
+    rep = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(rep, dim=1) if rep > 1 else key.float()
+    scores = query.float() @ k.transpose(-1, -2) * scaling
+    if bias is not None:
+        scores = scores + bias.float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask.float()
+    return scores.softmax(-1).nan_to_num(0.0)[..., :length].sum(-1)
 
 
 def prefix_attention(
@@ -171,6 +211,10 @@ def prefix_attention(
     bias = kwargs.pop("position_bias", None)
     if bias is not None:
         kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], prefix.length), bias], dim=-1)
+    if prefix.measuring:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5  # sdpa's default when None
+        share = prefix_share(query, key, attention_mask, prefix.length, scaling, kwargs.get("position_bias"))
+        prefix.record(share)
     return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
 
 

@@ -8,6 +8,13 @@ computes one gate per enabled module and per sequence:
 * ``softmax`` (the practical guide's variant): ``softmax(W_2 ReLU(W_1 mean_t h_t) / T)`` with a hidden width of
   64 — the gates sum to 1.
 
+Initial gates: with ``gate_init`` g (sigmoid gates only) each gate's bias is ``T·logit(g)`` and its weights small
+(``gate_weight_init``: ``normal`` N(0, 0.02), the default then; ``xavier``; ``zeros``), so the mean gate starts
+at ≈ g (the guide's "mostly closed" 0.1). Without it (the default) the controller keeps PyTorch's default
+initialisation: gates start at 0.40–0.55, as in every pelt run so far. Softmax gates sum to 1 and so cannot all
+start at g: ``gate_init`` is refused for them; ``gate_weight_init`` applies to the MLP's output layer (bias zeroed;
+``zeros`` starts them exactly uniform, 1/k each).
+
 Gate-L scales the LoRA deltas, Gate-P the prefix keys/values, Gate-A the adapter branch. LoRA's B and the
 adapter's up-projection start at zero, so without the prefix the model is the base model at step 0.
 The controller keeps the last gates and running statistics (mean, std, min, max) for ``pelt train``/``prune``.
@@ -16,6 +23,7 @@ The controller keeps the last gates and running statistics (mean, std, min, max)
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,10 +99,20 @@ class GateController(nn.Module):
         mode: ``sigmoid`` or ``softmax``.
         hidden: hidden width of the softmax gate MLP.
         temperature: T, dividing the gate logits.
+        gate_init: the mean sigmoid gate at initialisation (None: PyTorch's default initialisation).
+        weight_init: ``auto`` (``normal`` with ``gate_init``, else PyTorch's), ``torch``, ``normal``, ``xavier`` or
+            ``zeros``: the gate weights (the softmax MLP's output layer).
     """
 
     def __init__(
-        self, width: int, names: list[str], mode: str = "sigmoid", hidden: int = 64, temperature: float = 1.0
+        self,
+        width: int,
+        names: list[str],
+        mode: str = "sigmoid",
+        hidden: int = 64,
+        temperature: float = 1.0,
+        gate_init: float | None = None,
+        weight_init: str = "auto",
     ) -> None:
         super().__init__()
         self.names, self.mode, self.temperature = list(names), mode, temperature
@@ -103,9 +121,32 @@ class GateController(nn.Module):
             self.net: nn.Module = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, k))
         else:
             self.net = nn.Linear(width, k)
+        self.init_gates(gate_init, weight_init)
         self.current: torch.Tensor | None = None
         self.tokens = TokenMask()  # replaced by the one the model's call hook fills (see UniPELTMethod.insert)
         self.reset_stats()
+
+    def init_gates(self, gate_init: float | None, weight_init: str = "auto") -> None:
+        """Initialise the gate layer: small or default weights, and the bias that makes the mean gate ``gate_init``.
+
+        Raises:
+            PeltError: ``gate_init`` on softmax gates (they sum to 1), or out of (0, 1).
+        """
+        if gate_init is not None and (self.mode == "softmax" or not 0 < gate_init < 1):
+            raise PeltError(f"internal: gate_init {gate_init} applies to sigmoid gates only, in (0, 1)")
+        last = self.net[-1] if isinstance(self.net, nn.Sequential) else self.net
+        kind = weight_init if weight_init != "auto" else ("torch" if gate_init is None else "normal")
+        with torch.no_grad():
+            if kind == "normal":
+                nn.init.normal_(last.weight, 0.0, 0.02)
+            elif kind == "xavier":
+                nn.init.xavier_uniform_(last.weight)
+            elif kind == "zeros":
+                nn.init.zeros_(last.weight)
+            if gate_init is not None:
+                last.bias.fill_(self.temperature * math.log(gate_init / (1 - gate_init)))
+            elif kind != "torch":
+                last.bias.zero_()
 
     def reset_stats(self) -> None:
         """Forget the accumulated statistics."""
@@ -238,6 +279,23 @@ class UniPELTParams:
     gate: str = field(default="sigmoid", metadata={"choices": ["sigmoid", "softmax"]})
     gate_hidden: int = field(default=64, metadata={"min": 1, "help": "hidden width of the softmax gate MLP"})
     temperature: float = field(default=1.0, metadata={"min": 1e-6, "help": "gate temperature T"})
+    gate_init: float | None = field(
+        default=None,
+        metadata={
+            "min": 1e-4,
+            "max": 0.9999,
+            "help": "mean sigmoid gate at initialisation, through the gate bias (the guide: 0.1); "
+            "unset: PyTorch's default initialisation, gates ≈ 0.4–0.55",
+        },
+    )
+    gate_weight_init: str = field(
+        default="auto",
+        metadata={
+            "choices": ["auto", "torch", "normal", "xavier", "zeros"],
+            "help": "gate weights: N(0, 0.02), Xavier, zeros or PyTorch's default "
+            "(auto: normal with gate_init, else torch)",
+        },
+    )
     pruned: list[str] = field(
         default_factory=list,
         metadata={
@@ -254,6 +312,11 @@ class UniPELTParams:
         """At least one module; each at most once; size and reduction not both."""
         mods = kwargs.get("modules", list(MODULES))
         problems = []
+        if kwargs.get("gate_init") is not None and kwargs.get("gate") == "softmax":
+            problems.append(
+                "gate_init: softmax gates sum to 1, so they cannot all start at one value; they start near uniform "
+                "(exactly 1/k with gate_weight_init: zeros). Use gate_init with gate: sigmoid"
+            )
         if isinstance(mods, list) and (not mods or len(set(mods)) != len(mods)):
             problems.append(f"modules {mods}: expected a non-empty list of distinct names from {', '.join(MODULES)}")
         pruned = kwargs.get("pruned", [])
@@ -346,7 +409,15 @@ class UniPELTMethod:
             q = surgery.get_module(model, anchor.module)
             width = surgery.features(q)[0]
             with torch.device(q.weight.device):
-                ctl = GateController(width, list(params.modules), params.gate, params.gate_hidden, params.temperature)
+                ctl = GateController(
+                    width,
+                    list(params.modules),
+                    params.gate,
+                    params.gate_hidden,
+                    params.temperature,
+                    params.gate_init,
+                    params.gate_weight_init,
+                )
             ctl.tokens = tokens
             gate_path = surgery.attach(model, anchor.module, "gate", ctl)
             surgery.hook_input(model, anchor.module, _gate_hook)
@@ -371,6 +442,8 @@ class UniPELTMethod:
             for ins in inserted:
                 ins.method = f"{self.name}.{ins.method}"
             note = f"{params.gate} gates over {', '.join(params.modules)} (T={params.temperature})"
+            if params.gate_init is not None:
+                note += f"; initial gate {params.gate_init}"
             if params.pruned:
                 note += f"; pruned: {', '.join(params.pruned)}"
             out.append(Insertion(anchor.module, "gate", f"{self.name}.gate", [gate_path], note))

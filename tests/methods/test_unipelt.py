@@ -167,3 +167,62 @@ def test_gates_pool_over_real_tokens_only(gate: str) -> None:
         assert (padded[0, :4] - alone[0]).abs().max().item() <= 1e-6
         unmasked = model(input_ids=batch).last_hidden_state  # without a mask the pads count: a real difference
         assert (unmasked[0, :4] - alone[0]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "whisper"])
+@pytest.mark.parametrize("gate_init,weight_init", [(0.1, "auto"), (0.1, "normal"), (0.3, "zeros"), (0.7, "normal")])
+def test_gate_init_sets_the_mean_gate(family: str, gate_init: float, weight_init: str) -> None:
+    """The mean sigmoid gate at initialisation, over random inputs, is gate_init ± 0.02 (any temperature); each
+    gate is within ± 0.05 with N(0, 0.02) weights (its random weights see the tokens' common direction), exact
+    with zero weights."""
+    model = _fresh(family)
+    recipe = _recipe(family, gate_init=gate_init, gate_weight_init=weight_init, temperature=0.8)
+    insert_recipe(model, recipe)
+    with torch.no_grad():
+        for seed in range(4):
+            model(**sample_inputs(family, batch=4, seed=seed))
+    means = [s["mean"] for ctl in gate_controllers(model).values() for s in ctl.stats().values()]
+    assert len(means) >= 6 and abs(sum(means) / len(means) - gate_init) <= 0.02, means
+    assert max(abs(m - gate_init) for m in means) <= (1e-6 if weight_init == "zeros" else 0.05), means
+
+
+def test_gate_init_default_keeps_pytorch_initialisation() -> None:
+    """Without gate_init the controllers are those of earlier pelt runs (PyTorch's default init, same RNG use)."""
+    torch.manual_seed(3)
+    ctl = GateController(32, ["lora", "prefix", "adapter"])
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(32, 3)
+    assert torch.equal(ctl.net.weight, ref.weight) and torch.equal(ctl.net.bias, ref.bias)
+    model = _fresh("bert")
+    insert_recipe(model, _recipe("bert"))
+    with torch.no_grad():
+        model(**sample_inputs("bert", batch=4))
+    means = [s["mean"] for c in gate_controllers(model).values() for s in c.stats().values()]
+    assert all(0.3 < m < 0.7 for m in means) and max(abs(m - 0.1) for m in means) > 0.2
+
+
+def test_gate_weight_inits() -> None:
+    x = torch.randn(2, 5, 32)
+    for kind in ("normal", "xavier", "zeros"):
+        ctl = GateController(32, ["lora", "adapter"], weight_init=kind)
+        w = ctl.net.weight
+        assert torch.equal(ctl.net.bias, torch.zeros(2))
+        if kind == "zeros":
+            assert torch.equal(w, torch.zeros_like(w)) and torch.equal(ctl.compute(x), torch.full((2, 2), 0.5))
+        elif kind == "normal":
+            assert 0.01 < w.std().item() < 0.03
+        else:
+            assert w.abs().max().item() <= (6 / (32 + 2)) ** 0.5
+    soft = GateController(32, ["lora", "prefix", "adapter"], mode="softmax", weight_init="zeros")
+    assert torch.allclose(soft.compute(x), torch.full((2, 3), 1 / 3), atol=1e-7)  # exactly uniform at start
+
+
+def test_gate_init_validated() -> None:
+    with pytest.raises(rc.RecipeError, match=r"params: gate_init: softmax gates sum to 1"):
+        _recipe("bert", gate="softmax", gate_init=0.1)
+    with pytest.raises(rc.RecipeError, match=r"params\.gate_init: 1\.5 is too large"):
+        _recipe("bert", gate_init=1.5)
+    with pytest.raises(
+        rc.RecipeError, match=r"params\.gate_weight_init: 'xavir' is not one of .*did you mean 'xavier'"
+    ):
+        _recipe("bert", gate_weight_init="xavir")
