@@ -507,7 +507,7 @@ def train(
     if quiet:
         console.set_verbosity(console.QUIET)
     run_dir = _path(run)
-    console.detail(f"settings: {cfg}")
+    console.detail(f"options given: {', '.join(sorted(given)) or 'none'} (the recipe's train: section fills the rest)")
     progress = console.TrainProgress()
     try:
         train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress, given=given)
