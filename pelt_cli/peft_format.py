@@ -28,7 +28,7 @@ from pelt_cli.errors import CheckpointError, ExportRefused
 from pelt_cli.io.atomic import atomic_dir, prepare_out
 from pelt_cli.io.reader import load_file
 from pelt_cli.io.writer import save_file
-from pelt_cli.run import Base, Run
+from pelt_cli.run import Base, Run, expected_state
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -449,7 +449,6 @@ def import_peft(
     """
     from pelt_cli.insert import insert_recipe
     from pelt_cli.recipe import Recipe
-    from pelt_cli.run import expected_state
 
     pdir, out = Path(peft_dir), Path(out)
     cfg, state = read_peft(pdir)

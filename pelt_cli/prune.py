@@ -24,7 +24,7 @@ from typing import Any
 from pelt_cli import methods
 from pelt_cli.errors import CheckpointError, OutputExistsError, PeltError, PruneRefused, UsageError
 from pelt_cli.recipe import Recipe
-from pelt_cli.run import GATES_FILE, PRUNED_FILE, STATE_DIR, Run, now
+from pelt_cli.run import GATES_FILE, PRUNED_FILE, STATE_DIR, Run, expected_state, now
 
 DEFAULT_THRESHOLD = 0.05
 
@@ -193,8 +193,6 @@ def _check_rule(threshold: float | None, keep_top_k: int | None, per: str | None
 
 def _rebuilt(run: Run, recipe_doc: dict[str, Any]) -> tuple[Run, dict[str, tuple]]:
     """The run with another recipe (validated on its base's skeleton) and the tensors that recipe expects."""
-    from pelt_cli.run import expected_state
-
     recipe = Recipe.from_dict(recipe_doc, run.where)
     model, rows = run.skeleton(recipe=recipe)
     return run.with_recipe(recipe, rows), expected_state(model)
