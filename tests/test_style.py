@@ -14,8 +14,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "pelt_cli"
 PACKAGE = "pelt_cli"
@@ -342,8 +340,7 @@ def test_repeated_blocks_finder(tmp_path: Path) -> None:
 
 def _ruff() -> str:
     ruff = shutil.which("ruff") or str(REPO / ".venv" / "bin" / "ruff")
-    if not Path(ruff).exists():
-        pytest.skip("ruff is not installed (scripts/setup.sh installs it); lint and format checks skipped")
+    assert Path(ruff).exists(), "ruff is not installed: scripts/setup.sh installs the pinned ruff (requirements.txt)"
     return ruff
 
 

@@ -241,29 +241,24 @@ def test_right_padding_matches_unpadded(family):
 
 
 def test_left_padding_llama_with_position_ids():
+    """Left padding adds no error beyond the base model's own: the prefix sees exactly the real tokens."""
     model = tiny_models.build("llama").eval()
     torch.manual_seed(2)
     ids = torch.randint(0, 90, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :3] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        base_gap = (
-            (
-                model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[1, 3:]
-                - model(input_ids=ids[1:, 3:]).logits[0]
-            )
-            .abs()
-            .max()
-        )
-    if base_gap > 1e-5:
-        pytest.skip(f"the base model itself differs by {base_gap:.2e} under left padding")
+
+    def gap() -> float:
+        with torch.no_grad():
+            padded = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[1, 3:]
+            return (padded - model(input_ids=ids[1:, 3:]).logits[0]).abs().max().item()
+
+    base_gap = gap()
+    assert base_gap <= 1e-4  # the base model itself, left-padded: float rounding only
     apply(model, length=4)
     randomise(model)
-    with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        alone = model(input_ids=ids[1:, 3:]).logits
-    assert (padded[1, 3:] - alone[0]).abs().max() <= 1e-5
+    assert gap() <= base_gap + 1e-5
 
 
 def test_llama_incremental_decoding_matches_full_forward():
