@@ -25,7 +25,7 @@ from pelt_cli import __version__
 from pelt_cli.errors import PeltError, RecipeError, UsageError
 
 if TYPE_CHECKING:
-    from pelt_cli.train import TrainConfig
+    from pelt_cli.train_config import TrainConfig
 
 app = typer.Typer(
     name="pelt",
@@ -957,7 +957,7 @@ def train_config(options: dict[str, Any]) -> "TrainConfig":
     """
     from dataclasses import fields
 
-    from pelt_cli.train import TrainConfig
+    from pelt_cli.train_config import TrainConfig
 
     return TrainConfig(**{f.name: _plain(options[f.name]) for f in fields(TrainConfig)})
 

@@ -4,20 +4,16 @@ The run directory is updated in place, only through atomic renames: ``adapter.sa
 parameters, head included), ``run.json`` (head spec and training summary), ``metrics.jsonl``, ``gates.json`` and
 ``train/state.pt`` (optimizer, scheduler and RNG state for ``--resume``; read back with ``weights_only=True``).
 
-Data parallel: under ``torchrun`` every rank trains on its shard of each batch and the gradients of the
-trainable parameters are averaged with ``all_reduce`` before each step, so all ranks hold identical weights;
-only rank 0 writes.
+The pieces live beside it: ``optim`` (parameter groups, schedule, gate sparsity), ``train_state`` (the run's
+checkpoint files, resume), ``distributed`` (data parallelism under ``torchrun``; only rank 0 writes).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,120 +24,18 @@ import torch
 from pelt_cli import gates as gatestats
 from pelt_cli import heads, surgery
 from pelt_cli.diagnostics import TrainLog, is_train_row
+from pelt_cli.distributed import all_reduce_grads, check_ranks_agree, dist_info
 from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
-from pelt_cli.io.atomic import atomic_file, write_bytes_atomic, write_text_atomic
-from pelt_cli.run import ADAPTER_FILE, GATES_FILE, METRICS_FILE, RUN_FILE, STATE_DIR, Run, inserted_model
-
-STATE_FILE = "state.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of a training run (all have defaults; the CLI sets them from options)."""
-
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-3
-    gate_lr: float | None = None
-    scale_lr: float = 1e-3
-    head_lr: float | None = None
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    schedule: str = "linear"
-    max_grad_norm: float = 1.0
-    grad_accum: int = 1
-    gate_warmup: int = 0
-    gate_sparsity: str = "none"
-    gate_lambda: float = 0.01
-    gate_temperature: float | None = None
-    patience: int = 3
-    early_stop_on: str = "metric"  # metric: the task's primary metric; loss: the eval loss
-    min_delta: float = 0.0  # an epoch improves only when it beats the best by more than this
-    class_weights: str = "none"  # auto: cross-entropy weighted by inverse class frequency (training loss only)
-    eval_every: int = 0
-    log_every: int = 10  # a "kind": "train" row (loss, lr, gradient norms) in metrics.jsonl every N steps; 0: none
-    eval_fraction: float = 0.1
-    max_length: int = 128
-    max_steps: int | None = None
-    seed: int = 0
-    task: str | None = None
-    new_head: bool = False
-    device: str = "auto"
-
-    def check(self) -> None:
-        """Raise UsageError for values out of range."""
-        rules = [
-            (self.epochs >= 1, f"--epochs {self.epochs}: expected ≥ 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: expected ≥ 1"),
-            (self.lr > 0, f"--lr {self.lr}: expected > 0"),
-            (self.grad_accum >= 1, f"--grad-accum {self.grad_accum}: expected ≥ 1"),
-            (0 <= self.warmup, f"--warmup {self.warmup}: expected a fraction of the steps (0–1) or a step count"),
-            (
-                self.schedule in ("linear", "cosine", "constant"),
-                f"--schedule {self.schedule!r}: expected linear, cosine or constant",
-            ),
-            (
-                self.gate_sparsity in ("none", "entropy", "l1"),
-                f"--gate-sparsity {self.gate_sparsity!r}: expected none, entropy or l1",
-            ),
-            (self.patience >= 0, f"--patience {self.patience}: expected ≥ 0 (0 disables early stopping)"),
-            (
-                self.early_stop_on in ("metric", "loss"),
-                f"--early-stop-on {self.early_stop_on!r}: expected metric or loss",
-            ),
-            (self.min_delta >= 0, f"--min-delta {self.min_delta}: expected ≥ 0"),
-            (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: expected none or auto"),
-            (0 < self.eval_fraction < 1, f"--eval-fraction {self.eval_fraction}: expected between 0 and 1"),
-            (self.eval_every >= 0, f"--eval-every {self.eval_every}: expected ≥ 0 (0: only at epoch ends)"),
-            (self.log_every >= 0, f"--log-every {self.log_every}: expected ≥ 0 (0: no training-loss rows)"),
-            (self.max_length >= 2, f"--max-length {self.max_length}: expected ≥ 2"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: expected ≥ 0"),
-            (self.head_lr is None or self.head_lr > 0, f"--head-lr {self.head_lr}: expected > 0"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: expected auto, cpu or cuda"),
-            (
-                self.gate_temperature is None or self.gate_temperature > 0,
-                f"--gate-temperature {self.gate_temperature}: expected > 0",
-            ),
-        ]
-        for ok, message in rules:
-            if not ok:
-                raise UsageError(message)
-
-
-def resolve_config(cfg: TrainConfig | None, given: Collection[str] | None, recipe_train: dict[str, Any]) -> TrainConfig:
-    """The settings a run trains with: TrainConfig defaults < the recipe's ``train:`` section < what was given.
-
-    Args:
-        cfg: the caller's settings (the CLI's options); None: the defaults.
-        given: the fields of ``cfg`` set on purpose (options given on the command line); None: all of them when
-            ``cfg`` is given (the recipe's section then changes nothing), none when it is not.
-        recipe_train: the run recipe's validated ``train:`` section (only the keys it sets).
-    """
-    if cfg is None:
-        cfg, given = TrainConfig(), ()
-    elif given is None:
-        return cfg
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged = {k: v for k, v in recipe_train.items() if k in fields and k not in set(given)}
-    return dataclasses.replace(cfg, **merged)
+from pelt_cli.optim import gate_penalty, lr_lambda, param_groups, set_gates_trainable
+from pelt_cli.run import Run, inserted_model
+from pelt_cli.train_config import TrainConfig, class_weights, is_improvement, resolve_config
+from pelt_cli.train_state import finish_with_best, load_state, rng_state, save_checkpoint
 
 
 def monitored(task: str, cfg: TrainConfig) -> tuple[str, bool]:
     """The eval value early stopping and the best checkpoint follow, and whether higher is better."""
     return ("eval_loss", False) if cfg.early_stop_on == "loss" else primary_metric(task)
-
-
-def is_improvement(value: float, best: float, higher: bool, min_delta: float) -> bool:
-    """Whether an epoch's ``value`` beats ``best`` by more than ``min_delta``."""
-    return value > best + min_delta if higher else value < best - min_delta
-
-
-def class_weights(rows: list[dict[str, Any]], labels: list[str]) -> list[float]:
-    """Inverse class frequency, ``N / (K · n_c)`` (1 for every class when balanced); 0 for a class without rows."""
-    counts = Counter(r["label"] for r in rows)
-    n, k = sum(counts[lab] for lab in labels), len(labels)
-    return [n / (k * counts[lab]) if counts[lab] else 0.0 for lab in labels]
 
 
 @dataclass
@@ -164,116 +58,7 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- distributed
 
 
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` under torchrun, else ``(0, 1)``; initialises the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("PELT_DIST_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks (a zero gradient stands in for a missing one)."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad /= world
-
-
-def check_ranks_agree(params: list[torch.nn.Parameter], world: int) -> None:
-    """Raise if the ranks' trainable weights differ (they must be identical after averaged-gradient steps)."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    local = torch.stack(
-        [p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params]
-    ).cpu()
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise TrainingError(f"ranks disagree on the trained weights (max checksum gap {(hi - lo).abs().max():.3e})")
-
-
 # ---------------------------------------------------------------------------------------------- optimisation
-
-
-def _group_of() -> Callable[[str], str]:
-    """Parameter name → optimizer group: ``head``, what a method's ``param_group`` hook names, else ``modules``."""
-    from pelt_cli import methods
-
-    hooks = [h for h in (methods.hook(methods.get(n), "param_group") for n in methods.names()) if h is not None]
-    return lambda n: "head" if n.startswith("pelt_head.") else next((g for h in hooks if (g := h(n))), "modules")
-
-
-def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups, each with its learning rate: ``modules``, the head, and the groups the methods name (UniPELT's
-    ``gates``, the domain adapter's ``scale``)."""
-    group_of = _group_of()
-    groups: dict[str, list] = {"modules": [], "gates": [], "scale": [], "head": []}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(group_of(n), []).append(p)
-    lrs = {"modules": cfg.lr, "gates": cfg.gate_lr or cfg.lr, "scale": cfg.scale_lr, "head": cfg.head_lr or cfg.lr}
-    return [
-        {"params": ps, "lr": lrs.get(k, cfg.lr), "name": k, "weight_decay": 0.0 if k == "scale" else cfg.weight_decay}
-        for k, ps in groups.items()
-        if ps
-    ]
-
-
-def lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]:
-    """Linear warm-up to 1, then linear decay to 0, cosine decay, or constant."""
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
-
-    return f
-
-
-def gate_penalty(model: torch.nn.Module, kind: str) -> torch.Tensor | None:
-    """Sparsity term on the current UniPELT gates: mean entropy or mean L1 over layers."""
-    if kind == "none":
-        return None
-    terms = []
-    for ctl in gatestats.controllers(model).values():
-        g = ctl.current
-        if g is None:
-            continue
-        if kind == "l1":
-            terms.append(g.abs().mean())
-        elif ctl.mode == "softmax":  # −Σ g log g over the modules
-            terms.append(-(g * g.clamp_min(1e-12).log()).sum(-1).mean())
-        else:  # binary entropy of each sigmoid gate
-            gc = g.clamp(1e-6, 1 - 1e-6)
-            terms.append(-(gc * gc.log() + (1 - gc) * (1 - gc).log()).mean())
-    return torch.stack(terms).mean() if terms else None
-
-
-def set_gates_trainable(model: torch.nn.Module, trainable: bool) -> None:
-    """Freeze or unfreeze the gate parameters (the ``gates`` optimizer group; gate warm-up)."""
-    group_of = _group_of()
-    for n, p in model.named_parameters():
-        if surgery.is_inserted(n) and group_of(n) == "gates":
-            p.requires_grad_(trainable)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -298,54 +83,6 @@ def seed_all(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run files
-
-
-def save_checkpoint(
-    run: Run,
-    model: torch.nn.Module,
-    state: dict[str, Any],
-    metrics: list[dict[str, Any]],
-    gate_doc: dict[str, Any] | None,
-    best: bool,
-) -> None:
-    """Write the epoch's checkpoint into the run, each file through a temporary name and a rename."""
-    from pelt_cli.io.writer import save_file
-
-    adapter = {k: v.detach().cpu() for k, v in surgery.inserted_state(model).items()}
-    save_file(adapter, run.path(ADAPTER_FILE), metadata={"pelt_epoch": str(state["epoch"])})
-    sdir = run.path(STATE_DIR)
-    sdir.mkdir(exist_ok=True)
-    if best:
-        save_file(adapter, sdir / "best.safetensors", metadata={"pelt_epoch": str(state["epoch"])})
-    with atomic_file(sdir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
-    write_text_atomic(run.path(METRICS_FILE), "".join(json.dumps(m) + "\n" for m in metrics))
-    if gate_doc is not None and (gate_doc.get("layers") or gate_doc.get("domain")):
-        write_text_atomic(run.path(GATES_FILE), json.dumps(gate_doc, indent=2) + "\n")
-    write_text_atomic(run.path(RUN_FILE), run.meta_json())
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state that training consumes."""
-    import numpy as np
-
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
-        "numpy_keys": torch.from_numpy(np_state[1].astype("int64")),
-        "numpy_pos": int(np_state[2]),
-    }
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`."""
-    import numpy as np
-
-    torch.set_rng_state(s["torch"])
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype("uint32"), s["numpy_pos"], 0, 0.0))
 
 
 @dataclass
@@ -543,13 +280,13 @@ def train_run(
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
         run.meta.extra["tokenizer"] = str(Path(tokenizer or run.meta.base.path).resolve())
     metric_name, higher = monitored(d.task, cfg)
-    st = _resume(run.dir, lp.opt, lp.sched, cfg) if resume else _fresh_state(higher)
+    st = load_state(run.dir, lp.opt, lp.sched, cfg) if resume else _fresh_state(higher)
     _start(lp, st, trainable, total)
     t0 = time.time()
     stopped = _epochs(lp, st, gatestats.read(run.dir) if resume else None, t0)
     check_ranks_agree(lp.params, lp.world)
     if lp.rank == 0:
-        _finish_with_best(run.dir)
+        finish_with_best(run.dir)
     lp.emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name})
     return TrainResult(
         str(run.dir),
@@ -764,38 +501,3 @@ def _optimizer_step(
     sched.step()
     opt.zero_grad(set_to_none=True)
     return norms
-
-
-def _resume(run: Path, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:
-    p = run / STATE_DIR / STATE_FILE
-    if not p.is_file():
-        raise UsageError(f"{run}: nothing to resume (no {STATE_DIR}/{STATE_FILE})", hint="train without --resume")
-    st = torch.load(p, weights_only=True)
-    if st["epoch"] >= cfg.epochs:
-        raise UsageError(
-            f"{run}: already trained {st['epoch']} epoch(s); --epochs {cfg.epochs} leaves nothing to resume",
-            hint=f"pass --epochs {st['epoch'] + 1} or more",
-        )
-    opt.load_state_dict(st.pop("optimizer"))
-    sched.load_state_dict(st.pop("scheduler"))
-    set_rng_state(st.pop("rng"))
-    return st
-
-
-def _finish_with_best(run: Path) -> None:
-    """Leave the best epoch's weights in ``adapter.safetensors`` (early stopping keeps the best model), and their
-    gate statistics at the top of ``gates.json`` (what ``pelt gates``, ``prune`` and ``merge`` read)."""
-    doc = gatestats.read(run)
-    if doc and doc.get("best"):
-        best = doc["best"]
-        doc = {
-            **doc,
-            **{k: best[k] for k in ("layers", "domain") if k in best},
-            "epoch": best["epoch"],
-            "last_epoch": doc.get("epoch"),
-        }
-        write_text_atomic(run / GATES_FILE, json.dumps(doc, indent=2) + "\n")
-
-    best = run / STATE_DIR / "best.safetensors"
-    if best.is_file():
-        write_bytes_atomic(run / ADAPTER_FILE, best.read_bytes())

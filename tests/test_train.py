@@ -330,7 +330,8 @@ def test_precedence_defaults_recipe_then_given_options(
 
 
 def test_class_weights_auto(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    from pelt_cli.train import _Data, _set_class_weights, class_weights
+    from pelt_cli.train import _Data, _set_class_weights
+    from pelt_cli.train_config import class_weights
 
     rows = [{"label": "positive"}] * 6 + [{"label": "negative"}] * 2
     assert class_weights(rows, ["negative", "positive"]) == pytest.approx([2.0, 2 / 3])  # N / (K · n_c)
@@ -354,7 +355,7 @@ def test_class_weights_auto(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_p
 
 
 def test_min_delta_early_stopping_on_loss(tiny_bert: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
-    from pelt_cli.train import is_improvement
+    from pelt_cli.train_config import is_improvement
 
     assert is_improvement(0.5, 0.6, False, 0.05) and not is_improvement(0.56, 0.6, False, 0.05)
     assert is_improvement(0.7, 0.6, True, 0.05) and not is_improvement(0.64, 0.6, True, 0.05)
