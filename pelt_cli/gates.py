@@ -75,7 +75,7 @@ def prefixes(model: Any) -> dict[str, Any]:
 def reset(model: Any) -> None:
     """Clear every controller's running statistics and start measuring prefix activation (before an evaluation)."""
     for ctl in controllers(model).values():
-        ctl.reset_stats()
+        ctl.start_measuring()
     for p in prefixes(model).values():
         p.start_measuring()
 
@@ -85,7 +85,7 @@ def snapshot(model: Any, domain_meter: DomainGateMeter | None = None) -> dict[st
     since :func:`reset` (``prefix_activation``: attention module → share), which stops being measured."""
     out: dict[str, Any] = {"layers": {}}
     for site, ctl in controllers(model).items():
-        out["layers"][site] = ctl.stats()
+        out["layers"][site] = ctl.stop_measuring()
     activation = {path: p.stop_measuring() for path, p in prefixes(model).items()}
     if any(v is not None for v in activation.values()):
         out["prefix_activation"] = activation

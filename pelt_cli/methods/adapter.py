@@ -95,7 +95,8 @@ class BottleneckAdapter(nn.Module):
         scale = self.scale.to(dtype) if isinstance(self.scale, torch.Tensor) else self.scale
         if self.gate is None:
             return None if isinstance(scale, float) and scale == 1.0 else scale
-        return (self.gate() * scale).to(dtype)
+        gate = self.gate()
+        return (gate if isinstance(scale, float) and scale == 1.0 else gate * scale).to(dtype)
 
     def add_to(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``y + forward(h)`` with the scale and gate applied to the bottleneck, not the output width.

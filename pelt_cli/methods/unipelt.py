@@ -125,6 +125,7 @@ class GateController(nn.Module):
         self.current: torch.Tensor | None = None
         self.tokens = TokenMask()  # replaced by the one the model's call hook fills (see UniPELTMethod.insert)
         self.reset_stats()
+        self.measuring = False  # statistics are gathered only between start_measuring and stop_measuring
 
     def init_gates(self, gate_init: float | None, weight_init: str = "auto") -> None:
         """Initialise the gate layer: small or default weights, and the bias that makes the mean gate ``gate_init``.
@@ -158,12 +159,23 @@ class GateController(nn.Module):
         self._min = torch.full((k,), float("inf"), dtype=torch.float64, device=cpu)
         self._max = torch.full((k,), float("-inf"), dtype=torch.float64, device=cpu)
 
-    def compute(self, h: torch.Tensor) -> torch.Tensor:
-        """Gates [B, k] for hidden states [B, T, d]; stored as ``current`` and added to the statistics.
+    def start_measuring(self) -> None:
+        """Forget the statistics and gather them from every forward until :meth:`stop_measuring` (an evaluation)."""
+        self.reset_stats()
+        self.measuring = True
 
-        Every forward counts (training and evaluation alike), but only a detached reference is kept here: the
-        gates are folded into the running sums, on the CPU in float64, when :meth:`stats` asks or every
-        :data:`FOLD_EVERY` forwards — about ten small ops and, on a GPU, a device sync saved per layer and forward.
+    def stop_measuring(self) -> dict[str, dict[str, float]]:
+        """The statistics since :meth:`start_measuring`; forwards after this are not counted."""
+        self.measuring = False
+        return self.stats()
+
+    def compute(self, h: torch.Tensor) -> torch.Tensor:
+        """Gates [B, k] for hidden states [B, T, d]; kept as ``current``, counted in the statistics while measuring.
+
+        Only forwards between :meth:`start_measuring` and :meth:`stop_measuring` count (an evaluation); training
+        steps and plain inference pay nothing. Only a detached reference is kept here: the gates are folded into the
+        running sums, on the CPU in float64, when :meth:`stats` asks or every :data:`FOLD_EVERY` forwards — about
+        ten small ops and, on a GPU, a device sync saved per layer and forward.
         """
         x = h.to(next(self.net.parameters()).dtype)
         mask = self.tokens.for_states(x)
@@ -172,7 +184,7 @@ class GateController(nn.Module):
         else:
             g = sigmoid_gates(x, self.net, self.temperature, mask)
         self.current = g
-        if g.device.type != "meta" and g.numel():
+        if self.measuring and g.device.type != "meta" and g.numel():
             self._pending.append(g.detach())
             if len(self._pending) >= FOLD_EVERY:
                 self._fold()

@@ -75,6 +75,10 @@ def test_gate_values_and_statistics(gate: str) -> None:
     insert_recipe(model, _recipe("bert", gate=gate, temperature=2.0))
     ctls = gate_controllers(model)
     with torch.no_grad():
+        model(**sample_inputs("bert", batch=4, seed=9))  # not measuring: not counted
+        assert all(c.stats()["lora"]["count"] == 0 for c in ctls.values())
+        for c in ctls.values():
+            c.start_measuring()
         for seed in range(3):
             model(**sample_inputs("bert", batch=4, seed=seed))
     for ctl in ctls.values():
@@ -87,6 +91,11 @@ def test_gate_values_and_statistics(gate: str) -> None:
         assert set(stats) == {"lora", "prefix", "adapter"}
         for s in stats.values():
             assert s["count"] == 12 and 0 < s["min"] <= s["mean"] <= s["max"] < 1 and s["std"] >= 0
+        assert ctl.stop_measuring()["lora"]["count"] == 12
+    with torch.no_grad():
+        model(**sample_inputs("bert", batch=4, seed=5))  # after stop_measuring: not counted
+    for ctl in ctls.values():
+        assert ctl.stats()["lora"]["count"] == 12
         ctl.reset_stats()
         assert ctl.stats()["lora"]["count"] == 0
 
@@ -178,6 +187,8 @@ def test_gate_init_sets_the_mean_gate(family: str, gate_init: float, weight_init
     model = _fresh(family)
     recipe = _recipe(family, gate_init=gate_init, gate_weight_init=weight_init, temperature=0.8)
     insert_recipe(model, recipe)
+    for c in gate_controllers(model).values():
+        c.start_measuring()
     with torch.no_grad():
         for seed in range(4):
             model(**sample_inputs(family, batch=4, seed=seed))
@@ -195,6 +206,8 @@ def test_gate_init_default_keeps_pytorch_initialisation() -> None:
     assert torch.equal(ctl.net.weight, ref.weight) and torch.equal(ctl.net.bias, ref.bias)
     model = _fresh("bert")
     insert_recipe(model, _recipe("bert"))
+    for c in gate_controllers(model).values():
+        c.start_measuring()
     with torch.no_grad():
         model(**sample_inputs("bert", batch=4))
     means = [s["mean"] for c in gate_controllers(model).values() for s in c.stats().values()]
