@@ -524,7 +524,8 @@ PngOpt = Annotated[Path | None, _opt("Output", "Also write a heatmap (layers × 
 
 @app.command(
     epilog="Examples:\n\n  pelt gates runs/u\n\n  pelt gates runs/u --format json | jq .layers\n\n"
-    "  pelt gates runs/u --png gates.png   (needs matplotlib: pip install 'pelt[plot]')"
+    "  pelt gates runs/u --png gates.png   (needs matplotlib: pip install 'pelt[plot]')\n\n"
+    "Exit codes: 0 ok; 1 --png without matplotlib (after the table); 2 no gates.json, no per-layer gates to plot."
 )
 def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
     """Show each gate's mean, std, min and max per layer after training, with a bar per gate, each layer's gate
@@ -540,11 +541,11 @@ def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
             f"{run_dir}: no gate statistics (gates.json)",
             hint="pelt train writes them for runs with gated modules (unipelt, domain)",
         )
-    if png is not None:
-        gatestats.heatmap(doc, png)
-        console.info(f"wrote {png}")
     hints, history = gatestats.hints(doc), gatestats.history_rows(doc)
     console.emit_gates(doc, gatestats.rows(doc), _format(fmt), history=history, hints=hints)
+    if png is not None:  # after the table: without matplotlib the table is still printed, then one line, exit 1
+        gatestats.heatmap(doc, png)
+        console.info(f"wrote {png}")
 
 
 PruneOutOpt = Annotated[
@@ -870,24 +871,38 @@ def predict(
         console.write_jsonl(predict_rows(pred, rows, where, batch_size, opts, on_batch=progress))
 
 
+AblateOpt = Annotated[
+    bool,
+    _opt(
+        "Diagnostics",
+        "Also measure with every UniPELT gate held at 1 (the no-gate ablation) and show the change per metric.",
+        "--ablate-gates",
+    ),
+]
+
+
 @app.command(
     "eval",
     epilog="Examples:\n\n"
     "  pelt eval runs/lora --data test.jsonl\n\n"
     "  pelt eval merged/ --data vader --format json | jq .macro_f1\n\n"
+    "  pelt eval runs/unipelt --data vader --ablate-gates   (what the learned gates buy)\n\n"
     "Exit codes: 0 ok; 1 runtime failure; 2 bad data, labels the model never saw in training, a model without a "
     "task head.",
 )
-def eval_cmd(model: TargetArg, data: LabelledOpt, batch_size: RowBatchOpt = 32, fmt: FormatOpt = None) -> None:
+def eval_cmd(
+    model: TargetArg, data: LabelledOpt, batch_size: RowBatchOpt = 32, fmt: FormatOpt = None, ablate: AblateOpt = False
+) -> None:
     """Measure a model, run or bundle on labelled rows: accuracy, macro-F1, per-class P/R/F1 and the confusion
     matrix (classifiers); loss and perplexity (causal LMs)."""
     from pelt_cli import console
-    from pelt_cli.evaluate import evaluate_predictor
+    from pelt_cli.evaluate import ablate_gates, evaluate_predictor
     from pelt_cli.predict import load_predictor
 
     pred = load_predictor(_path(model))
+    measure = ablate_gates if ablate else evaluate_predictor
     with console.RowProgress("eval", batch_size) as progress:
-        doc = evaluate_predictor(pred, data, batch_size, on_batch=progress)
+        doc = measure(pred, data, batch_size, on_batch=progress)
     console.emit_eval(doc, _format(fmt))
 
 

@@ -675,9 +675,28 @@ class RowProgress:
 CLASS_COLUMNS = [Column("label"), *[Column(k, right=True) for k in ("precision", "recall", "f1")], number("support")]
 
 
+def _emit_ablation(doc: dict[str, Any], fmt: str) -> None:
+    """The no-gate ablation of ``pelt eval --ablate-gates``: each metric gated, with gates held at 1, and the change;
+    a table on stdout after the report, a line on stderr in the other formats (their stdout is the report)."""
+    ab = doc["ablation"]
+    rows = [{"metric": k, "gated": doc[k], "gates at 1": ab[k], "change": ab["delta"][k]} for k in ab["delta"]]
+    if fmt == "table":
+        cols = [Column("metric"), *[Column(k, right=True) for k in ("gated", "gates at 1", "change")]]
+        emit_rows(rows, cols, fmt, title=f"no-gate ablation ({ab['controllers']} gated layers held at 1)")
+        return
+    info("no-gate ablation: " + " · ".join(f"{r['metric']} {r['gated']:.4f} → {r['gates at 1']:.4f}" for r in rows))
+
+
 def emit_eval(doc: dict[str, Any], fmt: str) -> None:
     """``pelt eval``: json the whole report; a classifier's per-class rows in jsonl/tsv (the metrics on stderr after
-    tsv), and in a table the metrics, the per-class table and the confusion matrix; a causal LM's loss row."""
+    tsv), and in a table the metrics, the per-class table and the confusion matrix; a causal LM's loss row. Then the
+    no-gate ablation where it was asked for (in json it is the report's ``ablation``)."""
+    _emit_report(doc, fmt)
+    if "ablation" in doc and fmt != "json":
+        _emit_ablation(doc, fmt)
+
+
+def _emit_report(doc: dict[str, Any], fmt: str) -> None:
     title = f"eval {doc['source']} on {doc['data']} ({doc['task']}, {doc['rows']:,} rows)"
     if doc["task"] == "causal-lm":
         cols = [number("rows"), number("tokens"), Column("loss", right=True), Column("perplexity", right=True)]

@@ -252,3 +252,34 @@ def token_nll(pred: Any, feats: list[dict]) -> list[tuple[float, int]]:
     target, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
     return [(s, int(n)) for s, n in zip(nll.sum(1).tolist(), mask.sum(1).tolist(), strict=True)]
+
+
+ABLATED = ("accuracy", "macro_f1", "loss", "perplexity")
+
+
+def ablate_gates(pred: Any, data: str, batch_size: int = EVAL_BATCH, on_batch: Any = None) -> dict[str, Any]:
+    """``pelt eval --ablate-gates``: the report of :func:`evaluate_predictor` with its learned UniPELT gates, plus
+    ``ablation``: the same measurement with every gate held at 1 (the modules' outputs added unscaled), and the
+    change per metric (ablated − gated; a drop in accuracy says what the gates buy).
+
+    Raises:
+        UsageError: the model has no UniPELT gates (a merged model, or another method).
+    """
+    from pelt_cli.methods.unipelt import gates_fixed
+
+    doc = evaluate_predictor(pred, data, batch_size, on_batch=on_batch)
+    with gates_fixed(pred.model, 1.0) as held:
+        if not held:
+            raise UsageError(
+                f"--ablate-gates: {pred.source} has no UniPELT gates",
+                hint="give the unmerged run or bundle of a unipelt recipe",
+            )
+        ablated = evaluate_predictor(pred, data, batch_size, on_batch=on_batch)
+    keys = [k for k in ABLATED if k in doc]
+    doc["ablation"] = {
+        "gates": "fixed at 1",
+        "controllers": held,
+        **{k: ablated[k] for k in keys},
+        "delta": {k: ablated[k] - doc[k] for k in keys},
+    }
+    return doc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +146,35 @@ def test_table_and_tsv_output(root: Path, minilm: Path, labelled: tuple[Path, li
     tsv = pelt_main("eval", run, "--data", str(data), "--format", "tsv")
     assert tsv.stdout.splitlines()[0] == "label\tprecision\trecall\tf1\tsupport"
     assert len(tsv.stdout.splitlines()) == 3 and tsv.stderr.startswith("accuracy ")
+
+
+def test_no_gate_ablation(trained_unipelt: Path, sentiment: tuple[Path, Path], tmp_path: Path) -> None:
+    """--ablate-gates measures the run again with every gate held at 1. For sigmoid gates that is the run whose gate
+    biases are pushed to +60 (σ = 1 in float32): its plain eval gives the ablated numbers."""
+    from safetensors.torch import load_file, save_file
+
+    doc = evaluate(trained_unipelt, sentiment[1], "--ablate-gates")
+    ab = doc["ablation"]
+    assert ab["gates"] == "fixed at 1" and ab["controllers"] == 2  # the tiny BERT's two layers
+    for k in ("accuracy", "macro_f1", "loss"):
+        assert ab["delta"][k] == pytest.approx(ab[k] - doc[k], abs=1e-12)
+    assert abs(ab["loss"] - doc["loss"]) > 1e-6  # the gates change the outputs
+    assert doc["loss"] == pytest.approx(evaluate(trained_unipelt, sentiment[1])["loss"], abs=1e-9)  # restored after
+    if json.loads((trained_unipelt / "run.json").read_text())["recipe"]["inserts"][0]["params"]["gate"] != "sigmoid":
+        return
+    opened = tmp_path / "open"
+    shutil.copytree(trained_unipelt, opened)
+    tensors = load_file(opened / "adapter.safetensors")
+    biases = [k for k in tensors if k.endswith("pelt_gate.net.bias")]
+    assert len(biases) == 2
+    for k in biases:
+        tensors[k] = torch.full_like(tensors[k], 60.0)
+    save_file(tensors, opened / "adapter.safetensors")
+    forced = evaluate(opened, sentiment[1])
+    assert forced["accuracy"] == ab["accuracy"] and abs(forced["loss"] - ab["loss"]) <= 1e-5
+
+
+def test_no_gate_ablation_needs_gates(root: Path, minilm: Path, labelled: tuple[Path, list[dict]]) -> None:
+    r = pelt_main("eval", str(fp.method_run(root, minilm, "lora")), "--data", str(labelled[0]), "--ablate-gates")
+    assert r.returncode == 2 and "has no UniPELT gates" in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1

@@ -22,9 +22,11 @@ The controller keeps the last gates and running statistics (mean, std, min, max)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,13 @@ MODULES = ("lora", "prefix", "adapter")
 PREFIX_ROLES = ("attn.k", "attn.qkv")
 LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks)\.\d+)\.")
 FOLD_EVERY = 64  # forwards whose gates a controller keeps before folding them into its statistics
+HIST_BINS = 10  # a gate histogram: counts in equal bins on [0, 1], gathered with the statistics (evaluation only)
+
+
+def bin_counts(values: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
+    """Per column of ``values`` [N, k] in [0, 1], the counts in ``bins`` equal bins (1.0 in the last) → [k, bins]."""
+    idx = (values.double() * bins).floor().long().clamp_(0, bins - 1)
+    return torch.nn.functional.one_hot(idx, bins).sum(0)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -126,6 +135,7 @@ class GateController(nn.Module):
         self.tokens = TokenMask()  # replaced by the one the model's call hook fills (see UniPELTMethod.insert)
         self.reset_stats()
         self.measuring = False  # statistics are gathered only between start_measuring and stop_measuring
+        self.fixed: float | None = None  # every gate held at this value (the no-gate ablation: 1.0); None: learned
 
     def init_gates(self, gate_init: float | None, weight_init: str = "auto") -> None:
         """Initialise the gate layer: small or default weights, and the bias that makes the mean gate ``gate_init``.
@@ -158,6 +168,7 @@ class GateController(nn.Module):
         self._sq = torch.zeros(k, dtype=torch.float64, device=cpu)
         self._min = torch.full((k,), float("inf"), dtype=torch.float64, device=cpu)
         self._max = torch.full((k,), float("-inf"), dtype=torch.float64, device=cpu)
+        self._hist = torch.zeros(k, HIST_BINS, dtype=torch.int64, device=cpu)
 
     def start_measuring(self) -> None:
         """Forget the statistics and gather them from every forward until :meth:`stop_measuring` (an evaluation)."""
@@ -179,7 +190,9 @@ class GateController(nn.Module):
         """
         x = h.to(next(self.net.parameters()).dtype)
         mask = self.tokens.for_states(x)
-        if self.mode == "softmax":
+        if self.fixed is not None:
+            g = x.new_full((x.shape[0], len(self.names)), self.fixed)
+        elif self.mode == "softmax":
             g = softmax_gates(x, self.net, self.temperature, mask)
         else:
             g = sigmoid_gates(x, self.net, self.temperature, mask)
@@ -201,6 +214,7 @@ class GateController(nn.Module):
         self._sq += (d * d).sum(0)
         self._min = torch.minimum(self._min, d.min(0).values)
         self._max = torch.maximum(self._max, d.max(0).values)
+        self._hist += bin_counts(d)
 
     def value(self, name: str) -> torch.Tensor:
         """The current gate of one module as a [B] tensor."""
@@ -209,7 +223,7 @@ class GateController(nn.Module):
         return self.current[:, self.names.index(name)]
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per gated module: mean, std, min, max and count over every sequence seen since ``reset_stats``."""
+        """Per gated module: mean, std, min, max, count and ``hist`` (:func:`bin_counts`) of the sequences measured."""
         self._fold()
         out = {}
         for i, name in enumerate(self.names):
@@ -220,6 +234,7 @@ class GateController(nn.Module):
                     "min": float("nan"),
                     "max": float("nan"),
                     "count": 0,
+                    "hist": [0] * HIST_BINS,
                 }
                 continue
             mean = self._sum[i].item() / self._n
@@ -230,6 +245,7 @@ class GateController(nn.Module):
                 "min": self._min[i].item(),
                 "max": self._max[i].item(),
                 "count": self._n,
+                "hist": self._hist[i].tolist(),
             }
         return out
 
@@ -558,3 +574,17 @@ class UniPELTMethod:
 def gate_controllers(model: nn.Module) -> dict[str, GateController]:
     """Every UniPELT gate controller of a model, by the path of the query projection it sits on."""
     return {name.rsplit(".", 1)[0]: m for name, m in model.named_modules() if isinstance(m, GateController)}
+
+
+@contextlib.contextmanager
+def gates_fixed(model: nn.Module, value: float = 1.0) -> Iterator[int]:
+    """Hold every UniPELT gate of ``model`` at ``value`` inside the block (the no-gate ablation: each module's
+    output added unscaled, ``h + Σ_m Δ_m``); yields how many controllers it holds. The learned gates return after."""
+    ctls = list(gate_controllers(model).values())
+    for c in ctls:
+        c.fixed = value
+    try:
+        yield len(ctls)
+    finally:
+        for c in ctls:
+            c.fixed = None
