@@ -4,7 +4,7 @@ and the small rules they feed (improvement with ``min_delta``, class weights). N
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +40,17 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_length: int = 128
     max_steps: int | None = None
+    save_every: int = 0  # also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends)
     seed: int = 0
     task: str | None = None
     new_head: bool = False
     device: str = "auto"
+    precision: str = "fp32"  # autocast dtype of the forward: fp32 (none), bf16, fp16 (with a gradient scaler)
+    base_dtype: str = "auto"  # the frozen base's dtype (auto: as stored); trained parameters stay fp32
+    grad_checkpoint: bool = False  # activation checkpointing on the blocks
+    fsdp: bool = False  # FSDP2: shard the model over the torchrun processes (else DDP replicates it)
+    auto_prune: float | None = None  # AutoPELT θ on the relative contribution (see pelt_cli.autopelt); None: off
+    window: int = 1000  # AutoPELT's window: steps averaged into a contribution, and between auto-prune decisions
 
     def check(self) -> None:
         """Raise UsageError for values out of range."""
@@ -76,13 +83,53 @@ class TrainConfig:
             (self.head_lr is None or self.head_lr > 0, f"--head-lr {self.head_lr}: expected > 0"),
             (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: expected auto, cpu or cuda"),
             (
+                self.precision in ("fp32", "bf16", "fp16"),
+                f"--precision {self.precision!r}: expected fp32, bf16 or fp16",
+            ),
+            (
+                self.base_dtype in ("auto", "fp32", "bf16", "fp16"),
+                f"--base-dtype {self.base_dtype!r}: expected auto, fp32, bf16 or fp16",
+            ),
+            (
                 self.gate_temperature is None or self.gate_temperature > 0,
                 f"--gate-temperature {self.gate_temperature}: expected > 0",
             ),
         ]
-        for ok, message in rules:
+        for ok, message in [*rules, *self._range_rules()]:
             if not ok:
                 raise UsageError(message)
+
+    def _range_rules(self) -> list[tuple[bool, str]]:
+        """The numeric options the rules above leave open: finite, and not negative where that means nothing."""
+        finite = ("lr", "gate_lr", "scale_lr", "head_lr", "weight_decay", "warmup", "max_grad_norm", "gate_lambda")
+        finite += ("gate_temperature", "min_delta", "eval_fraction")
+        opt = {f: "--" + f.replace("_", "-") for f in finite}
+        return [
+            *[
+                (
+                    getattr(self, f) is None or math.isfinite(getattr(self, f)),
+                    f"{opt[f]} {getattr(self, f)}: expected a finite number",
+                )
+                for f in finite
+            ],
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps {self.max_steps}: expected ≥ 1"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm {self.max_grad_norm}: expected ≥ 0 (0: no clipping)"),
+            (self.gate_lr is None or self.gate_lr > 0, f"--gate-lr {self.gate_lr}: expected > 0"),
+            (self.scale_lr > 0, f"--scale-lr {self.scale_lr}: expected > 0"),
+            (self.gate_lambda >= 0, f"--gate-lambda {self.gate_lambda}: expected ≥ 0"),
+            (self.gate_warmup >= 0, f"--gate-warmup {self.gate_warmup}: expected ≥ 0 (steps with gates frozen)"),
+            (self.save_every >= 0, f"--save-every {self.save_every}: expected ≥ 0 (0: only at epoch ends)"),
+            (self.seed >= 0, f"--seed {self.seed}: expected ≥ 0"),
+            (
+                self.auto_prune is None or 0 <= self.auto_prune <= 1,
+                f"--auto-prune {self.auto_prune}: expected θ in [0, 1] (a unit's contribution relative to the largest)",
+            ),
+            (self.window >= 1, f"--window {self.window}: expected ≥ 1 (optimizer steps)"),
+            (
+                not (self.fsdp and self.auto_prune is not None),
+                "--auto-prune: not with --fsdp (sharded gradients); train with DDP or on one device",
+            ),
+        ]
 
 
 def resolve_config(cfg: TrainConfig | None, given: Collection[str] | None, recipe_train: dict[str, Any]) -> TrainConfig:
@@ -110,6 +157,8 @@ def is_improvement(value: float, best: float, higher: bool, min_delta: float) ->
 
 def class_weights(rows: list[dict[str, Any]], labels: list[str]) -> list[float]:
     """Inverse class frequency, ``N / (K · n_c)`` (1 for every class when balanced); 0 for a class without rows."""
-    counts = Counter(r["label"] for r in rows)
-    n, k = sum(counts[lab] for lab in labels), len(labels)
-    return [n / (k * counts[lab]) if counts[lab] else 0.0 for lab in labels]
+    from pelt_cli.data import label_counts
+
+    counts = label_counts(rows)
+    n, k = sum(counts.get(lab, 0) for lab in labels), len(labels)
+    return [n / (k * counts.get(lab, 0)) if counts.get(lab, 0) else 0.0 for lab in labels]

@@ -172,8 +172,10 @@ def test_errors_name_file_line_and_column(tmp_path: Path) -> None:
     assert "needs column(s) text_a, text_b" in msg and "found label, text" in msg
     assert "unknown task 'regression'" in err(ok, task="regression")
     assert "no such file" in err(tmp_path / "nope.csv")
+    (tmp_path / "x.xlsx").write_text("x")
+    assert "unknown data format '.xlsx'" in err(tmp_path / "x.xlsx")
     (tmp_path / "x.parquet").write_text("x")
-    assert "unknown data format '.parquet'" in err(tmp_path / "x.parquet")
+    assert "x.parquet: cannot read it as a dataset (ArrowInvalid" in err(tmp_path / "x.parquet")
 
 
 def test_eval_label_not_in_training_labels(tmp_path: Path) -> None:
