@@ -630,6 +630,24 @@ def bundle_summary(manifest: dict[str, Any], out: str) -> str:
     )
 
 
+CHECK_STYLES = {"fail": "red", "warn": "yellow", "skip": "dim"}
+
+
+def emit_checks(report: dict[str, Any], fmt: str) -> None:
+    """``pelt verify``: one row per check (check, status, detail); json writes the whole report."""
+    failed = sum(c["status"] == "fail" for c in report["checks"])
+    footer = f"{report['kind']} {report['path']}: " + (f"{failed} check(s) failed" if failed else "every check passed")
+    emit_rows(
+        report["checks"],
+        [Column("check"), Column("status"), Column("detail")],
+        fmt,
+        doc=report,
+        title=f"verify {report['kind']} {report['path']}",
+        footer=footer,
+        style=lambda r: CHECK_STYLES.get(r["status"]),
+    )
+
+
 # --- predict and eval
 
 
@@ -698,7 +716,7 @@ def emit_eval(doc: dict[str, Any], fmt: str) -> None:
 
 def _emit_report(doc: dict[str, Any], fmt: str) -> None:
     title = f"eval {doc['source']} on {doc['data']} ({doc['task']}, {doc['rows']:,} rows)"
-    if doc["task"] == "causal-lm":
+    if doc["task"] in ("causal-lm", "speech-to-text"):
         cols = [number("rows"), number("tokens"), Column("loss", right=True), Column("perplexity", right=True)]
         emit_rows([doc], cols, fmt, doc=doc, title=title)
         return

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from pelt_cli import audio_lm, heads
 from pelt_cli import gates as gatestats
-from pelt_cli import heads
 from pelt_cli.errors import UsageError
 from pelt_cli.tokenizer import load_tokenizer
 
@@ -32,7 +32,11 @@ def compute_loss(
         return heads.lm_loss(model, batch)
     if task == "domain-matching":
         return heads.domain_loss(model, batch)
-    raise UsageError(f"task {task!r}: expected one of {', '.join(heads.CLASSIFICATION)}, causal-lm, domain-matching")
+    if task == audio_lm.SPEECH_TO_TEXT:
+        return audio_lm.lm_loss(model, batch)
+    raise UsageError(
+        f"task {task!r}: expected one of {', '.join(heads.CLASSIFICATION)}, causal-lm, domain-matching, speech-to-text"
+    )
 
 
 def evaluate(
@@ -41,7 +45,8 @@ def evaluate(
     """Metrics on the eval set (loss; accuracy and macro-F1, perplexity, or feature MSE/cosine) and gate stats."""
     model.eval()
     gatestats.reset(model)
-    meter = gatestats.DomainGateMeter() if task == "domain-matching" else None
+    adapter = heads.find_domain_adapter(model) if task == audio_lm.SPEECH_TO_TEXT else None
+    meter = gatestats.DomainGateMeter() if task == "domain-matching" or adapter is not None else None
     total_loss, n, correct = 0.0, 0, 0
     preds, golds = [], []
     mse_before, cos_after, cos_before = 0.0, 0.0, 0.0
@@ -60,6 +65,10 @@ def evaluate(
                 logits = None
             else:
                 loss, logits = compute_loss(model, batch, task)
+            if task == audio_lm.SPEECH_TO_TEXT:  # a mean per transcription token, the gate over real audio frames
+                bsz = int((batch["labels"][:, 1:] != audio_lm.IGNORE).sum())
+                if adapter is not None:
+                    meter.add(audio_lm.audio_gate(adapter.last_gate, batch["feature_attention_mask"]))
             total_loss += loss.item() * bsz
             n += bsz
             if logits is not None:
@@ -71,7 +80,7 @@ def evaluate(
     if task in heads.CLASSIFICATION:
         metrics["accuracy"] = correct / max(n, 1)
         metrics["f1"] = macro_f1(preds, golds, len(labels or []))
-    elif task == "causal-lm":
+    elif task in ("causal-lm", audio_lm.SPEECH_TO_TEXT):
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     else:
         metrics.update(
@@ -102,13 +111,14 @@ def primary_metric(task: str) -> tuple[str, bool]:
     """The metric early stopping watches, and whether higher is better."""
     if task in heads.CLASSIFICATION:
         return "accuracy", True
-    if task == "causal-lm":
+    if task in ("causal-lm", audio_lm.SPEECH_TO_TEXT):
         return "perplexity", False
     return "feature_mse", False
 
 
 def data_inputs(base_path: str | os.PathLike[str], task: str, tokenizer_path: str | None = None) -> tuple[Any, Any]:
-    """A tokenizer for text tasks, a feature extractor for audio tasks."""
+    """A tokenizer for text tasks, a feature extractor for audio tasks, both for speech-to-text (the processor,
+    see :func:`pelt_cli.audio_lm.load_processor`)."""
     from pelt_cli.data import feature_extractor_for
 
     base_dir = Path(base_path)
@@ -118,7 +128,12 @@ def data_inputs(base_path: str | os.PathLike[str], task: str, tokenizer_path: st
 
         return None, feature_extractor_for(transformers.AutoConfig.from_pretrained(str(base_dir)))
     src = tokenizer_path or str(base_dir)
-    return load_tokenizer(src, hint="pass --tokenizer DIR pointing at tokenizer files for this model"), None
+    tok = load_tokenizer(src, hint="pass --tokenizer DIR pointing at tokenizer files for this model")
+    if task == audio_lm.SPEECH_TO_TEXT:  # the tokenizer, and the processor in the feature extractor's place
+        import transformers
+
+        return tok, audio_lm.load_processor(base_dir, tok, transformers.AutoConfig.from_pretrained(str(base_dir)))
+    return tok, None
 
 
 def measure_run(
@@ -221,6 +236,8 @@ def evaluate_predictor(pred: Any, data: str, batch_size: int = EVAL_BATCH, on_ba
     """
     from pelt_cli.predict import CAUSAL_LM, batched, logits, text_columns
 
+    if pred.task == audio_lm.SPEECH_TO_TEXT:
+        return speech_report(pred, data, batch_size, on_batch)
     td = eval_data(pred, data)
     columns = text_columns(td.rows, td.path, pred.task)
     doc: dict[str, Any] = {"source": pred.source, "data": td.path, "task": td.task, "rows": len(td.rows)}
@@ -239,6 +256,28 @@ def evaluate_predictor(pred: Any, data: str, batch_size: int = EVAL_BATCH, on_ba
     preds = [max(range(len(lp)), key=lp.__getitem__) for lp in rows]
     loss = -sum(lp[g] for lp, g in zip(rows, golds, strict=True)) / max(len(golds), 1)
     return {**doc, **classification_report(preds, golds, pred.labels), "loss": loss}
+
+
+def speech_report(pred: Any, data: str, batch_size: int = EVAL_BATCH, on_batch: Any = None) -> dict[str, Any]:
+    """``pelt eval`` of a speech-to-text run on ``audio,text`` rows: ``loss`` (mean negative log-likelihood per
+    transcription token, eos included, transcriptions never truncated), ``perplexity`` and the token count."""
+    from types import SimpleNamespace
+
+    from pelt_cli.data import Batcher, load_data, resolve_data
+
+    path, builtin_eval = resolve_data(data)
+    td = load_data(builtin_eval or path, task=audio_lm.SPEECH_TO_TEXT)
+    speech = audio_lm.load_processor(None, pred.tokenizer, pred.model.config)
+    batcher = Batcher(td, tokenizer=pred.tokenizer, feature_extractor=speech, max_length=10**9)
+    device = next(pred.model.parameters()).device
+    cfg = SimpleNamespace(batch_size=batch_size, seed=0)
+    metrics, _ = evaluate(pred.model, batcher, cfg, td.task, device, None)
+    pred.model.eval()
+    if on_batch is not None:
+        on_batch(len(td.rows), len(td.rows))
+    tokens = sum(len(audio_lm.target_ids(pred.tokenizer, r["text"], 10**9)) for r in td.rows)
+    doc = {"source": pred.source, "data": td.path, "task": td.task, "rows": len(td.rows), "tokens": tokens}
+    return {**doc, "loss": metrics["eval_loss"], "perplexity": metrics["perplexity"]}
 
 
 def token_nll(pred: Any, feats: list[dict]) -> list[tuple[float, int]]:

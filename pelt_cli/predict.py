@@ -12,7 +12,8 @@ What ``pelt predict`` (and ``pelt eval``) open, by what the path holds:
   lists ``id2label``; the tokenizer is the directory's.
 
 The model must be a classifier (``*ForSequenceClassification``: ``{"label", "score", "scores"}``, softmax over
-``config.id2label``) or a causal LM (``*ForCausalLM``: ``{"generated"}``); a run that has neither a trained head nor
+``config.id2label``), a causal LM (``*ForCausalLM``: ``{"generated"}``) or a Qwen2-Audio (rows of audio paths:
+``{"generated": transcription}``, see :mod:`pelt_cli.audio_lm`); a run that has neither a trained head nor
 a task-model base was never trained, and says so.
 
 Batch invariance: rows are tokenized alone, sorted by length within a window of rows and padded on the right with
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pelt_cli.audio_lm import MODEL_CLASS as SPEECH_MODEL
+from pelt_cli.audio_lm import SPEECH_TO_TEXT, transcribe_rows
 from pelt_cli.errors import CheckpointError, DataError, UsageError
 from pelt_cli.tokenizer import load_tokenizer
 
@@ -50,7 +53,7 @@ class Predictor:
     Attributes:
         model: the transformers model (eval mode).
         tokenizer: its tokenizer (``pad_token`` set).
-        task: ``classification`` or ``causal-lm``.
+        task: ``classification``, ``causal-lm`` or ``speech-to-text`` (a Qwen2-Audio run: audio rows in).
         labels: class names by class id (classification), else None.
         source: what was opened, for messages.
         max_length: the longest token sequence the model takes (None: no limit known).
@@ -81,7 +84,7 @@ class GenerateOptions:
 
 def task_of_class(name: str | None) -> str | None:
     """``classification`` for a transformers sequence-classification class name, ``causal-lm`` for a causal LM
-    class, else None."""
+    class, ``speech-to-text`` for Qwen2-Audio (audio rows in, transcriptions out), else None."""
     from transformers.models.auto import modeling_auto as ma
 
     def names(mapping: dict[str, Any]) -> set[str]:
@@ -89,6 +92,8 @@ def task_of_class(name: str | None) -> str | None:
 
     if not name:
         return None
+    if name == SPEECH_MODEL:  # Qwen2-Audio: its own LM head transcribes audio rows
+        return SPEECH_TO_TEXT
     cls_names = names(ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
     if name in cls_names or name.endswith("ForSequenceClassification"):
         return CLASSIFICATION
@@ -429,6 +434,8 @@ def predict_rows(
     import torch
 
     opts = opts or GenerateOptions()
+    if pred.task == SPEECH_TO_TEXT:
+        return transcribe_rows(pred.model, pred.tokenizer, rows, where, batch_size, opts, on_batch)
     columns = text_columns(rows, where, pred.task)
     if pred.task == CLASSIFICATION:
         return batched(pred, rows, columns, batch_size, lambda f: classify(pred, f), on_batch=on_batch)
