@@ -1,9 +1,11 @@
 """``pelt prune``: remove the gated modules whose learned gate says they are idle, reversibly.
 
 A *unit* is one gated module in one layer — UniPELT's ``lora``, ``prefix`` or ``adapter`` behind its gate — or a
-domain adapter (its per-timestep gate). Its score is the mean gate on the eval set that ``pelt train`` recorded in
-``gates.json``. Rules: ``threshold`` prunes every unit with mean < θ (the brief's AutoPELT rule, θ = 0.05);
-``keep_top_k`` keeps the K highest, over all units or ``per`` method or per layer.
+domain adapter (its per-timestep gate). Its score (``by``) is either its mean gate on the eval set (``gate``, the
+default) or its AutoPELT contribution (``contribution``): the windowed mean gate × gradient norm ``pelt train``
+measured (:mod:`pelt_cli.autopelt`), relative to the largest unit's, in [0, 1]; both are in ``gates.json``. Rules:
+``threshold`` prunes every unit with a score < θ (θ = 0.05 by default); ``keep_top_k`` keeps the K highest, over all
+units or ``per`` method or per layer.
 
 Pruning rewrites the run's recipe so that rebuilding the run gives the pruned model, and every other command
 (``load_run``, train, merge, export) needs nothing special: a UniPELT entry is split by layer groups, and the
@@ -22,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from pelt_cli import methods
-from pelt_cli.errors import CheckpointError, OutputExistsError, PeltError, PruneRefused, UsageError
+from pelt_cli.errors import CheckpointError, PeltError, PruneRefused, UsageError
+from pelt_cli.io.atomic import claim, guard_output
 from pelt_cli.recipe import Recipe
 from pelt_cli.run import GATES_FILE, PRUNED_FILE, STATE_DIR, Run, expected_state, now
 
 DEFAULT_THRESHOLD = 0.05
+BY = ("gate", "contribution")  # what prune ranks units by
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Unit:
     decision: str = "keep"  # keep | prune | pruned (by an earlier prune)
     tensors: list[str] = field(default_factory=list)
     gate: Any = field(default=None, repr=False)  # the methods' GateUnit
+    contribution: float = math.nan  # AutoPELT's windowed mean gate × gradient norm (autopelt), if recorded
+    relative: float = math.nan  # the contribution relative to the largest unit's, in [0, 1]
 
 
 @dataclass
@@ -105,6 +111,7 @@ def units_of(run: Run, doc: dict | None) -> list[Unit]:
     for u in gate_units:
         gate = rows[u.row]
         s = _stats(doc, u.stats) or {}  # none: a NaN mean, which decide() refuses (never evaluated)
+        c = _stats(doc, ("contribution", *u.stats)) or {}
         out.append(
             Unit(
                 u.entry,
@@ -119,30 +126,42 @@ def units_of(run: Run, doc: dict | None) -> list[Unit]:
                 "pruned" if u.pruned else "keep",
                 [m for i in u.members for m in rows[i].modules],
                 u,
+                _num(c.get("value")),
+                _num(c.get("relative")),
             )
         )
     return out
 
 
-def decide(units: list[Unit], threshold: float | None, keep_top_k: int | None, per: str | None) -> None:
-    """Mark units ``prune`` by a threshold on the mean gate, or keep the top K (overall, per method or per layer)."""
+def score(u: Unit, by: str = "gate") -> float:
+    """What a rule compares: the mean gate (``gate``) or the relative AutoPELT contribution (``contribution``)."""
+    return u.relative if by == "contribution" else u.mean
+
+
+def decide(
+    units: list[Unit], threshold: float | None, keep_top_k: int | None, per: str | None, by: str = "gate"
+) -> None:
+    """Mark units ``prune`` by a threshold on their :func:`score`, or keep the top K (overall, per method or per
+    layer)."""
     live = [u for u in units if u.decision != "pruned"]
-    unknown = [u for u in live if math.isnan(u.mean)]
+    unknown = [u for u in live if math.isnan(score(u, by))]
     if unknown:
+        what = "gate mean" if by == "gate" else "recorded contribution"
         raise PruneRefused(
-            f"no gate mean for {unknown[0].module} at {unknown[0].disk_site} (never evaluated)",
-            hint="train the run with an eval set so that pelt train records every gate",
+            f"no {what} for {unknown[0].module} at {unknown[0].disk_site} (never evaluated or measured)",
+            hint="train the run with an eval set so that pelt train records every gate and contribution",
         )
     if keep_top_k is None:
+        theta = DEFAULT_THRESHOLD if threshold is None else threshold
         for u in live:
-            u.decision = "prune" if u.mean < (DEFAULT_THRESHOLD if threshold is None else threshold) else "keep"
+            u.decision = "prune" if score(u, by) < theta else "keep"
         return
     groups: dict[Any, list[Unit]] = {}
     for u in live:
         key = u.module if per == "method" else (u.block, u.layer, u.site) if per == "layer" else None
         groups.setdefault(key, []).append(u)
     for members in groups.values():
-        ranked = sorted(members, key=lambda u: -u.mean)
+        ranked = sorted(members, key=lambda u: -score(u, by))
         for i, u in enumerate(ranked):
             u.decision = "keep" if i < keep_top_k else "prune"
 
@@ -164,31 +183,34 @@ def pruned_recipe(run: Run, units: list[Unit]) -> dict[str, Any]:
 
 
 def _target(run_dir: Path, out: str | Path | None, force: bool) -> Path:
-    if out is None:
+    """Where the prune goes (``run_dir`` itself by default), checked and locked until the new run is committed."""
+    if out is None or Path(out).resolve() == run_dir.resolve():
+        claim(run_dir)  # in place: a second writer of the run is refused from here to the commit
         return run_dir
-    target = Path(out)
-    if target.resolve() == run_dir.resolve():
-        return run_dir
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target}: already exists", hint="choose another -o path or pass --force")
+    target = guard_output(out, force, [run_dir])
+    claim(target)
     return target
 
 
-def _check_rule(threshold: float | None, keep_top_k: int | None, per: str | None) -> dict[str, Any]:
+def _check_rule(threshold: float | None, keep_top_k: int | None, per: str | None, by: str = "gate") -> dict[str, Any]:
     """The rule as the report records it; raises UsageError for a bad combination or value."""
+    if by not in BY:
+        raise UsageError(f"--by {by!r}: expected {' or '.join(BY)}")
     if threshold is not None and keep_top_k is not None:
         raise UsageError("--threshold and --keep-top-k exclude each other; pass one")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold {threshold}: expected a gate value in [0, 1]")
+        what = "a gate value" if by == "gate" else "a relative contribution"
+        raise UsageError(f"--threshold {threshold}: expected {what} in [0, 1]")
     if keep_top_k is not None and keep_top_k < 0:
         raise UsageError(f"--keep-top-k {keep_top_k}: expected 0 or more")
     if per not in (None, "method", "layer"):
         raise UsageError(f"--per {per!r}: expected method or layer")
     if per is not None and keep_top_k is None:
         raise UsageError("--per applies to --keep-top-k only")
+    extra = {"by": by} if by != "gate" else {}
     if keep_top_k is not None:
-        return {"keep_top_k": keep_top_k, "per": per or "all"}
-    return {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold}
+        return {"keep_top_k": keep_top_k, "per": per or "all", **extra}
+    return {"threshold": DEFAULT_THRESHOLD if threshold is None else threshold, **extra}
 
 
 def _rebuilt(run: Run, recipe_doc: dict[str, Any]) -> tuple[Run, dict[str, tuple]]:
@@ -252,6 +274,7 @@ def prune_run(
     data: str | None = None,
     batch_size: int = 32,
     force: bool = False,
+    by: str = "gate",
 ) -> PruneReport:
     """Prune a trained run in place (``out=None``) or into a new run directory.
 
@@ -265,17 +288,50 @@ def prune_run(
         data: evaluate before and after on this data (a file or a built-in dataset's eval split).
         batch_size: evaluation batch size.
         force: replace an existing ``out``.
+        by: rank and threshold units by their mean ``gate`` or their relative ``contribution`` (AutoPELT).
 
     Raises:
-        PruneRefused: no gates, no statistics, or a rule that would leave no module at all.
+        PruneRefused: no gates, no statistics (no recorded contribution with ``by="contribution"``), or a rule that
+            would leave no module at all.
     """
-    rule = _check_rule(threshold, keep_top_k, per)
+    rule = _check_rule(threshold, keep_top_k, per, by)
+    run = Run.open(run_dir)
+    doc = run.gates()
+    units = units_of(run, doc)
+    if by == "contribution" and not (doc or {}).get("contribution"):
+        raise PruneRefused(
+            f"{run.dir}: no recorded contribution in {GATES_FILE} (pelt train measures it); "
+            "train the run again or prune --by gate"
+        )
+    decide(units, threshold, keep_top_k, per, by)
+    target = None if dry_run else _target(run.dir, out, force)
+    return _prune(run, units, rule, target, dry_run, data, batch_size, force)
+
+
+def prune_units(run_dir: str | Path, select: Any, rule: dict[str, Any]) -> PruneReport:
+    """Prune, in place, the units whose statistics path (``GateUnit.stats``) ``select`` accepts: AutoPELT's end of
+    training (:func:`pelt_cli.autopelt.finish`), recorded in ``run.json``'s pruning history under ``rule``."""
     run = Run.open(run_dir)
     units = units_of(run, run.gates())
-    decide(units, threshold, keep_top_k, per)
+    for u in units:
+        if u.decision == "keep" and select(u.gate.stats):
+            u.decision = "prune"
+    return _prune(run, units, rule, run.dir)
+
+
+def _prune(
+    run: Run,
+    units: list[Unit],
+    rule: dict[str, Any],
+    target: Path | None,
+    dry_run: bool = False,
+    data: str | None = None,
+    batch_size: int = 32,
+    force: bool = False,
+) -> PruneReport:
+    """Write the run without the units decided ``prune`` to ``target`` (nothing with ``dry_run``)."""
     gone = [u for u in units if u.decision == "prune"]
     before = run.meta.new_params
-    target = None if dry_run else _target(run.dir, out, force)
     report = PruneReport(
         str(run.dir),
         None if dry_run else str(target),

@@ -5,11 +5,14 @@ parameters, head included), ``run.json`` (head spec and training summary), ``met
 ``train/state.pt`` (optimizer, scheduler and RNG state for ``--resume``; read back with ``weights_only=True``).
 
 The pieces live beside it: ``optim`` (parameter groups, schedule, gate sparsity), ``train_state`` (the run's
-checkpoint files, resume), ``distributed`` (data parallelism under ``torchrun``; only rank 0 writes).
+checkpoint files, resume), ``distributed`` (data parallelism under ``torchrun``; only rank 0 writes), ``autopelt``
+(each gated unit's contribution, ``--auto-prune``: the loop calls it after each forward, before clipping, after each
+step and epoch, and once at the end).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -21,16 +24,28 @@ from typing import Any
 
 import torch
 
+from pelt_cli import audio_lm, autopelt, heads, surgery
 from pelt_cli import gates as gatestats
-from pelt_cli import heads, surgery
 from pelt_cli.diagnostics import TrainLog, is_train_row
-from pelt_cli.distributed import all_reduce_grads, check_ranks_agree, dist_info
+from pelt_cli.distributed import (
+    Engine,
+    StepModule,
+    check_ranks_agree,
+    dist_info,
+    full_optimizer_state,
+    full_state,
+    local_device,
+    make_engine,
+    shard_optimizer_state,
+)
 from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
+from pelt_cli.io.atomic import locked
 from pelt_cli.optim import gate_penalty, lr_lambda, param_groups, set_gates_trainable
+from pelt_cli.precision import Amp, cast_for_training, enable_grad_checkpoint, peak_memory
 from pelt_cli.run import Run, inserted_model
 from pelt_cli.train_config import TrainConfig, class_weights, is_improvement, resolve_config
-from pelt_cli.train_state import finish_with_best, load_state, rng_state, save_checkpoint
+from pelt_cli.train_state import load_state, read_state, rng_state, save_checkpoint
 
 
 def monitored(task: str, cfg: TrainConfig) -> tuple[str, bool]:
@@ -53,6 +68,7 @@ class TrainResult:
     stopped_early: bool = False
     trainable: int = 0
     seconds: float = 0.0
+    peak_memory: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -69,8 +85,8 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return local_device(torch.device(name))  # under torchrun: this rank's GPU
 
 
 def seed_all(seed: int) -> None:
@@ -161,6 +177,8 @@ def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any)
     ``(model, trainable, total)``."""
     if d.task == "causal-lm":
         heads.require_lm_head(run.meta.base.model_class or "", run.base().skeleton())
+    if d.task == audio_lm.SPEECH_TO_TEXT:
+        audio_lm.require_model(run.base().skeleton())
     model = _task_model(run, d, cfg, tok)
     trainable, total = surgery.freeze_base(model)
     wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_trainable(model, n)]
@@ -172,6 +190,9 @@ def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any)
         for ctl in gatestats.controllers(model).values():
             ctl.temperature = cfg.gate_temperature
     _set_class_weights(model, d, cfg)
+    cast_for_training(model, cfg.base_dtype)  # the base in --base-dtype, what trains in fp32
+    if cfg.grad_checkpoint:
+        enable_grad_checkpoint(model)
     return model.to(device).train(), trainable, total
 
 
@@ -203,10 +224,13 @@ class _Loop:
     rank: int
     world: int
     emit: Callable[[dict[str, Any]], None]
+    engine: Engine
+    contrib: autopelt.Tracker | None = None  # AutoPELT: contributions, --auto-prune
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, Any]]:
         """Metrics and gate statistics on the eval set."""
-        return evaluate(self.model, self.eval_b, self.cfg, self.data.task, self.device, self.data.labels)
+        d = self.data
+        return self.engine.evaluate(lambda m: evaluate(m, self.eval_b, self.cfg, d.task, self.device, d.labels))
 
 
 def _loop(
@@ -215,13 +239,16 @@ def _loop(
     """Batchers, optimizer and schedule for a run's training (``inputs``: the tokenizer and feature extractor)."""
     from pelt_cli.data import Batcher
 
-    rank, world = dist_info()
+    rank, world = dist_info(device)
     tok, fe = inputs
     train_b = Batcher(d.train, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
     eval_b = Batcher(d.eval, tokenizer=tok, feature_extractor=fe, max_length=cfg.max_length)
     per_epoch = math.ceil(train_b.n_batches(cfg.batch_size, world_size=world) / cfg.grad_accum)
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
     warm = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    # frozen gates (gate warm-up) and switched-off modules (--auto-prune) get no gradient: DDP must look for them
+    unused = bool(gatestats.controllers(model)) and (cfg.gate_warmup > 0 or cfg.auto_prune is not None)
+    engine = make_engine(model, cfg, world, device, find_unused=unused)  # before the optimizer: FSDP shards
     opt = torch.optim.AdamW(param_groups(model, cfg))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warm, cfg.schedule))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -240,6 +267,7 @@ def _loop(
         rank,
         world,
         emit if rank == 0 else (lambda e: None),
+        engine,
     )
 
 
@@ -269,6 +297,22 @@ def train_run(
         TrainingError: a non-finite loss (the run keeps its last good checkpoint) or a base parameter that trains.
     """
     run = Run.open(run_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes
+    with locked(run.dir) if rank0 else contextlib.nullcontext():  # a second process writing the run is refused
+        return _train(run, data, eval_data, cfg, resume, tokenizer, on_event, given)
+
+
+def _train(
+    run: Run,
+    data: str,
+    eval_data: str | None,
+    cfg: TrainConfig | None,
+    resume: bool,
+    tokenizer: str | None,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    given: Collection[str] | None,
+) -> TrainResult:
+    """:func:`train_run` on an opened run, its lock held."""
     cfg = resolve_config(cfg, given, dict(run.recipe.train) if run.recipe else {})
     cfg.check()
     device = pick_device(cfg.device)
@@ -276,18 +320,22 @@ def train_run(
     inputs = data_inputs(run.meta.base.path, d.task, tokenizer)
     seed_all(cfg.seed)
     model, trainable, total = _model(run, d, cfg, device, inputs[0])
+    saved = read_state(run.dir, cfg, model) if resume else None  # the checkpoint's weights, before any sharding
     lp = _loop(run, model, d, cfg, device, inputs, on_event or (lambda e: None))
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
         run.meta.extra["tokenizer"] = str(Path(tokenizer or run.meta.base.path).resolve())
     metric_name, higher = monitored(d.task, cfg)
-    st = load_state(run.dir, lp.opt, lp.sched, cfg) if resume else _fresh_state(higher)
+    st = load_state(saved, lp.opt, lp.sched) if saved is not None else _fresh_state(higher)
+    shard_optimizer_state(lp.opt)  # FSDP: the resumed full state, sharded like the parameters
+    lp.contrib = autopelt.tracker(run, model, cfg, lp.params, st)
     _start(lp, st, trainable, total)
     t0 = time.time()
     stopped = _epochs(lp, st, gatestats.read(run.dir) if resume else None, t0)
     check_ranks_agree(lp.params, lp.world)
-    if lp.rank == 0:
-        finish_with_best(run.dir)
-    lp.emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name})
+    if lp.rank == 0 and lp.contrib is not None:  # units --auto-prune left off in the kept weights: pruned
+        autopelt.finish(run.dir)
+    peak = peak_memory(device)
+    lp.emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name, "peak": peak})
     return TrainResult(
         str(run.dir),
         d.task,
@@ -296,10 +344,11 @@ def train_run(
         st["best_epoch"],
         st["best"],
         metric_name,
-        [r for r in st["history"] if not is_train_row(r)],
+        [r for r in st["history"] if not is_train_row(r) and "kind" not in r],
         stopped,
         trainable,
         time.time() - t0,
+        peak,
     )
 
 
@@ -360,9 +409,19 @@ def _epochs(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any] | None, t0: 
             lp.emit,
             lp.total_steps,
             lambda: lp.evaluate()[0],
+            lp.engine,
+            saver=lambda: _checkpoint(lp, st, None, False, metric_name, False),
+            contrib=lp.contrib,
         )
+        st["pos"] = 0
         metrics, snap = lp.evaluate()
         value = metrics[metric_name]
+        if not math.isfinite(metrics.get("eval_loss", 0.0)):  # never kept, let alone as the best epoch
+            raise TrainingError(
+                f"non-finite eval loss ({metrics['eval_loss']}) after epoch {epoch + 1}; stopped, the run keeps its "
+                "last good checkpoint",
+                hint="lower --lr, or clip with --max-grad-norm",
+            )
         improved = is_improvement(value, st["best"], higher, lp.cfg.min_delta)
         if improved:
             st["best"], st["best_epoch"], st["bad_epochs"] = value, epoch + 1, 0
@@ -373,9 +432,10 @@ def _epochs(lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any] | None, t0: 
         st["history"].append(record)
         st["epoch"] = epoch + 1
         gate_doc = _gate_history(gate_doc, snap, epoch + 1, improved)
+        autopelt.record(lp.contrib, gate_doc, st, epoch + 1, improved)
         stopped = bool(lp.cfg.patience) and st["bad_epochs"] >= lp.cfg.patience
-        if lp.rank == 0:
-            _checkpoint(lp, st, gate_doc, improved, metric_name, stopped)
+        final = stopped or done or epoch + 1 == lp.cfg.epochs  # then the best epoch's weights stay in the run
+        _checkpoint(lp, st, gate_doc, improved, metric_name, stopped, final)  # every rank gathers, rank 0 writes
         lp.emit({"kind": "eval", **record, "gates": snap})  # after the checkpoint: an interrupt here loses nothing
         if stopped or done:
             return stopped
@@ -393,10 +453,24 @@ def _gate_history(doc: dict[str, Any] | None, snap: dict[str, Any], epoch: int, 
 
 
 def _checkpoint(
-    lp: _Loop, st: dict[str, Any], gate_doc: dict[str, Any], improved: bool, metric_name: str, stopped: bool
+    lp: _Loop,
+    st: dict[str, Any],
+    gate_doc: dict[str, Any] | None,
+    improved: bool,
+    metric_name: str,
+    stopped: bool,
+    final: bool = False,
 ) -> None:
+    """Commit the run's checkpoint: after an epoch, or with ``--save-every`` inside one (then ``gate_doc`` is None:
+    the run keeps its gates.json, and ``st["pos"]`` holds the batches done in the epoch)."""
+    adapter = full_state(surgery.inserted_state(lp.model))  # a collective under FSDP
+    optimizer = full_optimizer_state(lp.opt)
+    if lp.rank != 0:
+        return
+    autopelt.keep_state(lp.contrib, st)
     st["rng"] = rng_state()
-    st["optimizer"], st["scheduler"] = lp.opt.state_dict(), lp.sched.state_dict()
+    st["optimizer"], st["scheduler"] = optimizer, lp.sched.state_dict()
+    lp.run.meta.training["peak_memory"] = peak_memory(lp.device)
     lp.run.meta.training["result"] = {
         "epochs_done": st["epoch"],
         "steps": st["step"],
@@ -404,7 +478,7 @@ def _checkpoint(
         metric_name: st["best"],
         "stopped_early": stopped,
     }
-    save_checkpoint(lp.run, lp.model, st, st["history"], gate_doc, improved)
+    save_checkpoint(lp.run, lp.model, st, st["history"], gate_doc, improved, final, adapter=adapter)
 
 
 def run_epoch(
@@ -423,37 +497,82 @@ def run_epoch(
     emit: Callable,
     total_steps: int,
     evaluator: Callable[[], dict[str, float]] | None = None,
+    engine: Engine | None = None,
+    saver: Callable[[], None] | None = None,
+    contrib: autopelt.Tracker | None = None,
 ) -> bool:
     """One pass over the training data; returns True when ``max_steps`` was reached.
 
     With ``cfg.eval_every`` N, ``evaluator`` runs every N optimizer steps inside the epoch; its metrics go to the
-    progress display and the metrics log (``"partial": true``), not to early stopping.
+    progress display and the metrics log (``"partial": true``), not to early stopping. ``engine`` runs the forward
+    and backward (DDP, FSDP, autocast); default: the model itself in fp32. ``saver``: see :func:`_inside_epoch`.
     """
+    engine = engine or Engine(model, StepModule(model), "single", Amp(device.type))
     batches = list(
         batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world)
     )
+    first_sync = min(cfg.grad_accum, len(batches)) - 1  # the first micro-step whose gradients are complete
     log = TrainLog(model, cfg.log_every, total_steps, emit)
+    start = _resume_position(st, log)
     gated = bool(gatestats.controllers(model))
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches[start:], start):
         if gated and cfg.gate_warmup:
             set_gates_trainable(model, st["step"] >= cfg.gate_warmup)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, total = _step_loss(model, batch, cfg, task, f"step {st['step'] + 1} (epoch {epoch + 1}, batch {i + 1})")
-        (total / cfg.grad_accum).backward()
-        if i == 0:
+        final = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)  # gradients communicated only then
+        where = f"step {st['step'] + 1} (epoch {epoch + 1}, batch {i + 1})"
+        with engine.sync(final):
+            loss, total = engine.forward(_step_loss, batch, cfg, task, where)
+            if contrib is not None:
+                contrib.observe()  # the micro-batch's gates
+            engine.amp.backward(total / cfg.grad_accum)
+        if i == first_sync:
             check_gradients(model, task)
-        if (i + 1) % cfg.grad_accum and i + 1 != len(batches):
+        if not final:
             continue
-        norms = _optimizer_step(opt, sched, params, cfg, world, log if log.due(st["step"] + 1) else None)
+        norms = _optimizer_step(opt, sched, params, cfg, engine.amp, log if log.due(st["step"] + 1) else None, contrib)
         st["step"] += 1
         log.step(st, epoch + 1, i + 1, loss, sched.get_last_lr()[0], norms)
+        if contrib is not None:  # every --window steps with --auto-prune: probe, switch units off and on
+            probe = lambda b=batch, w=where: engine.forward(_step_loss, b, cfg, task, w)[0]  # noqa: E731
+            contrib.after_step(st, epoch + 1, probe, emit)
         if cfg.max_steps and st["step"] >= cfg.max_steps:
             return True
-        if evaluator and cfg.eval_every and st["step"] % cfg.eval_every == 0 and i + 1 < len(batches):
-            record = {"epoch": epoch + 1, "step": st["step"], **evaluator(), "partial": True}
-            st["history"].append(record)
-            emit({"kind": "eval", **record})
+        if i + 1 < len(batches):
+            _inside_epoch(cfg, st, epoch, i + 1, log, evaluator, saver, emit)
     return False
+
+
+def _resume_position(st: dict[str, Any], log: TrainLog) -> int:
+    """The batches of the epoch a resumed mid-epoch checkpoint had done (0 at an epoch's start); the losses its next
+    training row averages go back into ``log``."""
+    start = st.get("pos", 0)
+    if start:
+        log.losses = list(st.pop("log_losses", torch.zeros(0)).unbind())
+    return start
+
+
+def _inside_epoch(
+    cfg: TrainConfig,
+    st: dict[str, Any],
+    epoch: int,
+    done: int,
+    log: TrainLog,
+    evaluator: Callable[[], dict[str, float]] | None,
+    saver: Callable[[], None] | None,
+    emit: Callable,
+) -> None:
+    """After an optimizer step before the epoch's end (``done`` batches of it): ``--eval-every``'s evaluation, then
+    ``--save-every``'s checkpoint, which records ``done`` as ``st["pos"]`` so that a resume skips those batches (an
+    epoch's order depends only on the seed and the epoch) and continues bit for bit."""
+    if evaluator and cfg.eval_every and st["step"] % cfg.eval_every == 0:
+        record = {"epoch": epoch + 1, "step": st["step"], **evaluator(), "partial": True}
+        st["history"].append(record)
+        emit({"kind": "eval", **record})
+    if saver and cfg.save_every and st["step"] % cfg.save_every == 0:
+        st["pos"], st["log_losses"] = done, torch.stack(log.losses) if log.losses else torch.zeros(0)
+        saver()
+        del st["log_losses"]
 
 
 def _step_loss(
@@ -489,15 +608,23 @@ def check_gradients(model: torch.nn.Module, task: str) -> None:
 
 
 def _optimizer_step(
-    opt: Any, sched: Any, params: list, cfg: TrainConfig, world: int, log: TrainLog | None = None
+    opt: Any,
+    sched: Any,
+    params: list,
+    cfg: TrainConfig,
+    amp: Amp,
+    log: TrainLog | None = None,
+    contrib: autopelt.Tracker | None = None,
 ) -> dict[str, Any] | None:
-    """Average gradients over ranks, clip, step the optimizer and the schedule; with ``log``, its measurement of the
-    gradient norms before clipping (else None)."""
-    all_reduce_grads(params, world)
+    """Clip the (rank-averaged, unscaled) gradients, step the optimizer and the schedule; with ``log``, its
+    measurement of the gradient norms before clipping (else None); with ``contrib``, each unit's contribution."""
+    amp.unscale(opt)
+    if contrib is not None:
+        contrib.measure()
     norms = log.measure(opt) if log is not None else None
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
-    opt.step()
+    amp.step(opt)
     sched.step()
     opt.zero_grad(set_to_none=True)
     return norms
