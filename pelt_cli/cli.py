@@ -1226,7 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     started = time.perf_counter()
     try:
-        rv = _click_command().main(args=argv, prog_name="pelt", standalone_mode=False)
+        rv = typer.main.get_command(app).main(args=argv, prog_name="pelt", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except SystemExit as e:  # click ends a command whose stdout closed early with sys.exit(1)
         if not _closed_pipe(e):
@@ -1251,16 +1251,6 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and console is not None:
         console.detail(f"done in {time.perf_counter() - started:.2f} s")
     return code
-
-
-_COMMAND: list[Any] = []
-
-
-def _click_command() -> Any:
-    """The click command of the app, built once per process (building it costs more than most commands)."""
-    if not _COMMAND:
-        _COMMAND.append(typer.main.get_command(app))
-    return _COMMAND[0]
 
 
 def _closed_pipe(e: BaseException | None) -> bool:
