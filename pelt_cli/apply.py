@@ -10,11 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pelt_cli.errors import OutputExistsError, PeltError
+from pelt_cli.errors import PeltError, RecipeError
 from pelt_cli.insert import PlanRow, insert_recipe
+from pelt_cli.io.atomic import guard_output
 from pelt_cli.io.header import read_header
 from pelt_cli.recipe import Recipe
 from pelt_cli.run import ADAPTER_FILE, Base, Run
+
+MAX_GROWTH, MAX_NEW_PARAMS = 10, 50_000_000  # a recipe inserting more than 10× the base (+50M) is a typo, not PEFT
 
 
 @dataclass
@@ -50,9 +53,39 @@ class Plan:
 def plan(recipe: Recipe, base: str | os.PathLike[str] | Base) -> Plan:
     """Validate a recipe against a checkpoint's header and config, on a ``meta`` skeleton (no weights loaded)."""
     b = base if isinstance(base, Base) else Base.open(base)
+    b.verify()  # every tensor the config's model needs is on disk with its shape, before anything is planned
     model = b.skeleton()
+    check_layers(recipe, model)
     rows = insert_recipe(model, recipe)
-    return Plan(recipe, str(b.root), b.family, type(model).__name__, b.ckpt.total_params, rows)
+    the_plan = Plan(recipe, str(b.root), b.family, type(model).__name__, b.ckpt.total_params, rows)
+    if the_plan.new_params > MAX_GROWTH * the_plan.base_params + MAX_NEW_PARAMS:
+        raise RecipeError(
+            [
+                f"{recipe.source}: the recipe inserts {the_plan.new_params:,} parameters into a model of "
+                f"{the_plan.base_params:,}; expected an adapter smaller than that (check the sizes in params:)"
+            ]
+        )
+    return the_plan
+
+
+def check_layers(recipe: Recipe, model: Any) -> None:
+    """Refuse layer indices the model does not have, counted from its own parameters (no weights read).
+
+    Raises:
+        RecipeError: each entry whose ``layers`` name a layer outside ``-n … n-1``.
+    """
+    from pelt_cli.sites import layer_of
+
+    found = [layer_of(name) for name, _ in model.named_parameters()]
+    n = 1 + max((i for i in found if i is not None), default=-1)
+    problems = []
+    for e in recipe.inserts:
+        bad = [i for i in e.layers or () if not -n <= i < n]
+        if bad:
+            have = f"{n} layers (0 to {n - 1}, or -{n} to -1 from the end)" if n else "no numbered layers"
+            problems.append(f"{e.at('layers')}: layer {bad[0]} is out of range: the model has {have}")
+    if problems:
+        raise RecipeError(problems, hint="pelt inspect MODEL --depth 3 shows the model's layers")
 
 
 def apply(
@@ -79,8 +112,7 @@ def apply(
     from pelt_cli.surgery import freeze_base, inserted_state
 
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists", hint="choose another -o path or pass --force")
+    guard_output(out, force, [base.root if isinstance(base, Base) else base])
     b = base if isinstance(base, Base) else Base.open(base)
     the_plan = plan(recipe, b)  # every recipe problem surfaces here, before weights load
     model = b.load()

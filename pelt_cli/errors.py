@@ -76,3 +76,10 @@ class BaseMismatch(BadInput):
 
 class ExportRefused(BadInput):
     """A run that the requested format cannot represent."""
+
+
+class OutputBusy(PeltError):
+    """An output (a run, a merged checkpoint, a bundle) another pelt process is writing now: refused at once, never
+    waited for (exit 1, like any other environment problem)."""
+
+    exit_code = 1

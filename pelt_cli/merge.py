@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from pelt_cli import methods
-from pelt_cli.errors import CheckpointError, MergeRefused, OutputExistsError, PeltError, UsageError
-from pelt_cli.io.atomic import clean_stale_temps
+from pelt_cli.errors import CheckpointError, MergeRefused, PeltError, UsageError
+from pelt_cli.io.atomic import claim, clean_stale_temps, guard_output
 from pelt_cli.io.checkpoint import Checkpoint
 from pelt_cli.io.fingerprint import fingerprint, structure_fingerprint, tensor_digest
 from pelt_cli.io.header import INDEX_NAME, TensorInfo, TensorSpec
+from pelt_cli.io.reader import prefetch
 from pelt_cli.io.writer import ShardedWriter
 from pelt_cli.merge_head import task_output
 from pelt_cli.methods import FoldOp
@@ -305,11 +306,9 @@ def _disk_ops(km: Any, ops: dict, tie_names: dict) -> dict[str, list[FoldOp]]:
 
 
 def _check_paths(run: Run, out: Path, base: str | Path | None, force: bool) -> None:
-    for inp in (run.dir, Path(base or run.meta.base.path)):
-        if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
-            raise UsageError(f"{out}: the output would replace the input {inp}")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists", hint="choose another -o path or pass --force")
+    """Not ``-``, not an input, not inside or around one, not existing without ``force``; locked until the commit."""
+    guard_output(out, force, [run.dir, base or run.meta.base.path])
+    claim(out)
 
 
 def _open_base(run: Run, base: str | Path | None, check: bool) -> tuple[Base, bool]:
@@ -382,6 +381,7 @@ def merge_run(
     plan = plan_merge(run, freeze_gates, keep_unmerged, gate_stats)
     clean_stale_temps(out)
     b, hash_inline = _open_base(run, base, check_fingerprint)
+    prefetch(b.ckpt)  # a cold base starts loading while the skeleton is built
     model, rows = run.skeleton(b, head=plan.head)
     run.check_rows(rows, b)
     adapter = run.read_adapter(model)

@@ -25,7 +25,8 @@ from typing import Any
 
 from pelt_cli import methods
 from pelt_cli.errors import CheckpointError, ExportRefused
-from pelt_cli.io.atomic import atomic_dir, prepare_out
+from pelt_cli.io.atomic import atomic_dir, guard_output
+from pelt_cli.io.guard import load_json
 from pelt_cli.io.reader import load_file
 from pelt_cli.io.writer import save_file
 from pelt_cli.run import Base, Run, expected_state
@@ -214,8 +215,8 @@ def export_peft(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Write a run as a PEFT adapter directory (see :func:`peft_adapter`)."""
     out = Path(out)
     tensors, config = peft_adapter(run_dir)
-    prepare_out(out, force)
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    guard_output(out, force, [run.dir, run.meta.base.path])
     with atomic_dir(out, force) as tmp:
         write_peft(tmp, tensors, config)
         for f in run.tokenizer_files():  # AutoTokenizer.from_pretrained(DIR) works beside AutoPeftModel…
@@ -232,16 +233,66 @@ def read_peft(pdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     Raises:
         CheckpointError: no readable config; ExportRefused: keys without the prefix (not a PEFT adapter).
     """
-    try:
-        cfg = json.loads((pdir / PEFT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{pdir}: no readable {PEFT_CONFIG} ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{pdir / PEFT_CONFIG}: expected a JSON object, got {type(cfg).__name__}")
+    if not os.path.lexists(pdir / PEFT_CONFIG):
+        raise CheckpointError(f"{pdir}: no {PEFT_CONFIG}; expected a PEFT adapter directory (save_pretrained)")
+    cfg = load_json(pdir / PEFT_CONFIG, PEFT_CONFIG, CheckpointError, expect=dict)
+    check_peft_config(cfg, pdir / PEFT_CONFIG)
     raw = load_file(pdir / PEFT_WEIGHTS)
     if any(not n.startswith(PEFT_PREFIX) for n in raw):
         raise ExportRefused(f"{pdir / PEFT_WEIGHTS}: keys without the {PEFT_PREFIX!r} prefix; not a PEFT adapter")
     return cfg, {n.removeprefix(PEFT_PREFIX): t for n, t in raw.items()}
+
+
+NUM = (int, float)
+PEFT_CONFIG_TYPES: dict[
+    str, tuple[type, ...]
+] = {  # the adapter_config.json keys pelt reads, with the JSON types allowed
+    "peft_type": (str,),
+    "task_type": (str, type(None)),
+    "r": (int,),
+    "lora_alpha": NUM,
+    "lora_dropout": (*NUM, type(None)),
+    "alpha_pattern": (dict, type(None)),
+    "rank_pattern": (dict, type(None)),
+    "target_modules": (list, str, type(None)),
+    "feedforward_modules": (list, str, type(None)),
+    "modules_to_save": (list, type(None)),
+    "bias": (str, type(None)),
+    "use_rslora": (bool, type(None)),
+    "fan_in_fan_out": (bool, type(None)),
+    "base_model_name_or_path": (str, type(None)),
+}
+
+
+def check_peft_config(cfg: dict[str, Any], where: Path) -> None:
+    """The types of the ``adapter_config.json`` keys pelt reads (other keys are left to the method's checks).
+
+    Raises:
+        CheckpointError: a key of the wrong JSON type, or a LoRA adapter without ``lora_alpha``.
+    """
+    for key, allowed in PEFT_CONFIG_TYPES.items():
+        value = cfg.get(key)
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if key in cfg and (not isinstance(value, allowed) or wrong_bool):
+            names = " or ".join(sorted({_JSON_NAMES.get(t, t.__name__) for t in allowed}))
+            raise CheckpointError(f"{where}: {key} is {json.dumps(value)[:60]}; expected {names}")
+    for key in ("alpha_pattern", "rank_pattern"):
+        bad = [k for k, v in (cfg.get(key) or {}).items() if not isinstance(v, NUM) or isinstance(v, bool)]
+        if bad:
+            raise CheckpointError(f"{where}: {key}[{bad[0]!r}] is not a number")
+    if cfg.get("peft_type") == "LORA" and "lora_alpha" not in cfg:
+        raise CheckpointError(f"{where}: a LORA adapter config without lora_alpha; expected a number")
+
+
+_JSON_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+    list: "a list",
+    bool: "true/false",
+}
+_JSON_NAMES[type(None)] = "null"
 
 
 def split_head(cfg: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -470,7 +521,7 @@ def import_peft(
     wrong = [n for n, t in values.items() if want.get(n) != tuple(t.shape)]
     if wrong:
         raise ExportRefused(f"{wrong[0]}: shape {tuple(values[wrong[0]].shape)} does not fit the layer on this base")
-    prepare_out(out, force)
+    guard_output(out, force, [pdir, model])
     provenance = {
         "peft_dir": str(pdir.resolve()),
         "peft_type": cfg.get("peft_type"),

@@ -28,9 +28,10 @@ from typing import Any
 from pelt_cli import __version__
 from pelt_cli.errors import CheckpointError
 from pelt_cli.insert import PlanRow, insert_recipe
-from pelt_cli.io.atomic import atomic_dir
+from pelt_cli.io.atomic import atomic_dir, recover
 from pelt_cli.io.checkpoint import Checkpoint, open_checkpoint
 from pelt_cli.io.fingerprint import cached_fingerprint, fingerprint, structure_fingerprint
+from pelt_cli.io.guard import load_json
 from pelt_cli.keymap import quiet_transformers
 from pelt_cli.recipe import Recipe
 
@@ -107,6 +108,9 @@ class RunMeta:
             )
             meta.base = BaseRef(**meta.base)
             meta.insertions = [PlanRow.from_dict(r) for r in meta.insertions]
+            bad = [k for k in ("path", "fingerprint", "structure") if not isinstance(getattr(meta.base, k), str)]
+            if bad or not isinstance(meta.recipe, dict) or type(meta.new_params) is not int:
+                raise TypeError(f"base.{bad[0]} is not a string" if bad else "recipe or new_params has the wrong type")
         except (TypeError, AttributeError) as e:
             raise CheckpointError(f"{where}: not a valid {RUN_FILE} ({e})") from None
         return meta
@@ -153,10 +157,13 @@ class Base:
         self._structure: str | None = None
         self._skeleton: Any = None
         self._key_map: Any = None
+        self._verified: int | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Base:
-        """Open a checkpoint (a directory, a ``.safetensors`` file or a shard index) by its headers only."""
+        """Open a checkpoint (a directory, a ``.safetensors`` file or a shard index) by its headers only (a merged
+        output a killed ``--force`` replace left aside comes back first)."""
+        recover(path)
         return cls(open_checkpoint(path))
 
     @property
@@ -224,9 +231,23 @@ class Base:
             self._key_map = key_map(self.skeleton())
         return self._key_map
 
+    def verify(self) -> int:
+        """Check, before any weight is read, that the files hold every tensor the config's model needs with the
+        right shape (on the ``meta`` skeleton); done once per opened base. Returns the number of tensors checked.
+
+        Raises:
+            CheckpointError: a missing tensor, a wrong shape or dtype, or a config.json of another model.
+        """
+        from pelt_cli.keymap import verify_weights
+
+        if self._verified is None:
+            self._verified = verify_weights(self.ckpt, self.skeleton(), self.key_map())
+        return self._verified
+
     def load(self, device: str = "cpu") -> Any:
-        """The model with its weights, in its stored dtype."""
+        """The model with its weights, in its stored dtype, once :meth:`verify` has passed."""
         self.require_config()
+        self.verify()
         return load_base(self.directory, device, self.ckpt.tensors)
 
     def ref(self, model_class: str) -> BaseRef:
@@ -315,17 +336,13 @@ class Run:
             CheckpointError: not a run directory, or an unreadable / newer-format run.
         """
         d = Path(directory)
+        recover(d)  # a run a killed command left between the two renames of its commit comes back whole
         p = d / RUN_FILE
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise CheckpointError(
                 f"{d}: not a pelt run directory (no {RUN_FILE})", hint="pelt apply RECIPE MODEL -o RUN creates one"
             )
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise CheckpointError(f"{p}: expected a JSON object, got {type(doc).__name__}")
+        doc = load_json(p, RUN_FILE, CheckpointError, expect=dict)
         if not isinstance(doc.get("format", 0), int) or doc.get("format", 0) > RUN_FORMAT:
             raise CheckpointError(
                 f"{p}: run format {doc.get('format')} is newer than this pelt understands ({RUN_FORMAT})",
@@ -447,12 +464,9 @@ class Run:
     def gates(self) -> dict[str, Any] | None:
         """``gates.json`` (the gate statistics ``pelt train`` records), or None."""
         p = self.path(GATES_FILE)
-        if not p.is_file():
+        if not os.path.lexists(p):
             return None
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+        return load_json(p, GATES_FILE, CheckpointError, expect=dict)
 
     def load_model(self, base: Base | None = None, device: str = "cpu") -> Any:
         """Rebuild the run: load the base, insert the recipe (and head), load the inserted weights.

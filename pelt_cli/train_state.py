@@ -1,23 +1,36 @@
-"""A training run's files: the epoch checkpoint (weights, optimizer, scheduler, RNG, metrics, gates, run.json),
-resuming from it, and leaving the best epoch's weights in the run at the end."""
+"""A training run's files: each checkpoint (weights, optimizer, scheduler, RNG, metrics, gates, run.json) committed
+as one new generation of the run, resuming from it (checked: weights and optimizer state of the same step), and the
+best epoch's weights left in the run when training ends.
+
+``RUN/train/`` holds what ``--resume`` needs: ``state.pt`` (loop position, optimizer, scheduler, RNG; read with
+``weights_only=True``), ``last.safetensors`` (the weights of that same step, stamped with the checkpoint's id that
+``state.pt`` records too) and ``best.safetensors`` (the best epoch's weights). ``adapter.safetensors`` is the last
+checkpoint's weights while training runs, the best epoch's once it has ended.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pelt_cli import gates as gatestats
 from pelt_cli import surgery
-from pelt_cli.errors import UsageError
-from pelt_cli.io.atomic import atomic_file, write_bytes_atomic, write_text_atomic
-from pelt_cli.run import ADAPTER_FILE, GATES_FILE, METRICS_FILE, RUN_FILE, STATE_DIR, Run
+from pelt_cli.errors import CheckpointError, TrainingError, UsageError
+from pelt_cli.io.atomic import atomic_dir, link_or_copy
+from pelt_cli.run import ADAPTER_FILE, GATES_FILE, METRICS_FILE, RUN_FILE, STATE_DIR, Run, check_state
 from pelt_cli.train_config import TrainConfig
 
 STATE_FILE = "state.pt"
+LAST_FILE = "last.safetensors"
+BEST_FILE = "best.safetensors"
+STAMP = "pelt_checkpoint"  # the checkpoint id in last.safetensors' metadata; state.pt holds it as "checkpoint"
 
 
 def save_checkpoint(
@@ -27,22 +40,72 @@ def save_checkpoint(
     metrics: list[dict[str, Any]],
     gate_doc: dict[str, Any] | None,
     best: bool,
+    final: bool = False,
+    adapter: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the epoch's checkpoint into the run, each file through a temporary name and a rename."""
+    """Commit a checkpoint as one new generation of the run (see :mod:`pelt_cli.io.atomic`): a kill or a full disk
+    leaves the previous checkpoint whole.
+
+    Args:
+        run: the run (its directory is replaced as a unit; files this does not write are carried over).
+        model: the model in training.
+        state: the loop state with ``optimizer``, ``scheduler`` and ``rng`` (stamped here with the checkpoint id).
+        metrics: the rows of ``metrics.jsonl``.
+        gate_doc: ``gates.json`` (None: keep the run's).
+        best: this checkpoint's weights are the best so far.
+        final: training ends here: ``adapter.safetensors`` and ``gates.json`` get the best epoch's.
+        adapter: the run's tensors when the caller gathered them (FSDP shards); default: the model's.
+
+    Raises:
+        TrainingError: a non-finite weight (nothing is written).
+    """
     from pelt_cli.io.writer import save_file
 
-    adapter = {k: v.detach().cpu() for k, v in surgery.inserted_state(model).items()}
-    save_file(adapter, run.path(ADAPTER_FILE), metadata={"pelt_epoch": str(state["epoch"])})
-    sdir = run.path(STATE_DIR)
-    sdir.mkdir(exist_ok=True)
-    if best:
-        save_file(adapter, sdir / "best.safetensors", metadata={"pelt_epoch": str(state["epoch"])})
-    with atomic_file(sdir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
-    write_text_atomic(run.path(METRICS_FILE), "".join(json.dumps(m) + "\n" for m in metrics))
-    if gate_doc is not None and (gate_doc.get("layers") or gate_doc.get("domain")):
-        write_text_atomic(run.path(GATES_FILE), json.dumps(gate_doc, indent=2) + "\n")
-    write_text_atomic(run.path(RUN_FILE), run.meta_json())
+    adapter = {k: v.detach().cpu() for k, v in (adapter or surgery.inserted_state(model)).items()}
+    bad = [k for k, v in adapter.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingError(
+            f"non-finite weights in {bad[0]} at step {state['step']}; stopped, the run keeps its last good checkpoint",
+            hint="lower --lr, or clip with --max-grad-norm",
+        )
+    state["checkpoint"] = f"step{state['step']}-{uuid.uuid4().hex[:12]}"
+    meta = {"pelt_epoch": str(state["epoch"]), "pelt_step": str(state["step"]), STAMP: state["checkpoint"]}
+    blob = io.BytesIO()
+    torch.save(state, blob)  # in memory: a full disk fails in the plain write below, with an OSError
+    src = Path(os.path.realpath(run.dir))
+    gates = _final_gates(gate_doc) if final else gate_doc
+    gates = gates if gates is not None and (gates.get("layers") or gates.get("domain")) else None
+    own = {ADAPTER_FILE, STATE_DIR, METRICS_FILE, RUN_FILE, *([GATES_FILE] if gates is not None else [])}
+    with atomic_dir(src, force=True) as tmp:
+        link_or_copy(src, tmp, own)
+        sdir = tmp / STATE_DIR
+        sdir.mkdir()
+        if (src / STATE_DIR).is_dir():
+            link_or_copy(src / STATE_DIR, sdir, {STATE_FILE, LAST_FILE, *([BEST_FILE] if best else [])})
+        save_file(adapter, sdir / LAST_FILE, metadata=meta)
+        if best:
+            save_file(adapter, sdir / BEST_FILE, metadata=meta)
+        (sdir / STATE_FILE).write_bytes(blob.getvalue())
+        (tmp / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+        if gates is not None:
+            (tmp / GATES_FILE).write_text(json.dumps(gates, indent=2) + "\n", encoding="utf-8")
+        (tmp / RUN_FILE).write_text(run.meta_json(), encoding="utf-8")
+        kept = sdir / BEST_FILE if final and (sdir / BEST_FILE).is_file() else sdir / LAST_FILE
+        shutil.copyfile(kept, tmp / ADAPTER_FILE)  # its own copy: a file people may edit, never a link to train/
+
+
+def _final_gates(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """gates.json once training ends: the best epoch's statistics at the top (what ``pelt gates``, ``prune`` and
+    ``merge`` read, matching the best weights the run keeps)."""
+    if not doc or not doc.get("best"):
+        return doc
+    best = doc["best"]
+    return {
+        **doc,
+        **{k: best[k] for k in ("layers", "domain") if k in best},
+        "epoch": best["epoch"],
+        "last_epoch": doc.get("epoch"),
+    }
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,36 +131,67 @@ def set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype("uint32"), s["numpy_pos"], 0, 0.0))
 
 
-def load_state(run: Path, opt: Any, sched: Any, cfg: TrainConfig) -> dict[str, Any]:
+def read_state(run: Path, cfg: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """Resume, part 1 (before the optimizer exists): ``train/state.pt`` of a run, checked to be a training state
+    with epochs left, and the weights of that same step put into ``model``.
+
+    Raises:
+        UsageError: nothing to resume, or ``cfg.epochs`` already done.
+        CheckpointError: a file that is not a pelt training state (never executed: ``weights_only``), or weights
+            and optimizer state of different steps.
+    """
     p = run / STATE_DIR / STATE_FILE
     if not p.is_file():
         raise UsageError(f"{run}: nothing to resume (no {STATE_DIR}/{STATE_FILE})", hint="train without --resume")
-    st = torch.load(p, weights_only=True)
+    try:
+        st = torch.load(p, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler raises on a damaged or foreign file
+        raise CheckpointError(
+            f"{p}: not a pelt training state ({type(e).__name__})", hint="train without --resume to start over"
+        ) from None
+    need = ("epoch", "step", "optimizer", "scheduler", "rng", "history", "best", "best_epoch", "bad_epochs")
+    if not isinstance(st, dict) or any(k not in st for k in need):
+        raise CheckpointError(f"{p}: not a pelt training state (keys missing)", hint="train without --resume")
     if st["epoch"] >= cfg.epochs:
         raise UsageError(
             f"{run}: already trained {st['epoch']} epoch(s); --epochs {cfg.epochs} leaves nothing to resume",
             hint=f"pass --epochs {st['epoch'] + 1} or more",
         )
+    weights = resume_weights(run, st)
+    check_state(weights, model, run / STATE_DIR / LAST_FILE)
+    surgery.load_inserted_state(model, weights)
+    return st
+
+
+def resume_weights(run: Path, st: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of the step ``st`` was saved at: ``train/last.safetensors`` when its stamp matches (a run from
+    before it: ``adapter.safetensors`` of the same epoch).
+
+    Raises:
+        CheckpointError: weights and optimizer state of different checkpoints.
+    """
+    from pelt_cli.io.header import read_header
+    from pelt_cli.io.reader import load_file
+
+    last = run / STATE_DIR / LAST_FILE
+    if last.is_file():
+        got, want = read_header(last).metadata.get(STAMP), st.get("checkpoint")
+    else:
+        last = run / ADAPTER_FILE
+        got, want = read_header(last).metadata.get("pelt_epoch"), str(st["epoch"])
+        want = None if "checkpoint" in st else want
+    if got is None or got != want:
+        raise CheckpointError(
+            f"{last}: weights of checkpoint {got}, but {STATE_DIR}/{STATE_FILE} holds the optimizer state of {want} "
+            f"(step {st['step']}): they do not belong to the same step",
+            hint="train without --resume to start over",
+        )
+    return load_file(last)
+
+
+def load_state(st: dict[str, Any], opt: Any, sched: Any) -> dict[str, Any]:
+    """Resume, part 2: the optimizer, scheduler and RNG states of :func:`read_state`'s ``st``; the loop state."""
     opt.load_state_dict(st.pop("optimizer"))
     sched.load_state_dict(st.pop("scheduler"))
     set_rng_state(st.pop("rng"))
     return st
-
-
-def finish_with_best(run: Path) -> None:
-    """Leave the best epoch's weights in ``adapter.safetensors`` (early stopping keeps the best model), and their
-    gate statistics at the top of ``gates.json`` (what ``pelt gates``, ``prune`` and ``merge`` read)."""
-    doc = gatestats.read(run)
-    if doc and doc.get("best"):
-        best = doc["best"]
-        doc = {
-            **doc,
-            **{k: best[k] for k in ("layers", "domain") if k in best},
-            "epoch": best["epoch"],
-            "last_epoch": doc.get("epoch"),
-        }
-        write_text_atomic(run / GATES_FILE, json.dumps(doc, indent=2) + "\n")
-
-    best = run / STATE_DIR / "best.safetensors"
-    if best.is_file():
-        write_bytes_atomic(run / ADAPTER_FILE, best.read_bytes())

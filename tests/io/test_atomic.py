@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pelt_cli.errors import OutputExistsError
+from pelt_cli.errors import OutputBusy, OutputExistsError, UsageError
 from pelt_cli.io import atomic
 from pelt_cli.io.atomic import (
     atomic_dir,
@@ -164,3 +164,71 @@ def test_prepare_out(tmp_path: Path) -> None:
     assert "--force" in (e.value.hint or "")
     prepare_out(tmp_path / "out", force=True)
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_recover_rolls_a_cut_swap_forward_and_leaves_live_or_odd_leftovers(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    (tmp_path / f".run.pelt-old-{dead}").mkdir()  # killed between the two renames of commit_dir
+    (tmp_path / f".run.pelt-old-{dead}" / "v").write_text("old")
+    (tmp_path / f".run.pelt-tmp-{dead}").mkdir()
+    (tmp_path / f".run.pelt-tmp-{dead}" / "v").write_text("new")
+    assert atomic.recover(tmp_path / "run")
+    assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run" / "v").read_text() == "new"
+    (tmp_path / f".gone.pelt-old-{dead}").mkdir()  # no new generation: a half-removed old one is never revived
+    assert not atomic.recover(tmp_path / "gone") and not (tmp_path / "gone").exists()
+    clean_stale_temps(tmp_path / "gone")
+    live = os.getppid()
+    (tmp_path / f".busy.pelt-old-{live}").mkdir()  # a live writer mid-swap: waited for, never touched
+    (tmp_path / f".busy.pelt-tmp-{live}").mkdir()
+    assert not atomic.recover(tmp_path / "busy", wait=0.1)
+    assert sorted(os.listdir(tmp_path)) == sorted(["run", f".busy.pelt-old-{live}", f".busy.pelt-tmp-{live}"])
+
+
+def test_commit_dir_puts_the_old_one_back_when_the_second_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    (tmp_path / "new").mkdir()
+    real, calls = atomic._rename, []
+
+    def second_fails(src: Path, dst: Path) -> None:
+        calls.append(dst.name)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic, "_rename", second_fails)
+    with pytest.raises(OSError, match="Input/output"):
+        commit_dir(tmp_path / "new", tmp_path / "out", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["new", "out"] and os.listdir(tmp_path / "out") == ["old.txt"]
+
+
+def test_guard_output(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for out, how in [(run, "replace"), (run / "sub", "lie inside"), (tmp_path, "contain")]:
+        with pytest.raises(UsageError, match=f"the output would {how} the input"):
+            atomic.guard_output(out, True, [run])
+    with pytest.raises(UsageError, match="not a stream"):
+        atomic.guard_output("-", False)
+    assert atomic.guard_output(tmp_path / "other", False, [run, None]) == tmp_path / "other"
+
+
+def test_a_lock_held_by_another_process_is_refused_naming_it(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from pelt_cli.io import atomic; import sys; atomic.claim(sys.argv[1]); "
+         "print('held', flush=True); sys.stdin.read()", str(tmp_path / "out")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(OutputBusy, match=f"in use by pelt process {holder.pid}"):
+            atomic.claim(tmp_path / "out")
+        with pytest.raises(OutputBusy), atomic_dir(tmp_path / "out"):
+            pass
+    finally:
+        holder.communicate("")
+    atomic.claim(tmp_path / "out")  # the holder ended: free, and its lock file reused
+    atomic.release_claims()
+    assert os.listdir(tmp_path) == []
