@@ -72,7 +72,8 @@ class TrainLog:
             for p in g["params"]
             if p.grad is not None
         ]
-        norms = torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for _, p in named]) if named else None
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for _, p in named]
+        norms = torch.stack([getattr(n, "full_tensor", lambda n=n: n)() for n in norms]) if named else None  # FSDP
         groups: dict[str, float] = {}
         methods: dict[str, float] = {}
         for (group, p), v in zip(named, norms.double().pow(2).tolist() if named else [], strict=True):

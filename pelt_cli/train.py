@@ -332,8 +332,6 @@ def _train(
     t0 = time.time()
     stopped = _epochs(lp, st, gatestats.read(run.dir) if resume else None, t0)
     check_ranks_agree(lp.params, lp.world)
-    if lp.rank == 0 and lp.contrib is not None:  # units --auto-prune left off in the kept weights: pruned
-        autopelt.finish(run.dir)
     peak = peak_memory(device)
     lp.emit({"kind": "end", "best_epoch": st["best_epoch"], "best": st["best"], "metric": metric_name, "peak": peak})
     return TrainResult(
@@ -478,7 +476,8 @@ def _checkpoint(
         metric_name: st["best"],
         "stopped_early": stopped,
     }
-    save_checkpoint(lp.run, lp.model, st, st["history"], gate_doc, improved, final, adapter=adapter)
+    finish = autopelt.finish if lp.contrib is not None else None  # the final commit prunes what --auto-prune left off
+    save_checkpoint(lp.run, lp.model, st, st["history"], gate_doc, improved, final, adapter=adapter, finish=finish)
 
 
 def run_epoch(

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def save_checkpoint(
     best: bool,
     final: bool = False,
     adapter: dict[str, torch.Tensor] | None = None,
+    finish: Callable[[Path, Path], Any] | None = None,
 ) -> None:
     """Commit a checkpoint as one new generation of the run (see :mod:`pelt_cli.io.atomic`): a kill or a full disk
     leaves the previous checkpoint whole.
@@ -55,6 +57,9 @@ def save_checkpoint(
         best: this checkpoint's weights are the best so far.
         final: training ends here: ``adapter.safetensors`` and ``gates.json`` get the best epoch's.
         adapter: the run's tensors when the caller gathered them (FSDP shards); default: the model's.
+        finish: with ``final``: called as ``finish(new generation, run directory)`` once the generation is filled,
+            before its commit, to change it further (AutoPELT's prune, :func:`pelt_cli.autopelt.finish`): its
+            changes are committed with the checkpoint, as one unit.
 
     Raises:
         TrainingError: a non-finite weight (nothing is written).
@@ -92,6 +97,8 @@ def save_checkpoint(
         (tmp / RUN_FILE).write_text(run.meta_json(), encoding="utf-8")
         kept = sdir / BEST_FILE if final and (sdir / BEST_FILE).is_file() else sdir / LAST_FILE
         shutil.copyfile(kept, tmp / ADAPTER_FILE)  # its own copy: a file people may edit, never a link to train/
+        if final and finish is not None:
+            finish(tmp, run.dir)
 
 
 def _final_gates(doc: dict[str, Any] | None) -> dict[str, Any] | None:
