@@ -10,6 +10,7 @@ way ``save_pretrained`` applies it, on a model skeleton built on the ``meta`` de
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,13 +102,44 @@ def skeleton(directory: Any, keys: Any = None) -> Any:
     import torch
     import transformers
 
+    quiet_transformers()
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a config value of the wrong type (transformers 5)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        StrictDataclassError = ValueError  # noqa: N806
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: cannot read config.json ({e})") from None
-    cls = model_class(config, directory, keys)
-    with torch.device("meta"):
-        return cls(config)
+    except (*CONFIG_ERRORS, OSError, StrictDataclassError) as e:
+        raise CheckpointError(f"{directory}/config.json: cannot read the model's config ({_first_line(e)})") from None
+    try:
+        cls = model_class(config, directory, keys)
+        with torch.device("meta"):
+            return cls(config)
+    except CONFIG_ERRORS as e:
+        raise CheckpointError(
+            f"{directory}/config.json: transformers cannot build a {type(config).__name__} model from it "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from None
+
+
+# What transformers raises on a config.json whose values it cannot use (wrong types, lists too short, zero sizes);
+# caught only around reading the config and building the model from it on ``meta``.
+CONFIG_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    AssertionError,
+    ArithmeticError,
+    RuntimeError,
+)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def key_map(model: Any) -> KeyMap:
@@ -145,3 +177,74 @@ def check_against(km: KeyMap, ckpt: Checkpoint) -> tuple[list[str], list[str]]:
     expected = set(km.to_disk.values())
     present = set(ckpt.tensors)
     return sorted(expected - present), sorted(present - expected)
+
+
+def verify_weights(ckpt: Checkpoint, model: Any, km: KeyMap | None = None) -> int:
+    """Check, before any weight is read, that a checkpoint holds every tensor its config's model loads one-to-one,
+    each with the shape and a compatible dtype of the parameter (or buffer) on the ``meta`` skeleton ``model``.
+
+    Returns:
+        The number of tensors checked.
+
+    Raises:
+        CheckpointError: the first problems found (a missing tensor, a wrong shape, an integer tensor for a float
+            parameter), each naming the tensor, what the model expects and what the file holds.
+    """
+    km = km or key_map(model)
+    state = model.state_dict()
+    where = ckpt.root
+    cls = type(model).__name__
+    missing, wrong = [], []
+    for mem, disk in km.to_disk.items():
+        info, want = ckpt.tensors.get(disk), state.get(mem)
+        if not hasattr(want, "is_floating_point"):  # an extra state a module keeps as a plain value
+            continue
+        if info is None:
+            missing.append(disk)
+        elif tuple(info.shape) != tuple(want.shape):
+            wrong.append(f"tensor {disk!r}: shape {list(info.shape)} on disk, {cls} expects {list(want.shape)}")
+        elif want.is_floating_point() and info.dtype not in FLOAT_DTYPES:
+            wrong.append(f"tensor {disk!r}: dtype {info.dtype} on disk, {cls} expects a floating-point tensor")
+    ignore = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])  # e.g. DeepSeek's MTP layer
+    unused = sorted(k for k in set(ckpt.tensors) - set(km.to_disk.values()) if not any(re.search(p, k) for p in ignore))
+    deeper = _deeper_layers(unused, km)
+    if deeper:
+        wrong.insert(0, f"tensor {deeper!r} is in a layer {cls} does not have (its config has fewer layers)")
+    elif not km.converted and len(unused) * 2 > len(ckpt.tensors):  # the config describes another model
+        wrong.insert(
+            0,
+            f"{len(unused)} of the {len(ckpt.tensors)} tensors on disk are not part of {cls}, e.g. {unused[0]!r}",
+        )
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        wrong.insert(0, f"{len(missing)} tensor(s) {cls} needs are missing: {', '.join(map(repr, missing[:3]))}{more}")
+    if wrong:
+        cfg = ckpt.config or {}
+        raise CheckpointError(
+            f"{where}: the weights do not fit its config.json ({cfg.get('model_type', '?')}): {wrong[0]}"
+            + (f"; and {len(wrong) - 1} more problem(s)" if len(wrong) > 1 else ""),
+            hint="the config.json beside the weights must be the one they were saved with (save_pretrained)",
+        )
+    return len(km.to_disk)
+
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
+
+
+def _deeper_layers(unused: list[str], km: KeyMap) -> str | None:
+    """An unused on-disk key in a layer past the model's last one (weights the config would silently drop)."""
+    from .roles import layer_index
+
+    def stem(key: str) -> str:  # the key with its layer number blanked: the layer list it belongs to
+        return re.sub(r"\.\d+\.", ".#.", key, count=1)
+
+    top: dict[str, int] = {}
+    for key in km.to_disk.values():
+        i = layer_index(key)
+        if i is not None:
+            top[stem(key)] = max(top.get(stem(key), -1), i)
+    for key in unused:
+        i = layer_index(key)
+        if i is not None and stem(key) in top and i > top[stem(key)]:
+            return key
+    return None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -24,11 +26,21 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
+from .io.guard import (
+    MAX_RECIPE_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    ScalarBuilder,
+    compose_yaml,
+    decode_utf8,
+    read_bytes,
+    require_regular,
+)
 
 Pos = tuple[int, int]
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 TOP_KEYS = {"name": str, "description": str, "families": list, "seed": int, "inserts": list, "train": dict}
-TRAIN_EXCLUDED = ("device", "new_head", "task")  # where and how one invocation runs, not a recipe's settings
+TRAIN_EXCLUDED = ("device", "new_head", "task", "fsdp")  # where and how one invocation runs, not a recipe's settings
 # The train: section: each pelt_cli.train.TrainConfig field but TRAIN_EXCLUDED, with its type and range (the checks of
 # TrainConfig.check); kept here so that validating a recipe needs no torch (tests/test_recipe.py keeps them in step).
 TRAIN_FIELDS: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -56,9 +68,20 @@ TRAIN_FIELDS: dict[str, tuple[Any, dict[str, Any]]] = {
     "eval_fraction": (float, {"min": 1e-9, "max": 0.999999}),
     "max_length": (int, {"min": 2}),
     "max_steps": (int | None, {"min": 1}),
-    "seed": (int, {}),
+    "save_every": (int, {"min": 0}),
+    "seed": (int, {"min": 0}),
+    "precision": (str, {"choices": ["fp32", "bf16", "fp16"]}),
+    "base_dtype": (str, {"choices": ["auto", "fp32", "bf16", "fp16"]}),
+    "grad_checkpoint": (bool, {}),
+    "auto_prune": (float | None, {"min": 0.0, "max": 1.0}),
+    "window": (int, {"min": 1}),
 }
 ENTRY_KEYS = {"method": str, "name": str, "targets": list, "layers": object, "blocks": list, "params": dict}
+MAX_MESSAGE = 300
+MAP_TAG, SEQ_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+LAYER_RANGE = re.compile(r"\s*(\d{1,30})\s*-\s*(\d{1,30})\s*", re.ASCII)
+MAX_LAYER_RANGE = 100_000  # no model has more blocks; with a model, layers are checked against its own count
+MAX_PARAM_INT = 10_000_000  # a method's integer setting (rank, prefix length, widths) above this cannot fit memory
 BLOCKS = ["encoder", "decoder", "cross-attention", "audio", "vision", "projector", "-"]
 
 
@@ -131,23 +154,49 @@ def params_to_dict(params: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- YAML with positions
 
 
-def _to_data(node: yaml.Node, path: tuple, pos: dict[tuple, Pos], problems: list[str], where: str) -> Any:
-    pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
+class _Walk:
+    """Turns composed YAML nodes into data, keeping positions and counting nodes (aliases expand here)."""
+
+    def __init__(self, where: str, pos: dict[tuple, Pos], problems: list[str]) -> None:
+        self.where, self.pos, self.problems, self.nodes = where, pos, problems, 0
+        self.build = ScalarBuilder()
+
+    def at(self, node: yaml.Node) -> str:
+        return f"{self.where}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+    def data(self, node: yaml.Node, path: tuple, depth: int = 0) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES or depth > MAX_YAML_DEPTH:
+            limit = f"more than {MAX_YAML_NODES:,} values" if depth <= MAX_YAML_DEPTH else "nesting too deep"
+            shown = fmt_path(path[:8]) + ("…" if len(path) > 8 else "")
+            raise RecipeError([f"{self.at(node)}: {shown}: {limit} (recursive or exploding aliases?)"])
+        self.pos[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        if node.tag not in (MAP_TAG, SEQ_TAG):
+            self.problems.append(f"{self.at(node)}: {fmt_path(path)}: YAML tag {node.tag!r} is not allowed here")
+            return None
+        if isinstance(node, yaml.SequenceNode):
+            return [self.data(v, path + (i,), depth + 1) for i, v in enumerate(node.value)]
         out: dict[str, Any] = {}
         for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            if not isinstance(k, yaml.ScalarNode):
+                self.problems.append(f"{self.at(k)}: {fmt_path(path)}: a key must be a plain name, not a list or map")
+                continue
+            key = k.value
             if key in out:
-                problems.append(
-                    f"{where}:{k.start_mark.line + 1}:{k.start_mark.column + 1}: "
-                    f"{fmt_path(path + (key,))}: duplicate key"
-                )
-            out[key] = _to_data(v, path + (key,), pos, problems, where)
-            pos[path + (key,)] = (k.start_mark.line + 1, k.start_mark.column + 1)
+                self.problems.append(f"{self.at(k)}: {fmt_path(path + (key,))}: duplicate key")
+            out[key] = self.data(v, path + (key,), depth + 1)
+            self.pos[path + (key,)] = (k.start_mark.line + 1, k.start_mark.column + 1)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_data(v, path + (i,), pos, problems, where) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+
+    def scalar(self, node: yaml.ScalarNode, path: tuple) -> Any:
+        try:
+            return self.build(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+            problem = getattr(e, "problem", None) or str(e)
+            self.problems.append(f"{self.at(node)}: {fmt_path(path)}: {node.value!r} is not a valid value ({problem})")
+            return None
 
 
 def fmt_path(path: tuple) -> str:
@@ -165,16 +214,18 @@ def parse_yaml(text: str, where: str) -> tuple[Any, dict[tuple, Pos]]:
         RecipeError: a YAML syntax error, with its position.
     """
     try:
-        node = yaml.compose(text)
+        node = compose_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
         raise RecipeError([f"{at}: YAML syntax error: {getattr(e, 'problem', None) or e}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{where}: YAML nested too deeply"]) from None
     if node is None:
         raise RecipeError([f"{where}: the recipe is empty"])
     pos: dict[tuple, Pos] = {}
     problems: list[str] = []
-    data = _to_data(node, (), pos, problems, where)
+    data = _Walk(where, pos, problems).data(node, ())
     if problems:
         raise RecipeError(problems)
     return data, pos
@@ -215,11 +266,21 @@ def apply_overrides(data: Any, overrides: list[str]) -> Any:
             if delete:
                 del node[last]
             else:
-                node[last] = yaml.safe_load(value) if value != "" else ""
+                node[last] = _override_value(value, ov) if value != "" else ""
+        except RecipeError as e:
+            problems.extend(e.problems)
         except (KeyError, IndexError, TypeError):
             problems.append(f"override {ov!r}: {fmt_path(tuple(parts))} does not exist in the recipe")
     if problems:
         raise RecipeError(problems)
+    return data
+
+
+def _override_value(value: str, ov: str) -> Any:
+    """An override's value parsed as YAML, with the limits and checks of a recipe file (blank: null)."""
+    if not value.strip():
+        return None
+    data, _ = parse_yaml(value, f"override {ov!r}")
     return data
 
 
@@ -236,6 +297,8 @@ class _Checker:
             p = p[:-1]
         line, col = self.pos.get(p, (0, 0))
         at = f"{self.where}:{line}:{col}" if line else f"{self.where}"
+        if len(message) > MAX_MESSAGE:  # a huge or deeply nested value is named, not printed whole
+            message = message[: MAX_MESSAGE - 1] + "…"
         self.problems.append(f"{at}: {fmt_path(path)}: {message}")
 
     def keys(self, data: dict, allowed: typing.Iterable[str], path: tuple) -> None:
@@ -283,6 +346,9 @@ def _check_value(ck: _Checker, value: Any, tp: Any, meta: dict, path: tuple) -> 
         value = float(value)
     if tp is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        ck.add(path, f"{value!r} is not a finite number")
+        return value
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         ck.add(path, f"expected {_type_name(tp)}, got {value!r}")
         return value
@@ -303,15 +369,21 @@ def build_params(ck: _Checker, cls: type, data: dict, path: tuple) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     ck.keys(data, fields, path)
     kwargs = {}
+    before = len(ck.problems)
     for name, value in data.items():
         if name in fields:
-            kwargs[name] = _check_value(ck, value, hints[name], dict(fields[name].metadata), path + (name,))
+            meta = dict(fields[name].metadata)
+            if hints[name] in (int, int | None):
+                meta.setdefault("max", MAX_PARAM_INT)
+            kwargs[name] = _check_value(ck, value, hints[name], meta, path + (name,))
+    if len(ck.problems) > before:
+        return cls()  # a value of the wrong type: cross-field checks and the constructor would only trip on it
     if hasattr(cls, "validate"):
         for message in cls.validate(kwargs):
             ck.add(path, message)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         ck.add(path, str(e))
         return cls()
 
@@ -325,13 +397,18 @@ def parse_layers(spec: Any, ck: _Checker, path: tuple) -> tuple[int, ...] | None
     for i, item in enumerate(items):
         p = path + (i,) if isinstance(spec, list) else path
         if isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) >= MAX_LAYER_RANGE:
+                ck.add(p, f"layer {item}: no model has that many layers")
             out.append(item)
         elif isinstance(item, str) and "-" in item.strip("-"):
-            a, _, b = item.partition("-")
-            if a.strip().isdigit() and b.strip().isdigit() and int(a) <= int(b):
-                out.extend(range(int(a), int(b) + 1))
-            else:
+            found = LAYER_RANGE.fullmatch(item)
+            a, b = (int(found.group(1)), int(found.group(2))) if found else (1, 0)
+            if not found or a > b:
                 ck.add(p, f"layer range {item!r}: expected 'A-B' with A ≤ B")
+            elif b - a + 1 > MAX_LAYER_RANGE or len(out) + b - a + 1 > MAX_LAYER_RANGE:
+                ck.add(p, f"layer range {item!r}: more than {MAX_LAYER_RANGE:,} layers; no model has that many")
+            else:
+                out.extend(range(a, b + 1))
         else:
             ck.add(p, f"expected a layer index, a range 'A-B', a list of them or 'all', got {item!r}")
     return tuple(out)
@@ -367,7 +444,7 @@ def validate(data: Any, pos: dict[tuple, Pos], where: str) -> Recipe:
         if key in data and not isinstance(data[key], tp):
             ck.add((key,), f"expected {_type_name(tp)}, got {data[key]!r}")
     families = data.get("families") or []
-    if not isinstance(families, list):
+    if not isinstance(families, list) or not all(isinstance(f, str) for f in families):
         ck.add(("families",), f"expected a list of model families, got {families!r}")
         families = []
     train = train_section(ck, data.get("train"))
@@ -422,11 +499,16 @@ def _entry(ck: _Checker, raw: dict, path: tuple, index: int, methods: Any) -> En
     blocks = raw.get("blocks") or []
     if isinstance(blocks, str):
         blocks = [blocks]
+    if not isinstance(blocks, list):
+        ck.add(path + ("blocks",), f"expected a block kind or a list of them ({', '.join(BLOCKS)}), got {blocks!r}")
+        blocks = []
     for j, b in enumerate(blocks):
-        if b not in BLOCKS:
+        if not isinstance(b, str) or b not in BLOCKS:
             close = difflib.get_close_matches(str(b), BLOCKS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             ck.add(path + ("blocks", j), f"unknown block kind {b!r}{hint}; expected one of {', '.join(BLOCKS)}")
+    if not isinstance(raw.get("name", ""), str):
+        ck.add(path + ("name",), f"expected a string, got {raw['name']!r}")
     layers = parse_layers(raw.get("layers"), ck, path + ("layers",))
     line, col = ck.pos.get(path + ("targets",), ck.pos.get(path, (0, 0)))
     return Entry(
@@ -449,9 +531,16 @@ def load(path_or_name: str | Path, overrides: list[str] | None = None) -> Recipe
     """
     from .bundled import find_recipe
 
+    if os.path.lexists(path_or_name):  # an existing path that is not a regular file is refused, never opened
+        require_regular(path_or_name, "a recipe file (YAML)", _recipe_error)
     path = find_recipe(str(path_or_name))
-    text = path.read_text(encoding="utf-8")
+    raw = read_bytes(path, "a recipe file (YAML)", MAX_RECIPE_BYTES, _recipe_error)
+    text = decode_utf8(raw, str(path), "a recipe (YAML)", _recipe_error)
     return loads(text, str(path), overrides)
+
+
+def _recipe_error(message: str) -> RecipeError:
+    return RecipeError([message])
 
 
 def loads(text: str, where: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:

@@ -209,3 +209,32 @@ def _header(ckpt: Checkpoint) -> dict[str, Any]:
         "total_params": ckpt.total_params,
         "total_bytes": ckpt.total_bytes,
     }
+
+
+def verify_checkpoint(path: str | os.PathLike[str] | Checkpoint) -> str:
+    """``pelt inspect --verify``: everything that can be checked without reading a weight, or raise.
+
+    Every header (types, dtype × shape = bytes, offsets back to back from the data start to the end of the file),
+    the shard index against the headers, ``config.json``, and — where there is a local ``config.json`` — that every
+    tensor the config's model needs is present with its shape, checked on the model's ``meta`` skeleton.
+
+    Returns:
+        One line saying what was verified.
+
+    Raises:
+        CheckpointError: the first problem found, naming the file and the tensor.
+    """
+    from .keymap import key_map, skeleton, verify_weights
+
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    done = f"{len(ckpt.tensors)} tensor(s) in {len(ckpt.files)} file(s): headers, layout"
+    if ckpt.sharded:
+        done += ", shard index"
+    local = not isinstance(path, Checkpoint) or ckpt.directory.is_dir()
+    if ckpt.config is not None and local:
+        model = skeleton(ckpt.directory, ckpt.tensors)
+        n = verify_weights(ckpt, model, key_map(model))
+        done += f", the {n} tensor(s) {type(model).__name__} loads"
+    elif ckpt.config is None:
+        done += " (no config.json: the model's tensors not checked)"
+    return f"verified: {ckpt.root}: {done}"

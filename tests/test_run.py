@@ -35,7 +35,7 @@ def test_run_open_parses_the_recipe_once_and_refuses_bad_json(tiny_dir: Path, tm
     assert run.recipe.to_dict() == rc.load("lora").to_dict()
     assert [r.key for r in run.insertions] == [(r.site, r.method) for r in run.skeleton()[1]]
     (run_dir / RUN_FILE).write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="expected a JSON object, got list"):
+    with pytest.raises(CheckpointError, match="run.json is a JSON array, expected a JSON object"):
         Run.open(run_dir)
     (run_dir / RUN_FILE).write_text(json.dumps({"format": 99}))
     with pytest.raises(CheckpointError, match="newer than this pelt understands"):

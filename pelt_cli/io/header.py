@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pelt_cli.errors import CheckpointError
+from pelt_cli.io.guard import decode_utf8, open_regular, parse_json
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
@@ -94,9 +95,9 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
         CheckpointError: the file is missing, truncated, not JSON, or its offsets are inconsistent.
     """
     p = Path(path)
-    try:
-        size = p.stat().st_size
-        with open(p, "rb") as f:
+    with open_regular(p, "a .safetensors file", CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
             head = f.read(8)
             if len(head) < 8:
                 raise _bad(p, f"truncated: {size} bytes, a safetensors file starts with an 8-byte header length")
@@ -106,12 +107,8 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
             if 8 + n > size:
                 raise _bad(p, f"header length {n} is larger than the file ({size} bytes): truncated or corrupt")
             raw = f.read(n)
-    except FileNotFoundError:
-        raise _bad(p, "no such file") from None
-    except IsADirectoryError:
-        raise _bad(p, "is a directory, expected a .safetensors file") from None
-    except PermissionError:
-        raise _bad(p, "permission denied") from None
+        except OSError as e:
+            raise _bad(p, f"cannot be read ({e.strerror or e})") from None
     return parse_header(p, raw, size)
 
 
@@ -127,12 +124,10 @@ def parse_header(path: Path, raw: bytes, size: int) -> ShardHeader:
         CheckpointError: the header is not JSON or its entries are inconsistent.
     """
     p = path
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(p, f"header is not valid JSON ({e.__class__.__name__}: {e})") from None
-    if not isinstance(doc, dict):
-        raise _bad(p, f"header is JSON {type(doc).__name__}, expected an object of tensors")
+    if not raw.startswith(b"{"):
+        raise _bad(p, f"header starts with {raw[:8]!r}, not '{{': not a safetensors file")
+    text = decode_utf8(raw, str(p), "a safetensors header (JSON)", CheckpointError)
+    doc = parse_json(text, str(p), "the safetensors header", CheckpointError, expect=dict, strict=True)
     data_start = 8 + len(raw)
     tensors, metadata = _parse_entries(p, doc, data_start, size)
     return ShardHeader(path=p, tensors=tensors, metadata=metadata, data_start=data_start, size=size)
@@ -141,25 +136,25 @@ def parse_header(path: Path, raw: bytes, size: int) -> ShardHeader:
 def _parse_entries(
     p: Path, doc: dict[str, Any], data_start: int, size: int
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _bad(p, "__metadata__ must be a map of strings")
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad(p, f"__metadata__ is {_short(metadata)}; expected a JSON object of strings")
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
         if not isinstance(entry, dict):
-            raise _bad(p, f"tensor {name!r}: entry must be an object")
+            raise _bad(
+                p, f"tensor {name!r}: entry is {_short(entry)}; expected an object with dtype, shape and offsets"
+            )
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
-            raise _bad(p, f"tensor {name!r}: unknown dtype {dtype!r} (expected one of {', '.join(DTYPE_SIZES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _bad(p, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-        ):
-            raise _bad(p, f"tensor {name!r}: data_offsets {offsets!r} is not a pair of non-negative integers")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise _bad(p, f"tensor {name!r}: unknown dtype {_short(dtype)} (expected one of {', '.join(DTYPE_SIZES)})")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise _bad(p, f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+            raise _bad(p, f"tensor {name!r}: data_offsets {_short(offsets)} is not a pair of non-negative integers")
         b, e = offsets
         want = math.prod(shape) * DTYPE_SIZES[dtype]
         if e - b != want:
@@ -171,15 +166,37 @@ def _parse_entries(
                 f"(data region is {data_len} bytes): truncated or corrupt",
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), p, data_start + b, data_start + e)
-    _check_overlaps(p, tensors)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    _check_layout(p, tensors, data_start, data_len)
+    return tensors, dict(metadata)
 
 
-def _check_overlaps(p: Path, tensors: dict[str, TensorInfo]) -> None:
-    ranges = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(ranges, ranges[1:], strict=False):
-        if b1 < e0:
-            raise _bad(p, f"tensors {n0!r} and {n1!r} have overlapping data_offsets: corrupt header")
+def _count(v: Any) -> bool:
+    """A JSON non-negative integer that fits 64 bits (``true`` is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _short(v: Any) -> str:
+    """A JSON value in a message, cut to a readable length."""
+    text = json.dumps(v) if not isinstance(v, (bytes, bytearray)) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_layout(p: Path, tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> None:
+    """Tensor data back to back from the start of the data region to the end of the file, as safetensors requires:
+    no overlap, no gap, no trailing bytes."""
+    pos = 0
+    last = "the header"
+    for b, e, name in sorted((t.begin - data_start, t.end - data_start, t.name) for t in tensors.values()):
+        if b < pos:
+            raise _bad(p, f"tensors {last!r} and {name!r} have overlapping data_offsets: corrupt header")
+        if b > pos:
+            raise _bad(p, f"{b - pos} bytes between {last} and tensor {name!r} belong to no tensor: corrupt header")
+        pos, last = e, f"tensor {name!r}"
+    if pos != data_len:
+        raise _bad(
+            p,
+            f"{data_len - pos} bytes after the last tensor's data belong to no tensor: trailing bytes or a bad header",
+        )
 
 
 @dataclass(frozen=True)
@@ -221,7 +238,7 @@ def torch_dtype(dtype: str) -> Any:
     """The torch dtype for a safetensors dtype string."""
     import torch
 
-    table = {
+    table: dict[str, Any] = {
         "BOOL": torch.bool,
         "U8": torch.uint8,
         "I8": torch.int8,
@@ -237,7 +254,10 @@ def torch_dtype(dtype: str) -> Any:
         "U64": torch.uint64,
         "F8_E4M3": torch.float8_e4m3fn,
         "F8_E5M2": torch.float8_e5m2,
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
     }
+    if table.get(dtype) is None:
+        raise CheckpointError(f"dtype {dtype!r} is not supported by this torch ({torch.__version__})")
     return table[dtype]
 
 

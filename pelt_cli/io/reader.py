@@ -8,6 +8,7 @@ from typing import Any
 
 from pelt_cli.errors import CheckpointError, PeltError
 from pelt_cli.io.checkpoint import Checkpoint, open_checkpoint
+from pelt_cli.io.guard import open_regular
 from pelt_cli.io.header import TensorInfo, torch_dtype
 
 
@@ -40,7 +41,8 @@ class TensorReader:
             raise CheckpointError(f"{self.ckpt.root}: no tensor named {name!r}")
         if self._path != info.file:
             self.close()
-            self._fh, self._path = open(info.file, "rb"), info.file  # noqa: SIM115 - closed in close()
+            self._fh = open_regular(info.file, "a .safetensors file", CheckpointError)  # closed in close()
+            self._path = info.file
         return info
 
     def read_bytes(self, name: str, into: bytearray | None = None) -> bytearray | memoryview:
@@ -90,3 +92,35 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = open_checkpoint(path)
     with TensorReader(ckpt) as r:
         return {name: r.read(name) for name in ckpt.tensors}
+
+
+PREFETCH_BYTES = 512 * 2**20
+
+
+def prefetch(ckpt: Checkpoint, nbytes: int = PREFETCH_BYTES) -> int:
+    """Ask the kernel to start reading the first ``nbytes`` of a checkpoint's files into the page cache, in shard
+    order, and return at once: a cold streaming pass then overlaps its first reads with its set-up. Advice only (no
+    effect where ``posix_fadvise`` is missing; files that cannot be opened are skipped). Returns the bytes advised."""
+    import stat
+
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    done = 0
+    for f in ckpt.files:
+        if done >= nbytes:
+            break
+        try:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                n = min(nbytes - done, st.st_size)
+                os.posix_fadvise(fd, 0, n, os.POSIX_FADV_WILLNEED)
+                done += n
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return done
