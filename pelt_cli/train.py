@@ -13,6 +13,7 @@ step and epoch, and once at the end).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -320,6 +321,7 @@ def _train(
     inputs = data_inputs(run.meta.base.path, d.task, tokenizer)
     seed_all(cfg.seed)
     model, trainable, total = _model(run, d, cfg, device, inputs[0])
+    cfg = fit_max_length(cfg, getattr(model, "config", None))
     saved = read_state(run.dir, cfg, model) if resume else None  # the checkpoint's weights, before any sharding
     lp = _loop(run, model, d, cfg, device, inputs, on_event or (lambda e: None))
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
@@ -348,6 +350,20 @@ def _train(
         time.time() - t0,
         peak,
     )
+
+
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")  # ids from pad+1
+
+
+def fit_max_length(cfg: TrainConfig, config: Any) -> TrainConfig:
+    """``cfg`` with ``max_length`` lowered to what the model's learned position table holds (e.g. the default 128 on
+    a model with 64 positions, which would fail inside its embeddings); recorded as used in ``run.json``."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int) or positions < 2:
+        return cfg
+    if getattr(config, "model_type", "") in OFFSET_POSITIONS:
+        positions -= int(getattr(config, "pad_token_id", 1) or 1) + 1
+    return dataclasses.replace(cfg, max_length=positions) if cfg.max_length > positions >= 2 else cfg
 
 
 def _fresh_state(higher: bool) -> dict[str, Any]:
@@ -507,18 +523,17 @@ def run_epoch(
     and backward (DDP, FSDP, autocast); default: the model itself in fp32. ``saver``: see :func:`_inside_epoch`.
     """
     engine = engine or Engine(model, StepModule(model), "single", Amp(device.type))
-    batches = list(
-        batcher.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world)
-    )
-    first_sync = min(cfg.grad_accum, len(batches)) - 1  # the first micro-step whose gradients are complete
+    n = batcher.n_batches(cfg.batch_size, world_size=world)
+    first_sync = min(cfg.grad_accum, n) - 1  # the first micro-step whose gradients are complete
     log = TrainLog(model, cfg.log_every, total_steps, emit)
     start = _resume_position(st, log)
     gated = bool(gatestats.controllers(model))
-    for i, batch in enumerate(batches[start:], start):
+    order = dict(shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world, start=start)
+    for i, batch in enumerate(batcher.batches(cfg.batch_size, **order), start):  # each batch made as it is needed
         if gated and cfg.gate_warmup:
             set_gates_trainable(model, st["step"] >= cfg.gate_warmup)
         batch = {k: v.to(device) for k, v in batch.items()}
-        final = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)  # gradients communicated only then
+        final = (i + 1) % cfg.grad_accum == 0 or i + 1 == n  # gradients communicated only then
         where = f"step {st['step'] + 1} (epoch {epoch + 1}, batch {i + 1})"
         with engine.sync(final):
             loss, total = engine.forward(_step_loss, batch, cfg, task, where)
@@ -537,7 +552,7 @@ def run_epoch(
             contrib.after_step(st, epoch + 1, probe, emit)
         if cfg.max_steps and st["step"] >= cfg.max_steps:
             return True
-        if i + 1 < len(batches):
+        if i + 1 < n:
             _inside_epoch(cfg, st, epoch, i + 1, log, evaluator, saver, emit)
     return False
 

@@ -414,3 +414,21 @@ def test_prefix_activation_only_with_a_prefix(
         assert 0 < rows[0]["prefix_activation"] < 1
     else:
         assert "prefix_activation" not in rows[0]
+
+
+def test_max_length_fits_the_position_table(tiny_bert: Path, tmp_path: Path) -> None:
+    """Texts longer than the tiny BERT's 64 positions, at the default --max-length 128: trained on 64 tokens (and
+    recorded so), not a crash inside the embeddings; RoBERTa's ids start after the padding id (64 - 2)."""
+    from transformers import RobertaConfig
+
+    from pelt_cli.train import fit_max_length
+
+    words = " ".join(["good film"] * 80)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": words, "label": lab}) + "\n" for lab in ["pos", "neg"] * 6))
+    run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
+    train_run(run, str(data), str(data), TrainConfig(epochs=1, batch_size=4))
+    assert json.loads((run / "run.json").read_text())["training"]["config"]["max_length"] == 64
+    roberta = RobertaConfig(max_position_embeddings=64, pad_token_id=1)
+    assert fit_max_length(TrainConfig(), roberta).max_length == 62
+    assert fit_max_length(TrainConfig(max_length=32), roberta).max_length == 32
