@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 
 from pelt_cli import __version__
 from pelt_cli.errors import BaseMismatch, CheckpointError, PeltError, RecipeError, UsageError
+from pelt_cli.headspec import check_head, is_int, kind_name
 from pelt_cli.io.atomic import atomic_dir, guard_output
 from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.io.fingerprint import HASH_CHUNK, tensor_digest
@@ -55,7 +56,6 @@ PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # pelt_cli.pe
 BUNDLE_FILES = (MANIFEST_FILE, BUNDLE_FILE, *PEFT_FILES, *TOKENIZER_FILES)  # what a bundle may hold
 UNSIGNED = ("digest", "created", "pelt_version")  # provenance, not content: outside the digest (and base.path_hint)
 MAX_MANIFEST = 64 * 1024 * 1024
-MAX_HIDDEN = 1 << 20  # a head's input width: far above any model's, far below what allocating a meta tensor trips on
 DIGEST_RE = re.compile(r"(sha256:)?([0-9a-f]{64})")
 LEGACY_KEYS = set(  # the keys of a manifest exported before digests
     "format format_version pelt_version created base recipe new_params insertions head gates tensors tokenizer".split()
@@ -136,18 +136,6 @@ def check_digest(bdir: Path, manifest: dict[str, Any], expect: str | None = None
 # ---------------------------------------------------------------------------------------------------- the manifest
 
 
-def _kind(value: Any) -> str:
-    return (
-        "null"
-        if value is None
-        else {dict: "object", list: "list", str: "string"}.get(type(value), type(value).__name__)
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _bad(where: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{where}: {problem}")
 
@@ -191,11 +179,11 @@ def check_manifest(doc: Any, where: Path) -> None:
         CheckpointError: the first problem found, naming the field and what was expected.
     """
     if not isinstance(doc, dict):
-        raise _bad(where, f"a JSON {_kind(doc)}, expected an object (a pelt bundle manifest)")
+        raise _bad(where, f"a JSON {kind_name(doc)}, expected an object (a pelt bundle manifest)")
     if doc.get("format") != "pelt-bundle":
         raise _bad(where, f"format {doc.get('format')!r}: expected 'pelt-bundle' (not a pelt bundle manifest)")
     version = doc.get("format_version")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise _bad(where, f"format_version {version!r}: expected a positive integer")
     if version > BUNDLE_FORMAT:
         raise CheckpointError(
@@ -204,10 +192,10 @@ def check_manifest(doc: Any, where: Path) -> None:
         )
     base = doc.get("base")
     if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
-        raise _bad(where, f"base {_kind(base)}: expected an object with the base's fingerprint (a string)")
+        raise _bad(where, f"base {kind_name(base)}: expected an object with the base's fingerprint (a string)")
     for key, kind in (("recipe", dict), ("insertions", list), ("tensors", list)):
         if not isinstance(doc.get(key), kind):
-            raise _bad(where, f"{key}: a {_kind(doc.get(key))}, expected a {_kind(kind())}")
+            raise _bad(where, f"{key}: a {kind_name(doc.get(key))}, expected a {kind_name(kind())}")
     if not doc["insertions"]:
         raise _bad(where, "insertions: empty; a pelt bundle carries at least one inserted module")
     for i, row in enumerate(doc["insertions"]):
@@ -222,52 +210,16 @@ INSERTION_FIELDS = {"entry": int, "method": str, "site": str, "disk_site": str, 
 
 def _check_insertion(row: Any, where: str) -> None:
     if not isinstance(row, dict):
-        raise CheckpointError(f"{where}: a {_kind(row)}, expected an object")
+        raise CheckpointError(f"{where}: a {kind_name(row)}, expected an object")
     for key, kind in (*INSERTION_FIELDS.items(), ("new_params", int)):
         value = row.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise CheckpointError(f"{where}.{key}: {value!r}, expected a {_kind(kind())}")
-    if "layer" not in row or not (row["layer"] is None or _is_int(row["layer"])):
+            raise CheckpointError(f"{where}.{key}: {value!r}, expected a {kind_name(kind())}")
+    if "layer" not in row or not (row["layer"] is None or is_int(row["layer"])):
         raise CheckpointError(f"{where}.layer: {row.get('layer')!r}, expected an integer or null")
     modules = row.get("modules", [])
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise CheckpointError(f"{where}.modules: expected a list of strings")
-
-
-def check_head(head: Any, where: Path) -> None:
-    """Raise unless ``head`` is a task head spec (or None): pelt's own (task, labels, hidden, dropout) or a
-    transformers class (class, labels, root, params, problem type, padding token), as ``run.json`` and a bundle's
-    manifest hold it.
-
-    Raises:
-        CheckpointError: the first field of the wrong type or out of range, named with ``where``.
-    """
-    if head is None:
-        return
-    if not isinstance(head, dict):
-        raise _bad(where, f"head: a {_kind(head)}, expected an object or null")
-    labels = head.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise _bad(where, f"head.labels: {labels!r}, expected a non-empty list of strings")
-    if len(set(labels)) != len(labels):
-        raise _bad(where, "head.labels: a label appears twice")
-    if not isinstance(head.get("task"), str):
-        raise _bad(where, f"head.task: {head.get('task')!r}, expected a string")
-    if "class" not in head:
-        hidden, dropout = head.get("hidden"), head.get("dropout", 0.1)
-        if not _is_int(hidden) or not 1 <= hidden <= MAX_HIDDEN:
-            raise _bad(where, f"head.hidden: {hidden!r}, expected an integer from 1 to {MAX_HIDDEN:,}")
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-            raise _bad(where, f"head.dropout: {dropout!r}, expected a number in [0, 1)")
-        return
-    if not isinstance(head["class"], str) or not re.fullmatch(r"[A-Z][A-Za-z0-9]*For[A-Za-z]+", head["class"]):
-        raise _bad(where, f"head.class: {head['class']!r}, expected a transformers task class name")
-    params, root = head.get("params", []), head.get("root", "")
-    if not isinstance(root, str) or not isinstance(params, list) or not all(isinstance(p, str) for p in params):
-        raise _bad(where, "head.root and head.params: expected a string and a list of strings")
-    pad = head.get("pad_token_id")
-    if not (pad is None or _is_int(pad)) or not isinstance(head.get("problem_type", ""), str):
-        raise _bad(where, "head.pad_token_id and head.problem_type: expected an integer (or null) and a string")
 
 
 def _check_tensor_rows(rows: list[Any], where: Path) -> None:
@@ -275,14 +227,14 @@ def _check_tensor_rows(rows: list[Any], where: Path) -> None:
     for i, row in enumerate(rows):
         at = f"tensors[{i}]"
         if not isinstance(row, dict):
-            raise _bad(where, f"{at}: a {_kind(row)}, expected an object")
+            raise _bad(where, f"{at}: a {kind_name(row)}, expected an object")
         name, dtype, shape = row.get("name"), row.get("dtype"), row.get("shape")
         if not isinstance(name, str) or not name or name in seen:
             raise _bad(where, f"{at}.name: {name!r}, expected a tensor name not given before")
         seen.add(name)
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _bad(where, f"{at}.dtype: {dtype!r}, expected one of {', '.join(DTYPE_SIZES)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             raise _bad(where, f"{at}.shape: {shape!r}, expected a list of non-negative integers")
         if not isinstance(row.get("blake2b_128"), str):
             raise _bad(where, f"{at}.blake2b_128: {row.get('blake2b_128')!r}, expected a checksum string")
@@ -299,7 +251,7 @@ def _check_extras(doc: dict[str, Any], where: Path) -> None:
     if not isinstance(tok, list) or not all(isinstance(n, str) and n in TOKENIZER_FILES for n in tok):
         raise _bad(where, f"tokenizer: {tok!r}, expected a list of tokenizer file names")
     if not isinstance(doc.get("gates") or {}, dict):
-        raise _bad(where, f"gates: a {_kind(doc['gates'])}, expected an object or null")
+        raise _bad(where, f"gates: a {kind_name(doc['gates'])}, expected an object or null")
     if "digest" not in doc:  # a bundle from before digests has exactly the keys pelt wrote then
         odd = sorted(set(doc) - LEGACY_KEYS)
         if odd:

@@ -27,6 +27,7 @@ from typing import Any
 
 from pelt_cli import __version__
 from pelt_cli.errors import CheckpointError
+from pelt_cli.headspec import check_head
 from pelt_cli.insert import PlanRow, insert_recipe
 from pelt_cli.io.atomic import atomic_dir, recover
 from pelt_cli.io.checkpoint import Checkpoint, open_checkpoint
@@ -113,6 +114,7 @@ class RunMeta:
                 raise TypeError(f"base.{bad[0]} is not a string" if bad else "recipe or new_params has the wrong type")
         except (TypeError, AttributeError) as e:
             raise CheckpointError(f"{where}: not a valid {RUN_FILE} ({e})") from None
+        check_head(meta.head, where)  # before anything builds a head from it
         return meta
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from pelt_cli.bundle import (
     BUNDLE_FILE,
     MANIFEST_FILE,
     bundle_run,
-    check_head,
     check_tensor_table,
     file_sha256,
     manifest_digest,
@@ -40,6 +39,7 @@ from pelt_cli.bundle import (
     shown_as,
 )
 from pelt_cli.errors import CheckpointError, PeltError, UsageError
+from pelt_cli.headspec import check_head
 from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.io.guard import is_regular, kind_of
 from pelt_cli.io.header import INDEX_NAME

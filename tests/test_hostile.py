@@ -664,3 +664,33 @@ def test_run_json_bad(tmp_path: Path, doc: str, match: str) -> None:
     run.mkdir()
     (run / "run.json").write_text(doc)
     refused("inspect", str(run), match=match)
+
+
+@pytest.mark.parametrize(
+    ("head", "match"),
+    [
+        ({"task": "text-classification", "labels": 3}, "head.labels: 3, expected a non-empty list of strings"),
+        ({"task": "text-classification", "labels": ["a"], "hidden": 32, "dropout": 7}, "head.dropout: 7"),
+        ({"labels": ["a", "b"], "hidden": 32}, "head.task: None, expected a string"),
+    ],
+)
+def test_run_json_with_a_bad_head(bert: Path, tmp_path: Path, head: dict, match: str) -> None:
+    """A hand-edited head in run.json is refused where run.json is read, before train or merge builds from it."""
+    run = tmp_path / "run"
+    assert pelt_main("apply", "lora", str(bert), "-o", str(run)).returncode == 0
+    doc = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**doc, "head": head}))
+    before = digest(run)
+    refused("merge", str(run), "-o", str(tmp_path / "merged"), match=match)
+    refused("train", str(run), "--data", "vader", "--epochs", "1", match=match)
+    assert digest(run) == before and not (tmp_path / "merged").exists()
+
+
+def test_lone_surrogate_escape_in_json_inputs(ckpt: Path) -> None:
+    """``"\\ud800"`` is valid JSON but not text (printing it would fail): refused in any JSON pelt reads."""
+    doc = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**doc, "model_type": "bert", "label": "\ud800"}))
+    refused("inspect", str(ckpt), match="a lone surrogate escape that is not text")
+    doc["label"] = "\ud83d\ude00"  # a pair is a character: fine
+    (ckpt / "config.json").write_text(json.dumps(doc))
+    assert pelt_main("inspect", str(ckpt)).returncode == 0

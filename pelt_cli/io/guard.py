@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
 from typing import IO, Any
@@ -178,6 +179,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_json(
     text: str | bytes,
     where: str,
@@ -209,6 +213,13 @@ def parse_json(
         raise err(f"{where}: {what} is not valid JSON ({e})") from None
     if expect is not None and not isinstance(doc, expect):
         raise err(f"{where}: {what} is a JSON {_json_type(doc)}, expected a JSON {_json_type(expect())}")
+    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if SURROGATE_ESCAPE.search(raw):  # a pair decodes to a character; a lone one is valid JSON but no text
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            lone = e.object[e.start : e.end].encode("unicode_escape").decode()
+            raise err(f"{where}: {what} holds {lone!r}, a lone surrogate escape that is not text") from None
     return doc
 
 
