@@ -39,6 +39,7 @@ from .io.guard import (
 
 Pos = tuple[int, int]
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
 TOP_KEYS = {"name": str, "description": str, "families": list, "seed": int, "inserts": list, "train": dict}
 TRAIN_EXCLUDED = ("device", "new_head", "task", "fsdp")  # where and how one invocation runs, not a recipe's settings
 # The train: section: each pelt_cli.train.TrainConfig field but TRAIN_EXCLUDED, with its type and range (the checks of
@@ -69,7 +70,7 @@ TRAIN_FIELDS: dict[str, tuple[Any, dict[str, Any]]] = {
     "max_length": (int, {"min": 2}),
     "max_steps": (int | None, {"min": 1}),
     "save_every": (int, {"min": 0}),
-    "seed": (int, {"min": 0}),
+    "seed": (int, {"min": 0, "max": 2**63 - 1}),
     "precision": (str, {"choices": ["fp32", "bf16", "fp16"]}),
     "base_dtype": (str, {"choices": ["auto", "fp32", "bf16", "fp16"]}),
     "grad_checkpoint": (bool, {}),
@@ -443,6 +444,8 @@ def validate(data: Any, pos: dict[tuple, Pos], where: str) -> Recipe:
     for key, tp in (("name", str), ("description", str), ("seed", int)):
         if key in data and not isinstance(data[key], tp):
             ck.add((key,), f"expected {_type_name(tp)}, got {data[key]!r}")
+    if isinstance(data.get("seed"), int) and not 0 <= data["seed"] <= MAX_SEED:
+        ck.add(("seed",), f"{data['seed']!r}: expected an integer from 0 to 2**63 - 1")
     families = data.get("families") or []
     if not isinstance(families, list) or not all(isinstance(f, str) for f in families):
         ck.add(("families",), f"expected a list of model families, got {families!r}")

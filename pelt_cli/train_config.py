@@ -119,7 +119,7 @@ class TrainConfig:
             (self.gate_lambda >= 0, f"--gate-lambda {self.gate_lambda}: expected ≥ 0"),
             (self.gate_warmup >= 0, f"--gate-warmup {self.gate_warmup}: expected ≥ 0 (steps with gates frozen)"),
             (self.save_every >= 0, f"--save-every {self.save_every}: expected ≥ 0 (0: only at epoch ends)"),
-            (self.seed >= 0, f"--seed {self.seed}: expected ≥ 0"),
+            (0 <= self.seed < 2**63, f"--seed {self.seed}: expected an integer from 0 to 2**63 - 1"),
             (
                 self.auto_prune is None or 0 <= self.auto_prune <= 1,
                 f"--auto-prune {self.auto_prune}: expected θ in [0, 1] (a unit's contribution relative to the largest)",

@@ -694,3 +694,8 @@ def test_lone_surrogate_escape_in_json_inputs(ckpt: Path) -> None:
     doc["label"] = "\ud83d\ude00"  # a pair is a character: fine
     (ckpt / "config.json").write_text(json.dumps(doc))
     assert pelt_main("inspect", str(ckpt)).returncode == 0
+
+
+def test_recipe_seed_beyond_64_bits(tmp_path: Path) -> None:
+    text = LORA.replace("name:", "seed: 18446744073709551616\nname:", 1)
+    refused("validate", str(write_recipe(tmp_path, text)), match="expected an integer from 0 to 2**63 - 1")
