@@ -712,7 +712,10 @@ class Batcher:
         y = load_audio(path, sr=fe.sampling_rate)
         if self.audio_seconds is not None:
             y = y[: int(self.audio_seconds * fe.sampling_rate)]
-        feats = fe(y, sampling_rate=fe.sampling_rate, return_tensors="np")["input_features"][0].astype("float32")
+        import torch
+
+        with torch.autocast("cpu", enabled=False):  # the extractor computes in torch: fp32 under --precision bf16
+            feats = fe(y, sampling_rate=fe.sampling_rate, return_tensors="np")["input_features"][0].astype("float32")
         if feats.nbytes <= self._cache_left:
             self._cache[path] = feats
             self._cache_left -= feats.nbytes

@@ -144,3 +144,21 @@ def test_cli_options_and_refusals(tiny_bert: Path, sentiment: tuple[Path, Path],
     assert "peak memory: rss" in r.stderr
     meta = json.loads((run / "run.json").read_text())
     assert meta["training"]["config"]["grad_checkpoint"] is True and meta["training"]["config"]["base_dtype"] == "bf16"
+
+
+def test_audio_features_stay_fp32_under_bf16_autocast(tmp_path: Path) -> None:
+    """The Whisper feature extractor computes in torch: under --precision bf16 (CPU autocast) the audio tasks'
+    features must still be the fp32 ones (autocast off around them), not a failure or bf16-rounded values."""
+    import numpy as np
+    import tiny_models
+    from fixtures_audio import synth_audio_classes
+
+    from pelt_cli.data import Batcher, feature_extractor_for, load_data
+
+    manifest = synth_audio_classes(tmp_path / "audio", 2, seconds=0.5)
+    fe = feature_extractor_for(tiny_models.build("whisper").config)
+    td = load_data(manifest)
+    plain = Batcher(td, feature_extractor=fe).features(td.rows[0]["audio"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = Batcher(td, feature_extractor=fe).features(td.rows[0]["audio"])
+    assert mixed.dtype == np.float32 and mixed.shape == plain.shape and np.array_equal(mixed, plain)
