@@ -96,10 +96,12 @@ def model_class(config: Any, directory: Any = None, keys: Any = None) -> Any:
     return base
 
 
-def skeleton(directory: Any, keys: Any = None) -> Any:
-    """Build the checkpoint's model on the ``meta`` device from its ``config.json`` (no weights read); ``keys``: the
-    checkpoint's tensor names when the caller has them (see :func:`model_class`)."""
-    import torch
+def read_config(directory: Any) -> Any:
+    """``AutoConfig.from_pretrained(directory)``, what transformers raises about the file's values as one line.
+
+    Raises:
+        CheckpointError: naming the config.json and transformers' complaint.
+    """
     import transformers
 
     quiet_transformers()
@@ -108,9 +110,17 @@ def skeleton(directory: Any, keys: Any = None) -> Any:
     except ImportError:  # pragma: no cover - older huggingface_hub
         StrictDataclassError = ValueError  # noqa: N806
     try:
-        config = transformers.AutoConfig.from_pretrained(str(directory))
+        return transformers.AutoConfig.from_pretrained(str(directory))
     except (*CONFIG_ERRORS, OSError, StrictDataclassError) as e:
         raise CheckpointError(f"{directory}/config.json: cannot read the model's config ({_first_line(e)})") from None
+
+
+def skeleton(directory: Any, keys: Any = None) -> Any:
+    """Build the checkpoint's model on the ``meta`` device from its ``config.json`` (no weights read); ``keys``: the
+    checkpoint's tensor names when the caller has them (see :func:`model_class`)."""
+    import torch
+
+    config = read_config(directory)
     try:
         cls = model_class(config, directory, keys)
         with torch.device("meta"):

@@ -169,12 +169,12 @@ def _from_run(run_dir: Path, source: str | None = None) -> Predictor:
 def _from_checkpoint(directory: Path) -> Predictor:
     import transformers
 
-    from pelt_cli.keymap import quiet_transformers
+    from pelt_cli.io.checkpoint import open_checkpoint
+    from pelt_cli.keymap import read_config
 
-    quiet_transformers()
-    config = transformers.AutoConfig.from_pretrained(str(directory))
+    raw = open_checkpoint(directory).config or {}  # headers and config.json checked at the boundary
+    config = read_config(directory)
     arch = next((a for a in getattr(config, "architectures", None) or [] if hasattr(transformers, a)), None)
-    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     cls_name = arch or ("AutoModelForSequenceClassification" if raw.get("id2label") else None)
     task = CLASSIFICATION if cls_name == "AutoModelForSequenceClassification" else task_of_class(cls_name)
     if task is None:
