@@ -40,6 +40,8 @@ values, and the units off at the best epoch. At the end of training (:func:`fini
 weights the run keeps (the best epoch's) are pruned from the run as ``pelt prune`` does: the recipe is rewritten
 without them, their weights move to ``pruned.safetensors`` (``pelt prune --restore`` brings them back), so load,
 merge and export give exactly the model that was evaluated; as after ``pelt prune``, the training state is dropped.
+All of it is part of the final checkpoint's commit (one generation of the run): a kill leaves the previous checkpoint
+(``--resume`` goes on from it) or the finished, pruned run, never a trained run without its auto-prune.
 """
 
 from __future__ import annotations
@@ -451,17 +453,24 @@ def record(t: Tracker | None, doc: dict[str, Any], st: dict[str, Any], epoch: in
         t.record(doc, st, epoch, improved)
 
 
-def finish(run_dir: Any) -> list[str]:
-    """At the end of training (after the best epoch's weights are back in the run): the contribution of the best
-    epoch at the top of ``gates.json``'s ``contribution``, and the units off in those weights pruned from the run as
-    ``pelt prune`` does (see the module docstring); returns their labels."""
+def finish(gen: Path, run_dir: Any = None) -> list[str]:
+    """At the end of training, inside the final checkpoint's new generation ``gen`` before its commit (see
+    :func:`pelt_cli.train_state.save_checkpoint`; the best epoch's weights are in it): the contribution of the best
+    epoch at the top of ``gates.json``'s ``contribution``, and the units off in those weights pruned from it as
+    ``pelt prune`` does (see the module docstring). Both commit with the checkpoint, as one unit: a kill leaves the
+    previous checkpoint or the finished run, never a trained run without its auto-prune. Returns the pruned labels.
+
+    Args:
+        gen: the filled, uncommitted generation (rewritten where it lies).
+        run_dir: the run it will be committed as (for the recipe's note; default: ``gen``).
+    """
     import json
 
     from pelt_cli import gates as gatestats
-    from pelt_cli.io.atomic import write_text_atomic
     from pelt_cli.prune import prune_units
 
-    doc = gatestats.read(run_dir)
+    gen = Path(gen)
+    doc = gatestats.read(gen)
     con = (doc or {}).get("contribution")
     if not con:
         return []
@@ -471,10 +480,10 @@ def finish(run_dir: Any) -> list[str]:
         con = {**kept, **{k: v for k, v in best.items() if k != "epoch"}, "epoch": best["epoch"]}
         con["last_epoch"] = kept.get("epoch")
         doc["contribution"] = con
-        write_text_atomic(Path(run_dir) / gatestats.GATES_FILE, json.dumps(doc, indent=2) + "\n")
+        (gen / gatestats.GATES_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")  # uncommitted
     off = set(con.get("off") or [])
     if not off:
         return []
     rule = {"auto_prune": con.get("auto_prune"), "window": con.get("window"), "epoch": con.get("epoch")}
-    prune_units(run_dir, lambda stats: label(stats) in off, rule)
-    return sorted(off)
+    report = prune_units(gen, lambda stats: label(stats) in off, rule, doc, staged=str(run_dir or gen))
+    return sorted(label(u.gate.stats) for u in report.units if u.decision == "prune")

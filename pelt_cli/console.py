@@ -514,13 +514,22 @@ def emit_gates(
         blocks = "█" * round(width * mean) if isinstance(mean, float) and mean == mean else ""  # NaN: no bar
         return f"{blocks:<{width}}|"
 
+    con = doc.get("contribution")
+    contribution = [  # AutoPELT's relative contribution per unit, and what --auto-prune left off
+        Column("contribution", right=True),
+        Column("off", lambda r: "off" if r.get("off") else "-"),
+    ]
     cols = [
         _short_site(short),
         Column("layer", in_table=False),
         Column("module"),
-        *[Column(k, right=True) for k in ("mean", "std", "min", "max", "entropy")],
+        *[Column(k, right=True) for k in ("mean", "std", "min", "max")],
+        *(contribution if con else []),
+        Column("entropy", right=True),
         Column("mean gate", bar, in_tsv=False),
     ]
+    if con:
+        title += f"; contribution: relative to the strongest unit, {con.get('window', '?')}-step window"
     entropy = {r["site"]: r["entropy"] for r in rows if r.get("entropy") is not None}
     full = {**doc, **({"entropy": entropy} if entropy else {}), "hints": list(hints or [])}
     emit_rows(
@@ -550,15 +559,17 @@ PRUNE_STYLE = {"prune": "bold red", "pruned": "dim", "restore": "green"}
 
 
 def emit_prune(report: dict[str, Any], fmt: str) -> None:
-    """``pelt prune --dry-run``: every gated module, its mean gate and the decision."""
+    """``pelt prune --dry-run``: every gated module, its score (the mean gate, or with ``--by contribution`` the
+    relative contribution) and the decision."""
     rows = [{**u, "site": u["disk_site"]} for u in report["units"]]
     short, suffix = short_sites([r["site"] for r in rows])
     rule = ", ".join(f"{k}={v}" for k, v in report["rule"].items())
+    by = "relative" if report["rule"].get("by") == "contribution" else "mean"
     cols = [
         _short_site(short),
         Column("layer", right=True),
         Column("module"),
-        Column("mean", right=True),
+        Column(by, right=True),
         number("params"),
         Column("decision"),
     ]

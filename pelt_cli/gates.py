@@ -15,7 +15,6 @@ the healthy band.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -166,24 +165,43 @@ def eval_diagnostics(snap: dict[str, Any]) -> dict[str, Any]:
 
 def read(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """A run's gate statistics, or None when it has none."""
+    from pelt_cli.errors import CheckpointError
+    from pelt_cli.io.guard import load_json
+
     p = Path(run_dir) / GATES_FILE
-    if not p.is_file():
+    if not p.exists():
         return None
-    return json.loads(p.read_text(encoding="utf-8"))
+    return load_json(p, GATES_FILE, CheckpointError)
 
 
 def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flat rows ``{site, layer, module, mean, std, min, max, count}`` for tables."""
+    """Flat rows ``{site, layer, module, mean, std, min, max, count}`` for tables; when ``pelt train`` measured
+    AutoPELT's contribution (``contribution``), each row also has the unit's relative ``contribution`` and whether
+    ``--auto-prune`` left it ``off`` (None for a unit it did not measure)."""
     from pelt_cli.sites import layer_of
 
     out = []
     ent = layer_entropy(doc.get("layers", {}))
     for site, mods in doc.get("layers", {}).items():
         for module, s in mods.items():
-            out.append({"site": site, "layer": layer_of(site), "module": module, **s, "entropy": ent[site]})
+            row = {"site": site, "layer": layer_of(site), "module": module, **s, "entropy": ent[site]}
+            out.append({**row, **contribution_of(doc, ("layers", site, module))})
     if "domain" in doc:
-        out.append({"site": "domain", "layer": None, "module": "domain.gate", **doc["domain"]["gate"]})
+        row = {"site": "domain", "layer": None, "module": "domain.gate", **doc["domain"]["gate"]}
+        out.append({**row, **contribution_of(doc, ("domain", "gate"))})
     return out
+
+
+def contribution_of(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """``{contribution, off}`` of the unit at ``path`` from ``gates.json``'s ``contribution`` (its ``relative``
+    value); ``{}`` when the run has no recorded contribution."""
+    node: Any = doc.get("contribution")
+    if not node:
+        return {}
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    node = node if isinstance(node, dict) else {}
+    return {"contribution": node.get("relative"), "off": node.get("off")}
 
 
 def history_rows(doc: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -590,20 +590,54 @@ def _write_rest(d: Path, out: Path, run: Run, rest: dict, specs: list[TensorSpec
 
 
 def _rest_gates(doc: dict, run: Run, folded: list[PlanRow], prefix: str) -> dict:
-    """gates.json without the statistics of the units that were folded (and without emptied layers); sites under
-    ``prefix`` when the rest run's base is a task model built around the run's."""
+    """gates.json without the statistics of the units that were folded (and without emptied layers), in every
+    section that has them by site (the statistics, ``history``, ``histograms``, ``best``, and AutoPELT's
+    ``contribution`` with its history, best epoch and ``off`` lists); sites under ``prefix`` when the rest run's base
+    is a task model built around the run's. Contributions keep their recorded values (relative to the strongest unit
+    of the run as trained)."""
     doc = json.loads(json.dumps(doc))
     gone = {u.stats for u in run.gate_units() if u.members and all(run.insertions[i] in folded for i in u.members)}
-    for path in gone:
-        node = doc
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    doc["layers"] = {prefix + s: mods for s, mods in doc.get("layers", {}).items() if mods}
-    for key in ("history", "best"):
-        for entry in (doc.get(key) or {}).values() if key == "history" else [doc.get(key) or {}]:
-            if isinstance(entry, dict) and isinstance(entry.get("layers"), dict):
-                entry["layers"] = {prefix + s: v for s, v in entry["layers"].items()}
+    sites = {p[1:] for p in gone if p[0] == "layers" and len(p) == 3}  # (site, module) of the folded UniPELT units
+    domain = ("domain", "gate") in gone
+
+    def trim(by_site: Any) -> Any:  # {site: {module: x}} (a "domain" entry as it is, unless folded)
+        if not isinstance(by_site, dict):
+            return by_site
+        out = {}
+        for site, mods in by_site.items():
+            if site == "domain":
+                if not domain:
+                    out[site] = mods
+                continue
+            kept = {m: v for m, v in mods.items() if (site, m) not in sites} if isinstance(mods, dict) else mods
+            if kept:
+                out[prefix + site] = kept
+        return out
+
+    def labels(xs: Any) -> Any:  # AutoPELT's unit labels, SITE/MODULE or domain
+        if not isinstance(xs, list):
+            return xs
+        split = [(x.rpartition("/")[0], x.rpartition("/")[2]) for x in xs]
+        keep = [(s, m) for s, m in split if ((s, m) not in sites if s else not domain)]
+        return [f"{prefix}{s}/{m}" if s else m for s, m in keep]
+
+    def section(d: Any) -> None:  # a document with layers / domain, history, histograms, best, off
+        if not isinstance(d, dict):
+            return
+        if "layers" in d:
+            d["layers"] = trim(d["layers"])
+        if domain:
+            d.pop("domain", None)
+        for key in ("history", "histograms"):
+            if isinstance(d.get(key), dict):
+                d[key] = {e: trim(v) for e, v in d[key].items()}
+        if isinstance(d.get("best"), dict):
+            section(d["best"])
+        if "off" in d:
+            d["off"] = labels(d["off"])
+
+    section(doc)
+    section(doc.get("contribution"))
     return doc
 
 

@@ -19,6 +19,7 @@ moments of the removed parameters) is dropped; train the pruned run again withou
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from pelt_cli import methods
 from pelt_cli.errors import CheckpointError, PeltError, PruneRefused, UsageError
 from pelt_cli.io.atomic import claim, guard_output
 from pelt_cli.recipe import Recipe
-from pelt_cli.run import GATES_FILE, PRUNED_FILE, STATE_DIR, Run, expected_state, now
+from pelt_cli.run import GATES_FILE, PRUNED_FILE, RECIPE_FILE, STATE_DIR, Run, expected_state, now
 
 DEFAULT_THRESHOLD = 0.05
 BY = ("gate", "contribution")  # what prune ranks units by
+STAGE_DIR = ".pelt-pruned"  # where prune_units(staged=...) builds the pruned run inside the new generation
 
 
 @dataclass
@@ -308,15 +310,42 @@ def prune_run(
     return _prune(run, units, rule, target, dry_run, data, batch_size, force)
 
 
-def prune_units(run_dir: str | Path, select: Any, rule: dict[str, Any]) -> PruneReport:
+def prune_units(
+    run_dir: str | Path, select: Any, rule: dict[str, Any], gates: dict | None = None, staged: str | None = None
+) -> PruneReport:
     """Prune, in place, the units whose statistics path (``GateUnit.stats``) ``select`` accepts: AutoPELT's end of
-    training (:func:`pelt_cli.autopelt.finish`), recorded in ``run.json``'s pruning history under ``rule``."""
+    training (:func:`pelt_cli.autopelt.finish`), recorded in ``run.json``'s pruning history under ``rule``.
+
+    Args:
+        run_dir: the run.
+        select: ``stats → bool``: the units to prune.
+        rule: what the pruning history records.
+        gates: the run's ``gates.json`` document (default: read from ``run_dir``).
+        staged: ``run_dir`` is a new generation not yet committed (the final training checkpoint's) that will be
+            committed as the run at this path: it is rewritten where it lies, its commit is the caller's (one unit
+            with the checkpoint); the new generation stays whole until then, whatever the rewrite leaves.
+    """
     run = Run.open(run_dir)
-    units = units_of(run, run.gates())
+    units = units_of(run, run.gates() if gates is None else gates)
     for u in units:
         if u.decision == "keep" and select(u.gate.stats):
             u.decision = "prune"
-    return _prune(run, units, rule, run.dir)
+    if staged is None:
+        return _prune(run, units, rule, run.dir)
+    if not any(u.decision == "prune" for u in units):
+        return _prune(run, units, rule, None, dry_run=True)
+    stage = run.dir / STAGE_DIR  # hidden: a kill leaves it inside the uncommitted generation, removed with it
+    report = _prune(run, units, rule, stage, force=True)
+    for p in list(run.dir.iterdir()):  # the pruned run becomes the new generation
+        if p != stage:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for p in stage.iterdir():
+        p.rename(run.dir / p.name)
+    stage.rmdir()
+    recipe = run.dir / RECIPE_FILE
+    recipe.write_text(f"# rewritten by pelt prune ({rule}) from {staged}\n" + recipe.read_text().split("\n", 1)[1])
+    report.out = staged
+    return report
 
 
 def _prune(

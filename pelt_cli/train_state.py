@@ -57,22 +57,15 @@ def save_checkpoint(
         best: this checkpoint's weights are the best so far.
         final: training ends here: ``adapter.safetensors`` and ``gates.json`` get the best epoch's.
         adapter: the run's tensors when the caller gathered them (FSDP shards); default: the model's.
-        finish: with ``final``: called as ``finish(new generation, run directory)`` once the generation is filled,
-            before its commit, to change it further (AutoPELT's prune, :func:`pelt_cli.autopelt.finish`): its
-            changes are committed with the checkpoint, as one unit.
+        finish: with ``final``: ``finish(new generation, run dir)`` changes the filled generation before its commit
+            (AutoPELT's prune, :func:`pelt_cli.autopelt.finish`): committed with the checkpoint, as one unit.
 
     Raises:
         TrainingError: a non-finite weight (nothing is written).
     """
     from pelt_cli.io.writer import save_file
 
-    adapter = {k: v.detach().cpu() for k, v in (adapter or surgery.inserted_state(model)).items()}
-    bad = [k for k, v in adapter.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise TrainingError(
-            f"non-finite weights in {bad[0]} at step {state['step']}; stopped, the run keeps its last good checkpoint",
-            hint="lower --lr, or clip with --max-grad-norm",
-        )
+    adapter = _finite({k: v.detach().cpu() for k, v in (adapter or surgery.inserted_state(model)).items()}, state)
     state["checkpoint"] = f"step{state['step']}-{uuid.uuid4().hex[:12]}"
     meta = {"pelt_epoch": str(state["epoch"]), "pelt_step": str(state["step"]), STAMP: state["checkpoint"]}
     blob = io.BytesIO()
@@ -99,6 +92,17 @@ def save_checkpoint(
         shutil.copyfile(kept, tmp / ADAPTER_FILE)  # its own copy: a file people may edit, never a link to train/
         if final and finish is not None:
             finish(tmp, run.dir)
+
+
+def _finite(adapter: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``adapter`` when every weight is finite; else :class:`TrainingError` (the checkpoint is not written)."""
+    bad = [k for k, v in adapter.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingError(
+            f"non-finite weights in {bad[0]} at step {state['step']}; stopped, the run keeps its last good checkpoint",
+            hint="lower --lr, or clip with --max-grad-norm",
+        )
+    return adapter
 
 
 def _final_gates(doc: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ contribution``; ``pelt train --auto-prune θ --window N`` switching units off an
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from conftest import REPO, pelt_main
 from pelt_cli import autopelt, surgery
 from pelt_cli import recipe as rc
 from pelt_cli.apply import apply
+from pelt_cli.errors import UsageError
 from pelt_cli.methods.unipelt import gate_controllers
 from pelt_cli.prune import PRUNED_FILE, prune_units, restore_run
 from pelt_cli.run import Run, load_run
@@ -343,3 +345,65 @@ def test_loop_measures_where_the_training_log_does(tiny_bert: Path, small: tuple
         assert all(u["steps"] == 1 and abs(u["value"] - u["gate"] * u["grad_norm"]) < 1e-6 for u in units)
         total = math.sqrt(sum(u["grad_norm"] ** 2 for u in units))
         assert total == pytest.approx(last["grad_norm_method"][module], rel=1e-5) and total > 0
+
+
+def _final_state(run: Path) -> str:
+    """Which whole state a run is in after a kill: ``done`` (trained and auto-pruned in one commit), ``resume`` (a
+    checkpoint before the final one) or ``rerun`` (untrained); fails on any mix of them."""
+    meta = json.loads((run / "run.json").read_text())
+    con = json.loads((run / "gates.json").read_text()).get("contribution") if (run / "gates.json").exists() else None
+    if meta.get("pruning"):  # every part of the end of training is there, and nothing of the training state
+        assert (run / PRUNED_FILE).is_file() and not (run / "train").exists() and con and con["off"]
+        assert meta["training"]["result"]["epochs_done"] == 1
+        return "done"
+    assert not (run / PRUNED_FILE).exists()
+    if (run / "train" / "state.pt").exists():
+        assert meta["training"]["result"]["epochs_done"] == 0  # a mid-epoch checkpoint, never the final one
+        return "resume"
+    assert con is None and not (run / "train").exists()
+    return "rerun"
+
+
+def test_kill_at_every_rename_of_an_auto_prune_training(
+    tiny_bert: Path, small: tuple[str, str], tmp_path: Path
+) -> None:
+    """The final checkpoint and the auto-prune are one commit: a kill at any rename leaves the previous checkpoint
+    (resume or rerun gives the uninterrupted result, bit for bit) or the finished run; never a half."""
+    from test_atomic_runs import _killed, _no_leftovers, _renames, _same
+
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, warmup=0.0, patience=0, max_length=24, auto_prune=0.9,
+                      window=1, save_every=2)  # fmt: skip
+    fresh = apply(rc.load("unipelt"), tiny_bert, tmp_path / "fresh")
+    ref = tmp_path / "ref"
+    subprocess.run(["cp", "-r", str(fresh), str(ref)], check=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a forked child of a process with an OpenMP pool hangs; and parent and child agree
+    try:
+        names = _renames(lambda: train_run(ref, *small, cfg), tmp_path)
+        # two commits (step 2 with --save-every, the end); the pruned run is built inside the final one, before it
+        assert names.count("ref") == 2 and names.index("ref") < names.index(".pelt-pruned") < len(names) - 2
+        assert _final_state(ref) == "done"
+        note = (ref / "recipe.yaml").read_text().splitlines()[0]  # names the run, not the generation it was built in
+        assert note.startswith("# rewritten by pelt prune") and str(ref) in note and "pelt-tmp" not in note
+        assert "pelt-tmp" not in (ref / "run.json").read_text() + (ref / "gates.json").read_text()
+        paths = set()
+        for k in itertools.count(1):  # until a run has fewer renames than k
+            run = tmp_path / f"k{k}" / "run"
+            run.parent.mkdir()
+            subprocess.run(["cp", "-r", str(fresh), str(run)], check=True)
+            if not _killed(lambda run=run: train_run(run, *small, cfg), k):
+                break
+            Run.open(run)  # whole: a swap cut in the middle comes back
+            path = _final_state(run)
+            if path == "done":
+                with pytest.raises(UsageError, match="nothing to resume"):
+                    train_run(run, *small, cfg, resume=True)
+            else:
+                train_run(run, *small, cfg, resume=path == "resume")
+            paths.add(path)
+            _same(ref, run)
+            assert json.loads((run / "gates.json").read_text()) == json.loads((ref / "gates.json").read_text())
+            _no_leftovers(run)
+    finally:
+        torch.set_num_threads(threads)
+    assert k > len(names) - 1 and paths == {"rerun", "resume", "done"}  # (the first may write a cache more)

@@ -148,3 +148,36 @@ def test_prefix_share_is_the_attention_on_the_prefix() -> None:
     additive = torch.zeros(1, 1, 5, 7)
     additive[..., :3] = -torch.inf
     assert prefix_share(q, k, additive, 3, 1.0).abs().max() == 0
+
+
+def test_gates_shows_the_recorded_contribution(trained_unipelt: Path, tmp_path: Path) -> None:
+    run = _copy(trained_unipelt, tmp_path)
+    doc = json.loads((run / "gates.json").read_text())
+    con = doc["contribution"]
+    site = next(iter(con["layers"]))
+    con["layers"][site]["prefix"]["off"] = True  # as if --auto-prune had switched it off
+    con["off"] = [f"{site}/prefix"]
+    _write(run, doc)
+    r = pelt_main("gates", str(run), "--format", "tsv")
+    assert r.returncode == 0, r.stderr
+    lines = [ln.split("\t") for ln in r.stdout.splitlines()]
+    head = lines[0]
+    assert head == ["site", "layer", "module", "mean", "std", "min", "max", "contribution", "off", "entropy"]
+    assert len(lines) == 1 + 6
+    for ln in lines[1:]:  # per unit: its relative contribution as recorded, and whether it was left off
+        c = con["layers"][ln[0]][ln[2]]
+        assert ln[7] == f"{c['relative']:.4f}" and ln[8] == ("off" if (ln[0], ln[2]) == (site, "prefix") else "-")
+    assert sorted(float(ln[7]) for ln in lines[1:])[-1] == 1.0  # the strongest unit
+    rows = [json.loads(x) for x in pelt_main("gates", str(run), "--format", "jsonl").stdout.splitlines()]
+    assert [(x["contribution"], x["off"]) for x in rows] == [
+        (con["layers"][x["site"]][x["module"]]["relative"], x["site"] == site and x["module"] == "prefix") for x in rows
+    ]
+    r = pelt_main("gates", str(run), "--format", "table", env={"COLUMNS": "250"})
+    assert r.returncode == 0 and "contribution" in r.stdout and f"{con['window']}-step window" in r.stdout
+    del doc["contribution"]  # a run trained before pelt measured it: no such columns
+    _write(run, doc)
+    r = pelt_main("gates", str(run), "--format", "tsv")
+    assert r.stdout.splitlines()[0].split("\t")[-3:] == ["min", "max", "entropy"]
+    # a domain adapter's gate: its contribution on its row
+    dom = {**_domain_doc(0.5), "contribution": {"window": 4, "domain": {"gate": {"relative": 1.0, "off": False}}}}
+    assert [(x["contribution"], x["off"]) for x in gatestats.rows(dom)] == [(1.0, False)]

@@ -352,3 +352,46 @@ def test_merge_freeze_gates_takes_means_from_data(
         assert r.returncode == 0, r.stderr
         deltas.append(float(r.stderr.split("max |Δ| = ")[1].split()[0]))
     assert deltas[1] < deltas[0]  # the means measured on data fold the gated LoRA better than the stale ones
+
+
+@pytest.mark.parametrize("trained_unipelt", ["sigmoid"], indirect=True)
+def test_rest_gates_keep_only_the_unmerged_units_in_every_section(trained_unipelt: Path, tmp_path: Path) -> None:
+    """--keep-unmerged: the rest run's gates.json has the units that remain (prefix, adapter; the folded LoRAs gone)
+    under the rest's own site names in the statistics, history, histograms, best epoch and AutoPELT contribution."""
+    from pelt_cli.run import Run
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
+    doc = json.loads((run / "gates.json").read_text())
+    sites = list(doc["layers"])
+    con = doc["contribution"]
+    off = [f"{sites[0]}/lora", f"{sites[1]}/prefix"]  # as if --auto-prune had left these off
+    con["off"] = con["best"]["off"] = off
+    (run / "gates.json").write_text(json.dumps(doc))
+    merge_run(run, tmp_path / "m", freeze_gates="mean", keep_unmerged=True)
+    rest_dir = tmp_path / "m" / REST_DIR
+    got = json.loads((rest_dir / "gates.json").read_text())
+    units = {u.stats[1:] for u in Run.open(rest_dir).gate_units() if not u.pruned}
+    prefix = next(iter(units))[0].removesuffix(sites[0]).removesuffix(sites[1])
+    assert prefix == "bert."  # the rest run's base is the merged task model: its sites under the model's root
+    assert len(units) == 4 and {m for _, m in units} == {"prefix", "adapter"}  # 2 layers × prefix, adapter
+    assert {(prefix + s, m) for s in sites for m in ("prefix", "adapter")} == units
+
+    def pairs(by_site: dict) -> set:
+        return {(s, m) for s, mods in by_site.items() for m in mods}
+
+    assert pairs(got["layers"]) == units and pairs(got["best"]["layers"]) == units
+    assert got["history"].keys() == got["histograms"].keys() == {"1"}
+    assert pairs(got["history"]["1"]) == units and pairs(got["histograms"]["1"]) == units
+    assert all(len(h) == 10 for mods in got["histograms"]["1"].values() for h in mods.values())
+    gc = got["contribution"]
+    assert pairs(gc["layers"]) == units and pairs(gc["best"]["layers"]) == units and pairs(gc["history"]["1"]) == units
+    assert gc["off"] == gc["best"]["off"] == [f"{prefix}{sites[1]}/prefix"]  # the folded LoRA's label is gone
+    for s, m in units:  # the values as recorded, under the rest's site names
+        site = s.removeprefix(prefix)
+        assert got["layers"][s][m] == doc["layers"][site][m]
+        assert got["histograms"]["1"][s][m] == doc["histograms"]["1"][site][m]
+        assert gc["layers"][s][m] == con["layers"][site][m]
+    r = pelt_main("prune", str(rest_dir), "--by", "contribution", "--dry-run", "--format", "json")
+    assert r.returncode == 0, r.stderr  # prune reads them on the rest run
+    assert len(json.loads(r.stdout)["units"]) == 4

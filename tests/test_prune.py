@@ -170,3 +170,24 @@ def test_pipeline_apply_train_prune_merge(tiny_bert: Path, sentiment: tuple[Path
     delta = float(r.stderr.split("max |Δ| = ")[1].split()[0])
     assert delta < 1.0  # gates frozen at their means: approximate, and the error is reported
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "pelt-rest").is_dir()
+
+
+def test_dry_run_by_contribution_shows_the_relative_contribution(trained_unipelt: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained_unipelt), str(run)], check=True)
+    doc = json.loads((run / "gates.json").read_text())
+    rel = {(int(s.split(".")[2]), m): v["relative"] for s, mods in doc["contribution"]["layers"].items()
+           for m, v in mods.items()}  # fmt: skip
+    assert len(rel) == 6 and max(rel.values()) == 1.0
+    r = pelt_main("prune", str(run), "--by", "contribution", "--dry-run", "--format", "tsv")
+    assert r.returncode == 0, r.stderr
+    lines = [ln.split("\t") for ln in r.stdout.splitlines()]
+    assert lines[0] == ["site", "layer", "module", "relative", "params", "decision"] and len(lines) == 7
+    for ln in lines[1:]:  # the score the rule ranks by, as recorded; the decision follows it (θ = 0.05)
+        want = rel[(int(ln[1]), ln[2])]
+        assert ln[3] == f"{want:.4f}" and ln[5] == ("prune" if want < 0.05 else "keep")
+    r = pelt_main("prune", str(run), "--by", "contribution", "--dry-run", "--format", "table", env={"COLUMNS": "200"})
+    head = next(ln for ln in r.stdout.splitlines() if "module" in ln)
+    assert "relative" in head and " mean " not in head and "by=contribution" in r.stdout
+    r = pelt_main("prune", str(run), "--dry-run", "--format", "tsv")  # by gate: the mean gate, as before
+    assert r.stdout.splitlines()[0].split("\t")[3] == "mean"
