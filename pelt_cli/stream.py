@@ -1,13 +1,22 @@
-"""The streaming half of ``pelt merge``: one pass over the base checkpoint, tensor by tensor.
+"""The streaming half of ``pelt merge``: one pass over the base checkpoint, tensor by tensor, at the disk's speed.
 
-Each output tensor is read through the header index, folded in fp32 if a module acts on it
-(:func:`pelt_cli.methods.fold_tensor`), cast and written through :class:`~pelt_cli.io.writer.ShardedWriter`;
-untouched tensors are copied inside the kernel (``copy_file_range``), like ``cp``. Peak memory is two tensor slots.
+Each output tensor is read through the header index, folded in fp32 if a module acts on it, cast and written through
+:class:`~pelt_cli.io.writer.ShardedWriter`; untouched tensors are copied by the writer (inside the kernel, like
+``cp``, or block by block past the page cache). Reads, folds and writes of different tensors overlap
+(:func:`stream_tensors`), a fold works on blocks of rows that stay in the CPU cache (:func:`fold_rows`), and the
+writer sends whole disk blocks past the page cache (``O_DIRECT``) or starts their write-back at once, so the final
+``fsync`` has little left to do. Peak memory is a few tensor slots (the largest folded tensor's stored bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,24 +26,72 @@ from pelt_cli.io.checkpoint import Checkpoint
 from pelt_cli.io.fingerprint import tensor_digest
 from pelt_cli.io.header import PICKLE_SUFFIXES, SINGLE_NAME, TensorInfo, TensorSpec
 from pelt_cli.io.reader import TensorReader
-from pelt_cli.io.writer import ShardedWriter, plan_shards, shard_names, tensor_bytes
+from pelt_cli.io.writer import DIRECT_ALIGN, ShardedWriter, aligned_buffer, plan_shards, shard_names
 from pelt_cli.methods import FoldOp, fold_tensor
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+BLOCK_ELEMS = 1 << 18  # a fold block of about 1 MiB in fp32: it stays in the CPU cache from upcast to cast
+MIN_BLOCK_ROWS = 64  # and never a sliver of a few rows (BLAS takes other code paths for those)
+MAX_WORKERS = 4  # read + fold threads (one torch thread each); the calling thread writes
+MAX_AHEAD = 32  # tensors queued ahead of the one being written
 
 
-class Workspace:
-    """Reused fp32 and output buffers for folding, so streaming a checkpoint does not fault in fresh pages per
-    tensor: the source bytes are decoded into an fp32 buffer, folded in place, and cast into an output buffer."""
+def row_wise(op: FoldOp) -> bool:
+    """Whether a fold can work on a block of rows: its function takes ``rows=(r0, r1)`` (LoRA, IA³), meaning each row
+    of the folded weight depends on the same row of the weight alone."""
+    try:
+        return "rows" in inspect.signature(op.fn).parameters
+    except (TypeError, ValueError):
+        return False
 
-    def __init__(self) -> None:
-        import torch
 
-        self.f32 = torch.empty(0, dtype=torch.float32)
-        self.out = bytearray(0)
+def block_rows(shape: tuple[int, ...], elems: int | None = None) -> int:
+    """Rows per fold block of a 2-D tensor: about ``elems`` (default :data:`BLOCK_ELEMS`) elements, a multiple of
+    :data:`MIN_BLOCK_ROWS` rows, at least that."""
+    cols = max(1, shape[-1])
+    return max(MIN_BLOCK_ROWS, (elems or BLOCK_ELEMS) // cols // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS)
 
-    def fold(self, data: Any, info: TensorInfo, ops: list[FoldOp], spec: TensorSpec) -> memoryview:
-        """The output bytes of one tensor: ``data`` (its stored bytes) folded by ``ops``, cast to ``spec.dtype``."""
+
+def fold_rows(src: Any, dst: Any, ops: list[FoldOp], step: int | None = None) -> None:
+    """Write ``src`` folded by ``ops`` into ``dst``: ``dst = cast(fold(fp32(src)))``, a block of rows at a time.
+
+    ``dst`` has ``src``'s shape and any float dtype; it may share ``src``'s memory (same item size: each block is
+    read into an fp32 buffer before its rows are written). With row-wise folds (:func:`row_wise`) on a 2-D tensor the
+    fp32 buffer is one block (``step`` rows, the last block taking the remainder up to ``2·step − 1``), and the result
+    is bit-identical to folding the whole tensor; otherwise the whole tensor is folded (:func:`fold_tensor`).
+    """
+    import torch
+
+    ordered = sorted(ops, key=lambda op: op.late)  # stable: hook order within each group, input scales last
+    if src.dim() != 2 or not all(row_wise(op) for op in ordered):
+        dst.copy_(fold_tensor(src, ordered))
+        return
+    n = src.shape[0]
+    step = step or block_rows(tuple(src.shape))
+    buf = torch.empty((min(n, 2 * step - 1), src.shape[1]), dtype=torch.float32)
+    r0 = 0
+    while r0 < n:
+        r1 = n if n - r0 < 2 * step else r0 + step
+        w = buf[: r1 - r0]
+        w.copy_(src[r0:r1])
+        for op in ordered:
+            w = op.fn(w, rows=(r0, r1))
+        dst[r0:r1].copy_(w)
+        r0 = r1
+
+
+class Slot:
+    """One tensor's buffers in the pipeline, page-aligned: its stored bytes (folded in place when the output has the
+    same item size) and, for a cast to a wider or narrower dtype, the output bytes. A tensor's bytes sit at its
+    output's offset within a disk block (``shift``), so the writer can send its whole blocks past the page cache."""
+
+    def __init__(self, in_bytes: int, out_bytes: int) -> None:
+        self.inp = aligned_buffer(in_bytes + DIRECT_ALIGN)
+        self.out = aligned_buffer(out_bytes + DIRECT_ALIGN) if out_bytes else memoryview(b"")
+
+    def fold(self, data: Any, info: TensorInfo, ops: list[FoldOp], spec: TensorSpec, shift: int) -> memoryview:
+        """The output bytes of one tensor: ``data`` (its stored bytes, at ``shift`` in ``inp``) folded and cast to
+        ``spec.dtype``, at ``shift`` in ``inp`` (same item size) or ``out``."""
         import torch
 
         from pelt_cli.io.header import torch_dtype
@@ -42,19 +99,94 @@ class Workspace:
         n = info.numel
         if not n:
             return memoryview(b"")
-        if self.f32.numel() < n:
-            self.f32 = torch.empty(n, dtype=torch.float32)
         src = torch.frombuffer(data, dtype=torch_dtype(info.dtype), count=n).view(info.shape)
-        w = self.f32[:n].view(info.shape)
-        w.copy_(src)
-        w = fold_tensor(w, ops)
-        if spec.dtype == "F32" and w.is_contiguous():
-            return tensor_bytes(w)
-        if len(self.out) < spec.nbytes:
-            self.out = bytearray(spec.nbytes)
-        out = torch.frombuffer(self.out, dtype=torch_dtype(spec.dtype), count=n).view(info.shape)
-        out.copy_(w)
-        return memoryview(self.out)[: spec.nbytes]
+        buf = self.inp if spec.nbytes == info.nbytes else self.out
+        dst = torch.frombuffer(buf, dtype=torch_dtype(spec.dtype), count=n, offset=shift).view(info.shape)
+        fold_rows(src, dst, ops)
+        return buf[shift : shift + spec.nbytes]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for a while (the pipeline's workers are the parallelism: intra-op
+    threads on top of them oversubscribe the cores and spin)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def stream_workers() -> int:
+    """Read + fold threads: the cores this process may use, at most :data:`MAX_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+@dataclass
+class Prepared:
+    """A tensor ready to write: its output bytes (None: copied by the kernel from the base), the digests of its
+    source and output bytes (when wanted), and whether it was folded."""
+
+    data: memoryview | None
+    src_digest: str | None
+    out_digest: str | None
+    folded: bool
+
+
+class _Stream:
+    """The pipeline of :func:`stream_tensors`: worker threads read, hash and fold tensors ahead, each into a free
+    slot; the calling thread writes them in order and hands their slots back."""
+
+    def __init__(self, ckpt: Checkpoint, source: dict[str, str], disk_ops: dict, need: set[str], hashes: tuple) -> None:
+        self.ckpt, self.source, self.disk_ops, self.need = ckpt, source, disk_ops, need
+        self.src_hash, self.out_hash = hashes
+        self.local = threading.local()
+        self.readers: list[TensorReader] = []
+
+    def slots(self, specs: list[TensorSpec], n: int) -> list[Slot]:
+        """``n`` slots sized for the largest tensor read into memory (and the largest output of another width)."""
+        ins = [
+            (self.ckpt.tensors[self.source[s.name]].nbytes, s.nbytes) for s in specs if self.source[s.name] in self.need
+        ]
+        size = max((i for i, _ in ins), default=0)
+        out = max((o for i, o in ins if o != i), default=0)
+        return [Slot(size, out) for _ in range(n if ins else 0)]
+
+    def reader(self) -> TensorReader:
+        """This thread's reader (each keeps its own open shard)."""
+        r = getattr(self.local, "reader", None)
+        if r is None:
+            r = self.local.reader = TensorReader(self.ckpt)
+            self.readers.append(r)
+        return r
+
+    def prepare(self, spec: TensorSpec, slot: Slot | None, shift: int) -> Prepared:
+        """Read (at ``shift`` in the slot), hash and fold one tensor, in a worker thread; untouched ones are only
+        hashed, if wanted."""
+        src = self.source[spec.name]
+        info = self.ckpt.tensors[src]
+        if slot is None:  # copied by the kernel; hashed here in 16 MiB chunks if a digest is wanted
+            digest = tensor_digest(info) if self.src_hash or self.out_hash else None
+            return Prepared(None, digest, digest, False)
+        data: Any = self.reader().read_bytes(src, into=slot.inp[shift:])  # type: ignore[arg-type]
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest() if self.src_hash else None
+        todo = self.disk_ops.get(spec.name)
+        if todo or spec.dtype != info.dtype:
+            data = slot.fold(data, info, todo or [], spec, shift)
+        out = hashlib.blake2b(data, digest_size=16).hexdigest() if self.out_hash else None
+        return Prepared(memoryview(data), digest, out, bool(todo))
+
+    def close(self) -> None:
+        """Close every worker's reader."""
+        for r in self.readers:
+            r.close()
 
 
 def stream_tensors(
@@ -67,55 +199,67 @@ def stream_tensors(
     report: Any,
     src_digests: dict[str, str] | None,
     out_digests: dict[str, str] | None,
+    workers: int | None = None,
 ) -> None:
-    """Write every output tensor, in a two-stage pipeline on two cores.
+    """Write every output tensor, reading and folding ahead on every core while this thread writes.
 
-    A worker thread reads (and hashes, and folds) tensor i+1 into one of two buffer slots while this thread writes
-    tensor i from the other (``pread``/``pwrite``, hashing and torch ops release the GIL). Untouched tensors (same
-    dtype, no fold) are copied inside the kernel instead, and hashed in chunks when a digest is wanted, so the
-    buffers are sized by the largest *folded* tensor.
+    ``workers`` threads (default :func:`stream_workers`) each read a tensor into a free slot (``workers + 2`` slots),
+    hash it and fold it in row blocks (``pread``, hashing and torch ops release the GIL; torch runs one thread per
+    worker meanwhile); this thread writes the tensors in order (:meth:`ShardedWriter.write_bytes`, or
+    :meth:`ShardedWriter.copy_range` for untouched ones: same dtype, no fold) and frees their slots. Each tensor sits
+    in its slot at its output's offset within a disk block, so its whole blocks can be written past the page cache.
+    Slots are sized by the largest tensor read into memory, so memory
+    stays at a few tensors whatever the checkpoint's size.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-    size = max((ckpt.tensors[n].nbytes for n in need), default=0)
-    slots = [(bytearray(size), Workspace()) for _ in range(2)]
+    n = workers or stream_workers()
+    st = _Stream(ckpt, source, disk_ops, need, (src_digests is not None, out_digests is not None))
+    free = st.slots(specs, n + 2)
+    queue: deque[tuple[TensorSpec, Slot | None, Future]] = deque()
+    todo = iter(specs)
+    nxt = next(todo, None)
+    pool = ThreadPoolExecutor(n, thread_name_prefix="pelt-fold")
+    try:
+        with torch_threads(1), TensorReader(ckpt) as here:
+            while queue or nxt is not None:
+                while nxt is not None and len(queue) < MAX_AHEAD and (free or source[nxt.name] not in need):
+                    slot = free.pop() if source[nxt.name] in need else None
+                    queue.append((nxt, slot, pool.submit(st.prepare, nxt, slot, w.block_offset(nxt.name))))
+                    nxt = next(todo, None)
+                if not queue:
+                    raise PeltError(f"internal: no slot free for tensor {nxt.name if nxt else '?'}")
+                spec, slot, fut = queue.popleft()
+                _write_one(w, here, spec, source[spec.name], fut.result(), report, src_digests, out_digests)
+                if slot is not None:
+                    free.append(slot)  # written: a worker may refill it now
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        st.close()
 
-    def prepare(i: int, reader: TensorReader) -> tuple[Any, str | None, bool]:
-        spec = specs[i]
-        src = source[spec.name]
-        if src not in need:  # copied by the kernel; hashed here in 16 MiB chunks if a digest is wanted
-            wanted = src_digests is not None or out_digests is not None
-            return None, tensor_digest(ckpt.tensors[src]) if wanted else None, False
-        buf, work = slots[i % 2]
-        data: Any = reader.read_bytes(src, into=buf)
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest() if src_digests is not None else None
-        todo = disk_ops.get(spec.name)
-        if todo or spec.dtype != ckpt.tensors[src].dtype:
-            data = work.fold(data, ckpt.tensors[src], todo or [], spec)
-        return data, digest, bool(todo)
 
-    with ThreadPoolExecutor(1) as pool, TensorReader(ckpt) as ahead, TensorReader(ckpt) as here:
-        pending = pool.submit(prepare, 0, ahead) if specs else None
-        for i, spec in enumerate(specs):
-            if pending is None:
-                raise PeltError(f"internal: no read queued for tensor {i} ({spec.name})")
-            data, digest, folded = pending.result()
-            # slot (i+1) % 2 last held tensor i-1, already written: the worker may refill it now
-            pending = pool.submit(prepare, i + 1, ahead) if i + 1 < len(specs) else None
-            src = source[spec.name]
-            if data is None:  # untouched: a kernel-side copy, like cp (output bytes = source bytes)
-                w.copy_range(spec.name, *here.locate(src)[:2])
-                if out_digests is not None:
-                    out_digests[spec.name] = digest
-            else:
-                w.write_bytes(spec.name, data)
-                if out_digests is not None:
-                    out_digests[spec.name] = hashlib.blake2b(data, digest_size=16).hexdigest()
-            if digest is not None and src_digests is not None:
-                src_digests[src] = digest
-            report.tensors_folded += folded
-            report.tensors_written += 1
-            report.bytes_written += spec.nbytes
+def _write_one(
+    w: ShardedWriter,
+    here: TensorReader,
+    spec: TensorSpec,
+    src: str,
+    p: Prepared,
+    report: Any,
+    src_digests: dict[str, str] | None,
+    out_digests: dict[str, str] | None,
+) -> None:
+    """Write one prepared tensor and count it."""
+    if p.data is None:  # untouched: copied by the writer from the base file (output bytes = source bytes)
+        w.copy_range(spec.name, *here.locate(src)[:2])
+    else:
+        w.write_bytes(spec.name, p.data)
+    if out_digests is not None:
+        out_digests[spec.name] = p.out_digest or ""
+    if src_digests is not None and p.src_digest is not None:
+        src_digests[src] = p.src_digest
+    report.tensors_folded += p.folded
+    report.tensors_written += 1
+    report.bytes_written += spec.nbytes
 
 
 @dataclass

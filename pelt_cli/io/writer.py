@@ -4,15 +4,23 @@ for one small file, and shard planning. Every file lands through :mod:`pelt_cli.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from pelt_cli.errors import CheckpointError, OutputExistsError, PeltError, UsageError
 from pelt_cli.io.atomic import atomic_dir, atomic_file
 from pelt_cli.io.header import INDEX_NAME, SINGLE_NAME, TensorSpec, encode_header, safetensors_dtype
+
+WRITE_BEHIND = 256 * 2**20  # written bytes whose write-back may be in flight before the oldest are waited for
+SYNC_WAIT_BEFORE, SYNC_WRITE, SYNC_WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
+DIRECT_ALIGN = 4096  # O_DIRECT: file offset, memory address and length in whole blocks of this size
+DIRECT_MIN = 1 << 20  # tensors at least this big skip the page cache where their bytes are block-aligned
+BOUNCE_BYTES = 16 << 20  # the buffer an untouched tensor is copied through when it skips the page cache
 
 
 def parse_size(text: str) -> int:
@@ -68,6 +76,57 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
+@functools.cache
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def sync_range(fd: int, offset: int, nbytes: int, flags: int) -> bool:
+    """``sync_file_range(fd, offset, nbytes, flags)``: start (``SYNC_WRITE``) or wait for (``SYNC_WAIT_*``) the
+    write-back of a byte range, without the metadata an ``fsync`` flushes. False where it is not available."""
+    fn = _sync_file_range()
+    return fn is not None and fn(fd, offset, nbytes, flags) == 0
+
+
+def buffer_address(data: memoryview) -> int | None:
+    """The memory address of a writable buffer's first byte (None for a read-only one)."""
+    import ctypes
+
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):
+        return None
+
+
+def direct_split(offset: int, nbytes: int, address: int | None) -> tuple[int, int]:
+    """``(head, middle)``: of a write of ``nbytes`` at file ``offset`` from memory ``address``, the bytes before the
+    first block boundary and the whole blocks after them, when file and memory are equally misaligned (else the
+    middle is 0: write it all through the page cache)."""
+    head = -offset % DIRECT_ALIGN
+    if address is None or (address + head) % DIRECT_ALIGN or nbytes < head:
+        return nbytes, 0
+    return head, (nbytes - head) // DIRECT_ALIGN * DIRECT_ALIGN
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A page-aligned, writable buffer of ``nbytes`` (anonymous memory), for block-aligned direct writes."""
+    import mmap
+
+    return memoryview(mmap.mmap(-1, max(1, nbytes)))
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data[: 1 << 30], offset)
@@ -93,6 +152,17 @@ class ShardedWriter:
     The layout is planned up front from ``specs``, so each shard's header is written first and every tensor's
     bytes go straight to their offset (``pwrite``) in any order: memory stays at one tensor. On an exception the
     temporary directory is removed and nothing appears at ``out_dir``.
+
+    Direct writes: a tensor of at least :data:`DIRECT_MIN` bytes whose buffer is misaligned like its file offset
+    (:func:`direct_split`; see :meth:`block_offset` and :func:`aligned_buffer`) has its whole blocks written with
+    ``O_DIRECT``, past the page cache (allocating fresh page-cache pages costs more than the copy into them), and
+    only its ragged ends through the cache. Where ``O_DIRECT`` is refused (tmpfs, other file systems) it is off.
+
+    Write-behind: the disk starts writing each tensor as soon as it is written (``sync_file_range``), and once more
+    than :data:`WRITE_BEHIND` bytes are in flight the oldest are waited for and dropped from the page cache. The disk
+    works while the next tensors are computed, the closing ``fsync`` has little left, a big output does not fill the
+    page cache with dirty pages, and its freed pages are reused for the next writes (fresh page-cache pages cost
+    more than the copy into them). An output under :data:`WRITE_BEHIND` bytes stays cached whole.
 
     Example:
         with ShardedWriter(out, specs, max_shard_size=5 * 10**9) as w:
@@ -129,7 +199,12 @@ class ShardedWriter:
         self.tmp = self._commit.tmp
         self._where: dict[str, tuple[int, int]] = {}
         self._fds: list[int] = []
+        self._direct: list[int | None] = []  # each shard's O_DIRECT descriptor, if the file system allows it
+        self.direct_bytes = 0  # bytes written past the page cache
+        self._bounce: memoryview | None = None
         self._written: set[str] = set()
+        self._behind: deque[tuple[int, int, int]] = deque()  # (fd, offset, nbytes) whose write-back was started
+        self._in_flight = 0
 
     @property
     def tmp_dir(self) -> Path:
@@ -154,6 +229,15 @@ class ShardedWriter:
             os.ftruncate(fd, len(header) + sum(s.nbytes for s in shard))
             for s in shard:
                 self._where[s.name] = (i, len(header) + offsets[s.name])
+            try:
+                self._direct.append(os.open(self.tmp / name, os.O_WRONLY | os.O_DIRECT))
+            except (AttributeError, OSError):  # no O_DIRECT here (macOS, tmpfs): everything through the cache
+                self._direct.append(None)
+
+    def block_offset(self, name: str) -> int:
+        """Where a tensor starts within a :data:`DIRECT_ALIGN` block of its file: a buffer holding its bytes at
+        this offset from an aligned start (:func:`aligned_buffer`) is written past the page cache."""
+        return self._where[name][1] % DIRECT_ALIGN
 
     def write(self, name: str, tensor: Any) -> None:
         """Write one tensor; its dtype and shape must match the plan."""
@@ -172,13 +256,79 @@ class ShardedWriter:
         if len(mv) != spec.nbytes:
             raise PeltError(f"tensor {name!r}: planned {spec.nbytes} bytes, got {len(mv)}")
         shard, offset = self._where[name]
-        _pwrite_all(self._fds[shard], mv, offset)
+        self._write_at(shard, offset, mv, len(mv) >= DIRECT_MIN)
         self._written.add(name)
 
+    def _write_at(self, shard: int, offset: int, mv: memoryview, direct: bool) -> None:
+        """Write bytes at an offset of a shard: whole blocks past the cache where allowed and aligned, the rest
+        through it (with write-behind)."""
+        ok = direct and self._direct[shard] is not None
+        head, middle = direct_split(offset, len(mv), buffer_address(mv)) if ok else (len(mv), 0)
+        if middle and self._write_direct(shard, mv[head : head + middle], offset + head):
+            parts = [(0, head), (head + middle, len(mv))]
+        else:
+            parts = [(0, len(mv))]
+        for lo, hi in parts:
+            _pwrite_all(self._fds[shard], mv[lo:hi], offset + lo)
+            self._write_behind(self._fds[shard], offset + lo, hi - lo)
+
+    def _copy_direct(self, name: str, src_fd: int, src: int, dst: int) -> None:
+        """Copy a tensor's bytes from another file through an aligned buffer, the whole blocks with ``O_DIRECT``."""
+        shard, nbytes = self._where[name][0], self.specs[name].nbytes
+        if self._bounce is None:
+            self._bounce = aligned_buffer(BOUNCE_BYTES + DIRECT_ALIGN)
+        done = 0
+        while done < nbytes:
+            shift = (dst + done) % DIRECT_ALIGN
+            k = min(nbytes - done, BOUNCE_BYTES - shift)  # chunks end on block boundaries
+            view, got = self._bounce[shift : shift + k], 0
+            while got < k:
+                n = os.preadv(src_fd, [view[got:]], src + done + got)
+                if n <= 0:
+                    raise CheckpointError(f"tensor {name!r}: source ended after {done + got} of {nbytes} bytes")
+                got += n
+            self._write_at(shard, dst + done, view, True)
+            done += k
+
+    def _write_direct(self, shard: int, mv: memoryview, offset: int) -> bool:
+        """Write whole blocks with ``O_DIRECT``; False (and direct writes off for the shard) where it is refused."""
+        fd = self._direct[shard]
+        try:
+            while len(mv):
+                n = os.pwrite(fd, mv[: 1 << 30], offset)  # type: ignore[arg-type]
+                self.direct_bytes += n
+                mv, offset = mv[n:], offset + n
+                if n % DIRECT_ALIGN:  # a short write off the block grid: the rest goes through the cache
+                    _pwrite_all(self._fds[shard], mv, offset)
+                    break
+        except OSError:  # EINVAL: alignment this file system does not take; nothing of this write is trusted
+            os.close(fd)
+            self._direct[shard] = None
+            return False
+        return True
+
+    def _write_behind(self, fd: int, offset: int, nbytes: int) -> None:
+        """Start the write-back of a written range; wait for (and drop from the cache) the oldest beyond the window."""
+        if not nbytes or not sync_range(fd, offset, nbytes, SYNC_WRITE):
+            return
+        self._behind.append((fd, offset, nbytes))
+        self._in_flight += nbytes
+        while self._in_flight > WRITE_BEHIND:
+            fd0, off0, n0 = self._behind.popleft()
+            self._in_flight -= n0
+            if sync_range(fd0, off0, n0, SYNC_WAIT_BEFORE | SYNC_WRITE | SYNC_WAIT_AFTER):
+                os.posix_fadvise(fd0, off0, n0, os.POSIX_FADV_DONTNEED)  # clean now: its pages can be reused
+
     def copy_range(self, name: str, src_fd: int, src_offset: int) -> None:
-        """Copy one tensor's bytes from another file inside the kernel (``copy_file_range``: no user-space buffer)."""
+        """Copy one tensor's bytes from another file: inside the kernel (``copy_file_range``: no user-space buffer),
+        or, for a big tensor where ``O_DIRECT`` works, through an aligned buffer with its whole blocks written past
+        the page cache (:data:`BOUNCE_BYTES` at a time)."""
         spec = self.specs[name]
         shard, offset = self._where[name]
+        if self._direct[shard] is not None and spec.nbytes >= DIRECT_MIN:
+            self._copy_direct(name, src_fd, src_offset, offset)
+            self._written.add(name)
+            return
         left, src, dst = spec.nbytes, src_offset, offset
         while left:
             try:
@@ -191,6 +341,7 @@ class ShardedWriter:
                 )
             left, src, dst = left - n, src + n, dst + n
         self._written.add(name)
+        self._write_behind(self._fds[shard], offset, spec.nbytes)
 
     def copy_file(self, src: str | os.PathLike[str], name: str | None = None) -> None:
         """Copy a side file (config, tokenizer, …) into the output."""
@@ -211,9 +362,12 @@ class ShardedWriter:
         self._commit.__exit__(exc_type, exc, tb)  # renames into place, or removes on an exception
 
     def _close(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds + [d for d in self._direct if d is not None]:
             os.close(fd)
         self._fds.clear()
+        self._direct.clear()
+        self._behind.clear()
+        self._in_flight = 0
 
     def _abort(self, e: BaseException) -> None:
         """Close the shards and remove the temporary directory after ``e``."""

@@ -35,6 +35,7 @@ def fold_output_scale(
     bias: torch.Tensor | None,
     l: torch.Tensor,  # noqa: E741
     transposed: bool,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold an output scale into its layer (k, v, fused qkv, ffn ``up_output``); computed in fp32.
 
@@ -43,28 +44,35 @@ def fold_output_scale(
         bias: ``(out,)`` or None.
         l: ``(out,)``, the full scale vector (ones where a fused part is not scaled).
         transposed: the weight is stored ``(in, out)``.
+        rows: ``(r0, r1)``: ``weight`` holds only rows ``r0:r1`` of the layer's weight (a streamed block).
 
     Returns:
         ``(W', b')`` in the input dtypes.
     """
     # (W x + b) ⊙ l = (diag(l) W) x + l ⊙ b  →  W' = diag(l) W (scale rows; Conv1D columns), b' = l ⊙ b
     lf = l.detach().float()
-    w = weight.float() * (lf[None, :] if transposed else lf[:, None])
+    w = weight.float() * (lf[None, :] if transposed else lf[slice(*rows) if rows else slice(None), None])
     b = None if bias is None else (bias.float() * lf).to(bias.dtype)
     return w.to(weight.dtype), b
 
 
-def fold_input_scale(weight: torch.Tensor, l: torch.Tensor, transposed: bool) -> torch.Tensor:  # noqa: E741
+def fold_input_scale(
+    weight: torch.Tensor,
+    l: torch.Tensor,  # noqa: E741
+    transposed: bool,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Fold an input scale (ffn ``down_input``) into the layer's weight; the bias is unchanged. fp32 math.
 
     Args:
         weight: ``(out, in)`` for a Linear, ``(in, out)`` for a Conv1D (``transposed``).
         l: ``(in,)``.
         transposed: the weight is stored ``(in, out)``.
+        rows: ``(r0, r1)``: ``weight`` holds only rows ``r0:r1`` of the layer's weight (a streamed block).
     """
     # W (x ⊙ l) + b = (W diag(l)) x + b  →  W' = W diag(l) (scale input columns; Conv1D rows)
     lf = l.detach().float()
-    w = weight.float() * (lf[:, None] if transposed else lf[None, :])
+    w = weight.float() * (lf[slice(*rows) if rows else slice(None), None] if transposed else lf[None, :])
     return w.to(weight.dtype)
 
 
@@ -276,8 +284,13 @@ def _fit_vectors(vectors: dict[str, tuple[str, torch.Tensor]], skeleton: nn.Modu
     return values
 
 
-def _scale_weight(w: torch.Tensor, l: torch.Tensor, transposed: bool) -> torch.Tensor:  # noqa: E741
-    return fold_output_scale(w, None, l, transposed)[0]  # W' = diag(l) W
+def _scale_weight(
+    w: torch.Tensor,
+    l: torch.Tensor,  # noqa: E741
+    transposed: bool,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    return fold_output_scale(w, None, l, transposed, rows)[0]  # W' = diag(l) W
 
 
 def _scale_bias(b: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741

@@ -29,26 +29,34 @@ def fold_lora(
     scale: float,
     slices: list[tuple[int, int]] | None = None,
     transposed: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Fold a LoRA branch into its layer's fp32 weight, in place (``addmm_``: no out×in temporary).
 
     Args:
-        w: the layer's weight in fp32, ``(out, in)`` (Conv1D: ``(in, out)``, ``transposed``).
+        w: the layer's weight in fp32, ``(out, in)`` (Conv1D: ``(in, out)``, ``transposed``); with ``rows``, only
+            rows ``r0:r1`` of it (a streamed block: each row of ``W'`` depends on the same row of ``W`` alone).
         a: ``A`` (r × in).
         b: ``B`` (out × r, or the width of ``slices``).
         scale: ``α/r`` (times a frozen gate).
         slices: the output rows the branch writes (fused QKV), or None for all.
         transposed: the weight is stored ``(in, out)``.
+        rows: ``(r0, r1)``: ``w`` holds rows ``r0:r1`` of the weight; None: all of it.
     """
     # W' = W + (α/r) B A   (Conv1D: W' = W + (α/r) Aᵀ Bᵀ)
     a, b = a.float(), b.float()
+    r0, r1 = rows or (0, w.shape[0])  # without slices, the branch writes every row
+    if transposed:  # rows of W are input features: the block takes the same rows of Aᵀ
+        at, offset = a[:, r0:r1].t(), 0
+        for start, end in slices or [(0, w.shape[1])]:
+            w[:, start:end].addmm_(at, b[offset : offset + end - start].t(), alpha=scale)
+            offset += end - start
+        return w
     offset = 0
-    for start, end in slices or [(0, w.shape[1] if transposed else w.shape[0])]:
-        bs = b[offset : offset + end - start]
-        if transposed:
-            w[:, start:end].addmm_(a.t(), bs.t(), alpha=scale)
-        else:
-            w[start:end].addmm_(bs, a, alpha=scale)
+    for start, end in slices or [(0, r1)]:
+        lo, hi = max(start, r0), min(end, r1)  # the part of this slice's output rows inside the block
+        if lo < hi:
+            w[lo - r0 : hi - r0].addmm_(b[offset + lo - start : offset + hi - start], a, alpha=scale)
         offset += end - start
     return w
 
