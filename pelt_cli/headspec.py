@@ -63,7 +63,5 @@ def check_head(head: Any, where: Path | str) -> None:
     if not isinstance(root, str) or not isinstance(params, list) or not all(isinstance(p, str) for p in params):
         raise _bad(where, "head.root and head.params: expected a string and a list of strings")
     pad = head.get("pad_token_id")
-    if not (pad is None or is_int(pad)) or not isinstance(head.get("problem_type", ""), str):
-        raise CheckpointError(
-            f"{where}: " + "head.pad_token_id and head.problem_type: expected an integer (or null) and a string"
-        )
+    if not (pad is None or is_int(pad)) or not isinstance(head.get("problem_type") or "", str):
+        raise _bad(where, "head.pad_token_id and head.problem_type: expected an integer and a string (or null)")

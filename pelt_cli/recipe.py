@@ -377,11 +377,15 @@ def build_params(ck: _Checker, cls: type, data: dict, path: tuple) -> Any:
             if hints[name] in (int, int | None):
                 meta.setdefault("max", MAX_PARAM_INT)
             kwargs[name] = _check_value(ck, value, hints[name], meta, path + (name,))
-    if len(ck.problems) > before:
-        return cls()  # a value of the wrong type: cross-field checks and the constructor would only trip on it
-    if hasattr(cls, "validate"):
-        for message in cls.validate(kwargs):
+    if hasattr(cls, "validate"):  # cross-field rules, reported beside the fields' own problems
+        try:
+            messages = cls.validate(kwargs)
+        except (TypeError, ValueError, ArithmeticError):  # tripped on a value already reported as wrong
+            messages = []
+        for message in messages:
             ck.add(path, message)
+    if len(ck.problems) > before:
+        return cls()  # a bad value: the constructor would only trip on it
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, ArithmeticError) as e:
