@@ -7,7 +7,8 @@ Run from the repository root, alone:
 
 It writes a JSONL file of SIZE MB (text-classification rows: 150–250 characters of text and one of three labels;
 a block of 20,000 random rows repeated) under a temporary directory, then runs each case in a fresh process and
-reads its peak RSS (``ru_maxrss`` of the child, which counts the memory-mapped Arrow pages it touched too):
+reads its peak RSS (``ru_maxrss`` of the child, which counts the memory-mapped Arrow pages it touched too) and the
+peak of its anonymous memory (``RssAnon``, sampled every 20 ms):
 
 1. baseline: ``load_data`` with the in-memory reader (``PELT_ARROW_BYTES`` above the file size), then one pass
    over the rows — what pelt did before this change;
@@ -71,22 +72,47 @@ def write_jsonl(path: Path, size_mb: int) -> int:
     return n
 
 
-def child(code: list[str], env: dict[str, str]) -> tuple[str, float, int]:
-    """Run a child; its stdout, wall seconds and peak RSS in bytes (from wait4)."""
+def child(code: list[str], env: dict[str, str]) -> tuple[str, float, dict[str, int]]:
+    """Run a child; its stdout, wall seconds and memory peaks in bytes: ``rss`` (``ru_maxrss`` from wait4: anonymous
+    memory plus the file pages it mapped, e.g. a memory-mapped Arrow file, which the kernel can drop at will) and
+    ``anon`` (the peak of its anonymous memory, ``RssAnon``, sampled every 20 ms)."""
     t = time.perf_counter()
     proc = subprocess.Popen(code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    anon = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        anon = max(anon, _rss_anon(proc.pid))
+        time.sleep(0.02)
     out, err = proc.stdout.read(), proc.stderr.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(code)}\n{err[-2000:]}")
-    return out, time.perf_counter() - t, usage.ru_maxrss * 1024
+    return out, time.perf_counter() - t, {"rss": usage.ru_maxrss * 1024, "anon": anon}
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def read_case(data: Path, env: dict[str, str]) -> dict:
-    out, wall, rss = child([PY, "-c", READ, str(data)], env)
+    out, wall, mem = child([PY, "-c", READ, str(data)], env)
     rows, _, t_load, t_all, _ = out.split()
-    return {"rows": int(rows), "load_s": float(t_load), "pass_s": float(t_all), "wall_s": wall, "peak_rss": rss}
+    return {
+        "rows": int(rows),
+        "load_s": float(t_load),
+        "pass_s": float(t_all),
+        "wall_s": wall,
+        "peak_rss": mem["rss"],
+        "peak_anon": mem["anon"],
+    }
 
 
 def train_case(data: Path, work: Path, env: dict[str, str]) -> dict:
@@ -110,8 +136,8 @@ def train_case(data: Path, work: Path, env: dict[str, str]) -> dict:
     with open(data) as src, open(ev, "w") as dst:
         dst.writelines(line for _, line in zip(range(2000), src, strict=False))
     args = ["train", str(run), "--data", str(data), "--eval", str(ev), "--max-steps", "50", "-q"]
-    _, wall, rss = child([*pelt, *args, "--batch-size", "32", "--epochs", "1", "--max-length", "64"], env)
-    return {"wall_s": wall, "peak_rss": rss}
+    _, wall, mem = child([*pelt, *args, "--batch-size", "32", "--epochs", "1", "--max-length", "64"], env)
+    return {"wall_s": wall, "peak_rss": mem["rss"], "peak_anon": mem["anon"]}
 
 
 def main() -> None:
@@ -141,14 +167,14 @@ def main() -> None:
 
 def report(res: dict) -> None:
     gb = 1e9
-    print(f"{'case':22} {'load s':>8} {'load+pass s':>12} {'rows/s':>10} {'peak RSS GB':>12}")
+    print(f"{'case':22} {'load s':>8} {'load+pass s':>12} {'rows/s':>10} {'peak RSS GB':>12} {'peak anon GB':>13}")
     for case in ("baseline", "arrow_cold", "arrow_warm"):
         r = res[case]
-        print(
-            f"{case:22} {r['load_s']:8.1f} {r['pass_s']:12.1f} {r['rows'] / r['pass_s']:10,.0f} "
-            f"{r['peak_rss'] / gb:12.2f}"
-        )
         r["rows_per_s"] = r["rows"] / r["pass_s"]
+        print(
+            f"{case:22} {r['load_s']:8.1f} {r['pass_s']:12.1f} {r['rows_per_s']:10,.0f} "
+            f"{r['peak_rss'] / gb:12.2f} {r['peak_anon'] / gb:13.2f}"
+        )
     for case in ("arrow_cold", "arrow_warm"):
         r = res[case]
         r["rss_vs_baseline"] = r["peak_rss"] / res["baseline"]["peak_rss"]
@@ -156,11 +182,13 @@ def report(res: dict) -> None:
         print(f"{case}: peak RSS {r['rss_vs_baseline']:.2f}× baseline, rows/s {speed:.2f}× baseline")
     if "train" in res:
         t = res["train"]
-        ok = t["peak_rss"] < 1.5 * 2**30
         print(
-            f"train (50 steps, warm cache): {t['wall_s']:.0f} s, peak RSS {t['peak_rss'] / gb:.2f} GB "
-            f"(goal < 1.5 GiB on a 2 GB file): {'PASS' if ok else 'MISS'}"
+            f"train (50 steps, warm cache): {t['wall_s']:.0f} s, peak RSS {t['peak_rss'] / gb:.2f} GB, of it "
+            f"anonymous {t['peak_anon'] / gb:.2f} GB (the rest: mapped Arrow pages the kernel may drop)"
         )
+        for what, key in (("RSS", "peak_rss"), ("anonymous memory", "peak_anon")):
+            ok = t[key] < 1.5 * 2**30
+            print(f"  goal: {what} < 1.5 GiB training on the file: {'PASS' if ok else 'MISS'}")
     print(json.dumps(res))
 
 

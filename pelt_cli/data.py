@@ -173,20 +173,11 @@ def _json_array(p: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _iter_jsonl(p: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
+    from pelt_cli.datasource import json_row
+
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{p}:{n}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
-            ) from None
-        except (RecursionError, ValueError) as e:
-            raise DataError(f"{p}:{n}: bad JSON ({_json_problem(e)}); expected one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{p}:{n}: a JSON {type(row).__name__}, not an object; expected one object per line")
-        yield n, row
+        if line.strip():
+            yield n, json_row(str(p), n, line)
 
 
 def _iter_csv(p: Path, lines: Iterator[str], delimiter: str) -> Iterator[tuple[int, dict]]:

@@ -103,7 +103,7 @@ class ArrowRows(Sequence):
 
     def select(self, indices: Any) -> ArrowRows:
         """A view of the rows at ``indices`` (an indices mapping, no copy)."""
-        return ArrowRows(self.ds.select(indices), self.where)
+        return ArrowRows(self.ds.select(indices, keep_in_memory=True), self.where)  # nothing written beside the data
 
     def select_columns(self, columns: list[str]) -> ArrowRows:
         """The rows with only ``columns``."""
@@ -125,11 +125,19 @@ class ArrowRows(Sequence):
         import pyarrow.compute as pc
 
         col = self._column(column)
-        bad = pc.is_null(col)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            bad = pc.or_kleene(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
-        found = pc.index(pc.fill_null(bad, True), True).as_py()
-        return None if found < 0 else found
+        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        start = 0
+        for chunk in col.chunks:  # a chunk at a time: the trimmed copy of a whole column would double the data
+            for i in range(0, len(chunk), 1 << 16):
+                part = chunk.slice(i, 1 << 16)
+                bad = pc.is_null(part)
+                if text:
+                    bad = pc.or_kleene(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(part)), 0))
+                found = pc.index(pc.fill_null(bad, True), True).as_py()
+                if found >= 0:
+                    return start + i + found
+            start += len(chunk)
+        return None
 
     def counts(self, column: str) -> dict[str, int]:
         """How many rows hold each value of ``column`` (Arrow compute; nothing read into Python rows)."""
@@ -193,7 +201,11 @@ class ArrowRows(Sequence):
 
     def _column(self, column: str) -> Any:
         """One column as a pyarrow ChunkedArray, through the indices mapping when there is one."""
-        ds = self.ds.select_columns([column]).flatten_indices() if self.ds._indices is not None else self.ds
+        ds = (
+            self.ds.select_columns([column]).flatten_indices(keep_in_memory=True)
+            if self.ds._indices is not None
+            else self.ds
+        )
         return ds.data.column(column)
 
 
@@ -370,11 +382,16 @@ def _jsonl_columns(p: Path) -> list[str]:
     with open(p, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                return [k for k in _json_row(str(p), n, line) if k != LINE]
+                return [k for k in json_row(str(p), n, line) if k != LINE]
     raise DataError(f"{p}: no data rows; expected one JSON object per line")
 
 
-def _json_row(path: str, n: int, line: str) -> dict:
+def json_row(path: str, n: int, line: str) -> dict:
+    """Line ``n`` of a JSONL file as an object; every way it can be bad as one ``file:line`` DataError.
+
+    Raises:
+        DataError: not JSON, nested too deeply, a number Python cannot convert, or not an object.
+    """
     import json
 
     try:
@@ -383,6 +400,9 @@ def _json_row(path: str, n: int, line: str) -> dict:
         raise DataError(
             f"{path}:{n}: bad JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
         ) from None
+    except (RecursionError, ValueError) as e:  # nesting too deep; an integer with too many digits
+        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise DataError(f"{path}:{n}: bad JSON ({problem}); expected one JSON object per line") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{n}: a JSON {type(row).__name__}, not an object; expected one object per line")
     return row
@@ -413,7 +433,7 @@ def _jsonl_lines(path: str, key: str, columns: str) -> Iterator[dict]:
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                row = _json_row(path, n, line)
+                row = json_row(path, n, line)
                 yield {**{c: _text(row.get(c)) for c in names}, LINE: n}
 
 

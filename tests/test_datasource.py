@@ -123,12 +123,16 @@ def test_saved_dataset_dict_gives_train_and_eval_splits(tmp_path: Path) -> None:
         validation=Dataset.from_dict({"text": ["v0", "v1", "v2"], "label": [1, 0, 1]}, feats),
     )
     dd.save_to_disk(str(tmp_path / "saved"))
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "saved").rglob("*") if p.is_file())
     train, ev = resolve_data(str(tmp_path / "saved"))
     assert ev == Path(f"{tmp_path / 'saved'}::validation")
     td, ed = load_data(train), load_data(ev)
     assert td.labels == ["neg", "pos"] and len(td.rows) == 10 and ed.rows[0] == {"text": "v0", "label": "pos"}
     with pytest.raises(DataError, match=r"no split 'test'; expected one of train, validation"):
         load_data(f"{tmp_path / 'saved'}::test")
+    a, b = split(td, 0.3, 0)  # label strings and a split: computed in pelt's cache, never beside the input
+    assert len(a.rows) + len(b.rows) == 10 and class_balance(a)["counts"] == {"neg": 3, "pos": 3}
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "saved").rglob("*") if p.is_file()) == before
 
 
 def cached_dataset(home: Path, name: str, items: dict[str, list[dict]]) -> None:
