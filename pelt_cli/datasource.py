@@ -182,9 +182,9 @@ class ArrowRows(Sequence):
             return dict(tokenizer(*texts, truncation=True, max_length=max_length))
 
         key = ("tokens", _tokenizer_key(tokenizer), columns, max_length)
-        return ArrowRows(self._cached_map(encode, key), self.where)
+        return ArrowRows(self._cached_map(encode, key, remove=list(columns)), self.where)  # the ids replace the text
 
-    def _cached_map(self, fn: Any, key: tuple, features: Any = None) -> Any:
+    def _cached_map(self, fn: Any, key: tuple, features: Any = None, remove: list[str] | None = None) -> Any:
         """``ds.map(fn, batched=True)`` written once to ``cache_dir()/<kind>/<hash>.arrow``, the hash of the data's
         fingerprint and ``key``; reused while both are unchanged."""
         digest = hashlib.sha256(repr((self.ds._fingerprint, key)).encode()).hexdigest()[:24]
@@ -194,6 +194,7 @@ class ArrowRows(Sequence):
             fn,
             batched=True,
             features=features,
+            remove_columns=remove,
             cache_file_name=str(cache),
             new_fingerprint=digest,
             desc=f"{key[0]} of {self.where}",
