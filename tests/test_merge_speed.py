@@ -129,7 +129,23 @@ def test_torch_threads_restores_the_count() -> None:
     with stream.torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    assert 1 <= stream.stream_workers() <= stream.MAX_WORKERS
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (3, 3), (4, 4), (9, 4), (64, 4)])
+def test_stream_workers_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+    """One read + fold thread per core this process may run on (its affinity, not the machine's count), at most 4."""
+    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: 128)
+    assert stream.stream_workers() == workers
+
+
+def test_stream_workers_without_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no sched_getaffinity (not Linux): the CPU count, and 1 when it is unknown."""
+    monkeypatch.delattr(stream.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: 3)
+    assert stream.stream_workers() == 3
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: None)
+    assert stream.stream_workers() == 1
 
 
 def _files(d: Path) -> dict[str, str]:
