@@ -35,11 +35,9 @@ from pelt_cli.bundle import (
     open_bundle,
     parse_digest,
     read_manifest,
-    require_text,
     shown_as,
 )
 from pelt_cli.errors import CheckpointError, PeltError, UsageError
-from pelt_cli.headspec import check_head
 from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.io.guard import is_regular, kind_of
 from pelt_cli.io.header import INDEX_NAME
@@ -282,12 +280,7 @@ def verify_run(path: Path, checks: Checks) -> None:
 
 def _open_run(path: Path) -> Run:
     """``run.json`` read and its recipe validated (by :meth:`Run.open`), and its head spec checked."""
-    run = Run.open(path)
-    require_text(run.meta.to_dict(), Path(run.where))
-    check_head(run.head, Path(run.where))
-    if not isinstance(run.meta.base.path, str) or not isinstance(run.meta.base.fingerprint, str):
-        raise CheckpointError(f"{run.where}: base.path and base.fingerprint must be strings")
-    return run
+    return Run.open(path)  # run.json through the boundary: text, structure, base strings and head spec
 
 
 def _run_detail(run: Run) -> str:
