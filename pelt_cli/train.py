@@ -321,7 +321,7 @@ def _train(
     inputs = data_inputs(run.meta.base.path, d.task, tokenizer)
     seed_all(cfg.seed)
     model, trainable, total = _model(run, d, cfg, device, inputs[0])
-    cfg = fit_max_length(cfg, getattr(model, "config", None))
+    cfg = fit_max_length(cfg, model)
     saved = read_state(run.dir, cfg, model) if resume else None  # the checkpoint's weights, before any sharding
     lp = _loop(run, model, d, cfg, device, inputs, on_event or (lambda e: None))
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
@@ -352,17 +352,26 @@ def _train(
     )
 
 
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")  # ids from pad+1
+POSITION_TABLES = ("position_embeddings", "wpe")  # learned absolute positions (BERT-style, GPT-2)
 
 
-def fit_max_length(cfg: TrainConfig, config: Any) -> TrainConfig:
+def fit_max_length(cfg: TrainConfig, model: torch.nn.Module) -> TrainConfig:
     """``cfg`` with ``max_length`` lowered to what the model's learned position table holds (e.g. the default 128 on
-    a model with 64 positions, which would fail inside its embeddings); recorded as used in ``run.json``."""
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not isinstance(positions, int) or positions < 2:
+    a model with 64 positions, which would fail inside its embeddings); recorded as used in ``run.json``.
+
+    The table is read off the model itself: its rows, less the ids up to its ``padding_idx`` where positions count
+    from the padding id (RoBERTa, MPNet, …). A model without one (rotary positions: LLaMA, Qwen2) keeps it."""
+    table = next(
+        (
+            m
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Embedding) and n.rsplit(".", 1)[-1] in POSITION_TABLES
+        ),
+        None,
+    )
+    if table is None:
         return cfg
-    if getattr(config, "model_type", "") in OFFSET_POSITIONS:
-        positions -= int(getattr(config, "pad_token_id", 1) or 1) + 1
+    positions = table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
     return dataclasses.replace(cfg, max_length=positions) if cfg.max_length > positions >= 2 else cfg
 
 

@@ -418,8 +418,9 @@ def test_prefix_activation_only_with_a_prefix(
 
 def test_max_length_fits_the_position_table(tiny_bert: Path, tmp_path: Path) -> None:
     """Texts longer than the tiny BERT's 64 positions, at the default --max-length 128: trained on 64 tokens (and
-    recorded so), not a crash inside the embeddings; RoBERTa's ids start after the padding id (64 - 2)."""
-    from transformers import RobertaConfig
+    recorded so), not a crash inside the embeddings. The table is read off the model: RoBERTa and MPNet count
+    positions from the padding id (64 - 2), GPT-2's wpe holds 64, a rotary LLaMA has no table and keeps 128."""
+    import transformers
 
     from pelt_cli.train import fit_max_length
 
@@ -429,6 +430,16 @@ def test_max_length_fits_the_position_table(tiny_bert: Path, tmp_path: Path) -> 
     run = apply(rc.load("lora"), tiny_bert, tmp_path / "run")
     train_run(run, str(data), str(data), TrainConfig(epochs=1, batch_size=4))
     assert json.loads((run / "run.json").read_text())["training"]["config"]["max_length"] == 64
-    roberta = RobertaConfig(max_position_embeddings=64, pad_token_id=1)
-    assert fit_max_length(TrainConfig(), roberta).max_length == 62
-    assert fit_max_length(TrainConfig(max_length=32), roberta).max_length == 32
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+    models = {
+        62: [
+            transformers.RobertaModel(transformers.RobertaConfig(max_position_embeddings=64, pad_token_id=1, **shape)),
+            transformers.MPNetModel(transformers.MPNetConfig(max_position_embeddings=64, **shape)),
+        ],
+        64: [transformers.GPT2Model(transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=4))],
+        128: [transformers.LlamaModel(transformers.LlamaConfig(max_position_embeddings=64, **shape))],
+    }
+    for want, ms in models.items():
+        for m in ms:
+            assert fit_max_length(TrainConfig(), m).max_length == want, type(m).__name__
+            assert fit_max_length(TrainConfig(max_length=32), m).max_length == 32
