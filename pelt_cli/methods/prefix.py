@@ -34,6 +34,8 @@ ATTN_IMPL = "pelt"
 CHILD = "pelt_prefix"
 ROLES = ("attn.k", "attn.qkv")
 V_SIBLING = {"k_proj": "v_proj", "key": "value"}  # the key projection's name → its value sibling's name
+# sdpa's CPU kernel, which also returns the log-sum-exp of each query's scores (None if this torch lacks it)
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def prepend_prefix(prefix: torch.Tensor, states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,6 +189,114 @@ def prefix_share(
     return scores.softmax(-1).nan_to_num(0.0)[..., :length].sum(-1)
 
 
+def split_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pk: torch.Tensor,
+    pv: torch.Tensor,
+    gate: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn(Q, [g·P_k; K], [g·P_v; V])`` without building ``[P; K]``: the sequence and the prefix attended apart.
+
+    ``attn(Q,[P_k;K],[P_v;V]) = w_K·attn(Q,K,V) + Σ_j w_j·P_v[j]``, ``[w_1..w_ℓ, w_K] = softmax(Q P_kᵀ·scale,
+    lse_K)``: the sequence part is sdpa's own CPU kernel (the base's exact call, which also returns each query's
+    log-sum-exp ``lse_K``), the prefix part ``[T, ℓ]`` scores per head. No copy of the keys and values, and the
+    sequence attention keeps the base's length. ``query [B, H, T, D]``, ``key``/``value`` with ``H`` heads,
+    ``pk``/``pv [H, ℓ, D]``, ``gate`` broadcastable to ``[B, 1, 1, 1]`` or None, ``mask`` bool (True = attend) or
+    additive over the sequence keys. Returns the output ``[B, T, H, D]`` (contiguous, as transformers' attention
+    functions return it) and each query's share of attention on the prefix, ``1 − w_K`` ``[B, H, T]``. No autograd:
+    ``lse_K`` has no gradient in torch, so :func:`prefix_attention` takes this route only when nothing needs one.
+    """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dead = None
+    if mask is not None:
+        dead = ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+        else:
+            mask = mask.to(query.dtype)
+    out_k, lse_k = FLASH_CPU(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if dead is not None and bool(dead.any()):
+        lse_k = lse_k.masked_fill(dead, -torch.inf)  # the kernel gives 0, not −inf, for a query with no key
+    # the prefix scores laid out [B, H, ℓ, T], so that every reduction over ℓ runs along the contiguous T
+    s = torch.matmul(pk.to(query.dtype) * scale, query.transpose(-1, -2)).float()
+    g = gate.float().reshape(-1, 1, 1, 1) if gate is not None else None
+    if g is not None:
+        s = s * g  # (g·P_k) Qᵀ
+    lse = lse_k.float().unsqueeze(-2)  # [B, H, 1, T]
+    top = torch.maximum(s.amax(-2, keepdim=True), lse)
+    e, e_k = torch.exp(s - top), torch.exp(lse - top)
+    z = e.sum(-2, keepdim=True) + e_k
+    e.div_(z)  # the prefix positions' weights [B, H, ℓ, T]
+    w_k = e_k / z  # the sequence's weight [B, H, 1, T]
+    if g is not None:
+        e.mul_(g)  # the gated values g·P_v
+    out_p = torch.matmul(e.transpose(-1, -2).to(pv.dtype), pv)  # [B, H, T, D]
+    b, h, t, d = out_p.shape
+    out = torch.empty(b, t, h, d, dtype=out_k.dtype, device=out_k.device)
+    w = w_k.to(out_k.dtype).transpose(-1, -2).transpose(1, 2)  # [B, T, H, 1]
+    torch.addcmul(out_p.transpose(1, 2), out_k.transpose(1, 2), w, out=out)
+    return out, 1.0 - w_k.squeeze(-2)
+
+
+def prefix_heads(prefix: torch.Tensor, heads: int, head_dim: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[ℓ, kv_heads·head_dim]`` → ``[heads, ℓ, head_dim]``, each key/value head repeated for its ``groups`` query
+    heads (GQA)."""
+    kv_heads = heads // groups
+    if prefix.shape[-1] != kv_heads * head_dim:
+        raise PeltError(
+            f"prefix width {prefix.shape[-1]} does not match the attention's {kv_heads} key/value heads "
+            f"× head_dim {head_dim} = {kv_heads * head_dim}"
+        )
+    p = prefix.to(dtype).view(prefix.shape[0], kv_heads, head_dim).transpose(0, 1)
+    return p.repeat_interleave(groups, dim=0) if groups > 1 else p
+
+
+def split_route(
+    prefix: Prefix, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict, causal: bool
+) -> bool:
+    """Whether :func:`split_attention` computes this call exactly: on the CPU kernel, without dropout, a position
+    bias, a paged cache or a gradient to carry, and without a causal call whose keys outnumber its queries."""
+    if FLASH_CPU is None or query.device.type != "cpu" or kwargs.get("dropout") or kwargs.get("softcap") is not None:
+        return False
+    if kwargs.get("position_bias") is not None or query.shape[1] % key.shape[1]:
+        return False
+    if causal and query.shape[2] != key.shape[2]:
+        return False
+    if torch.is_grad_enabled() and (
+        query.requires_grad
+        or key.requires_grad
+        or value.requires_grad
+        or any(p.requires_grad for p in prefix.parameters())
+    ):
+        return False
+    return query.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def split_call(
+    prefix: Prefix, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any
+) -> tuple[torch.Tensor, None]:
+    """:func:`prefix_attention` by :func:`split_attention` (``kw``: ``causal``, ``scaling``)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    pk, pv = prefix()
+    heads, head_dim = query.shape[1], query.shape[-1]
+    pk = prefix_heads(pk, heads, head_dim, groups, query.dtype)
+    pv = prefix_heads(pv, heads, value.shape[-1], groups, value.dtype)
+    gate = prefix.gate() if prefix.gate is not None else None
+    causal = kw["causal"] and query.shape[2] > 1 and mask is None
+    out, share = split_attention(query, key, value, pk, pv, gate, mask, causal, kw.get("scaling"))
+    if prefix.measuring:
+        prefix.record(share)
+    return out, None
+
+
 def prefix_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -205,6 +315,8 @@ def prefix_attention(
         raise PeltError("prefix tuning does not support transformers' paged attention cache")
     is_causal = kwargs.pop("is_causal", None)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if split_route(prefix, query, key, value, kwargs, causal):
+        return split_call(prefix, query, key, value, attention_mask, causal=causal, scaling=kwargs.get("scaling"))
     q_len, kv_len = query.shape[2], key.shape[2]
     key, value = prefix.extend(key, value)
     attention_mask = extend_mask(attention_mask, prefix.length, q_len, kv_len, causal and q_len > 1, query.device)

@@ -404,3 +404,97 @@ def test_applying_twice_is_refused():
     apply(model)
     with pytest.raises(PeltError, match="applied twice"):
         apply(model)
+
+
+# ------------------------------------------------------------------------------------------------ split route
+
+
+def concatenated(q, k, v, pk, pv, gate, mask, causal):
+    """The reference: sdpa over ``[g·P; K]`` built by concatenation (the route taken when autograd is on)."""
+    b = q.shape[0]
+    g = gate.reshape(-1, 1, 1, 1) if gate is not None else 1.0
+    kk = torch.cat([(pk * g).expand(b, -1, -1, -1), k], 2)
+    vv = torch.cat([(pv * g).expand(b, -1, -1, -1), v], 2)
+    ext = pm.extend_mask(mask, pk.shape[1], q.shape[2], k.shape[2], causal, q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=ext)
+    share = pm.prefix_share(q, kk, ext, pk.shape[1], q.shape[-1] ** -0.5)
+    return out.transpose(1, 2), share
+
+
+def split_case(name, dtype=torch.float32):
+    torch.manual_seed(4)
+    b, h, t, d, ell = 3, 4, 9, 8, 5
+    q, k, v = (torch.randn(b, h, t, d, dtype=dtype) for _ in range(3))
+    pk, pv = torch.randn(h, ell, d, dtype=dtype), torch.randn(h, ell, d, dtype=dtype)
+    gate, mask, causal = None, None, False
+    if name == "padded-bool":  # the second sequence padded after 4 tokens; the third's first query sees no key
+        mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+        mask[1, ..., 4:] = False
+        mask[2, :, 0] = False
+    elif name == "additive":  # transformers' float masks: −inf or the dtype's minimum; one query sees no key
+        mask = torch.zeros(b, 1, t, t, dtype=dtype)
+        mask[0, ..., 6:] = torch.finfo(dtype).min
+        mask[1, ..., 2:] = -torch.inf
+        mask[2, :, 3] = -torch.inf
+    elif name == "causal":
+        causal = True
+    elif name == "gated":
+        gate = torch.tensor([0.0, 0.3, 1.0], dtype=dtype)
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+        mask[0, ..., 7:] = False
+    return q, k, v, pk, pv, gate, mask, causal
+
+
+@pytest.mark.parametrize("name", ["plain", "padded-bool", "additive", "causal", "gated"])
+def test_split_attention_equals_concatenated(name):
+    """The log-sum-exp merge of sequence and prefix attention equals sdpa over the concatenated keys, share too."""
+    q, k, v, pk, pv, gate, mask, causal = split_case(name)
+    got, share = pm.split_attention(q, k, v, pk, pv, gate, mask, causal and mask is None, None)
+    ref, ref_share = concatenated(q, k, v, pk, pv, gate, mask, causal)
+    assert got.shape == (3, 9, 4, 8) and got.is_contiguous()
+    assert (got - ref).abs().max() <= 1e-5
+    assert share.shape == (3, 4, 9) and (share - ref_share).abs().max() <= 1e-5
+    if name == "padded-bool":  # a query with no key of its own attends to the prefix alone
+        assert (share[2, :, 0] - 1).abs().max() <= 1e-6
+
+
+def test_split_attention_bf16_within_rounding():
+    q, k, v, pk, pv, gate, mask, causal = split_case("padded-bool", torch.bfloat16)
+    got, _ = pm.split_attention(q, k, v, pk, pv, gate, mask, False, None)
+    ref, _ = concatenated(*(x.float() for x in (q, k, v, pk, pv)), gate, mask, causal)
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() <= 3e-2
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_split_route_taken_without_autograd_and_equal_to_the_concatenated_one(family, monkeypatch):
+    """No-grad forwards take the split route, forwards that need gradients the concatenated one; outputs agree."""
+    model = tiny_models.build(family).eval()
+    apply(model, length=4)
+    randomise(model)
+    calls = []
+    real = pm.split_attention
+    monkeypatch.setattr(pm, "split_attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(2)
+    ids = torch.randint(0, 90, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits
+    n_layers = len(prefixes(model))
+    assert len(calls) == n_layers > 0
+    slow = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == n_layers and slow.requires_grad
+    assert (fast[0] - slow[0]).abs().max() <= 1e-5
+    assert (fast[1, :5] - slow[1, :5]).abs().max() <= 1e-5
+
+
+def test_split_route_declines_what_it_cannot_compute():
+    pre = pm.Prefix(2, 8, 8)
+    q = k = v = torch.zeros(1, 2, 3, 4)
+    with torch.no_grad():
+        assert pm.split_route(pre, q, k, v, {}, causal=False)
+        assert pm.split_route(pre, q, k[:, :1], v[:, :1], {}, causal=True)  # GQA: the keys are repeated
+        assert not pm.split_route(pre, q, k[:, :, :2], v[:, :, :2], {}, causal=True)  # causal, keys ≠ queries
+        assert not pm.split_route(pre, q, k, v, {"dropout": 0.1}, causal=False)
+        assert not pm.split_route(pre, q, k, v, {"position_bias": torch.zeros(1)}, causal=False)
+    assert not pm.split_route(pre, q, k, v, {}, causal=False)  # the prefix needs its gradient
