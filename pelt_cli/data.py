@@ -559,6 +559,7 @@ class Batcher:
         self.td, self.tokenizer, self.feature_extractor = td, tokenizer, feature_extractor
         self.max_length, self.audio_seconds = max_length, audio_seconds
         self._source: Any = td.rows  # what batches read rows from (Arrow rows: their cached tokenization)
+        self._writer: Any = None  # large Arrow rows without a token cache: tokenized per batch, kept as they go
         self._ids = label_mapping(td)
         self._cache: dict[str, Any] = {}
         self._cache_left = cache_mb * 2**20
@@ -576,11 +577,16 @@ class Batcher:
         self._pretokenize()
 
     def _pretokenize(self) -> None:
-        """Arrow rows of a text task: tokenize once, cached on disk beside the data (batches then only pad)."""
+        """Arrow rows of a text task: tokenize once, cached on disk beside the data (batches then only pad); above
+        ``PELT_TOKENIZE_ROWS`` rows without that cache, per batch as they are read, written to the cache as they go
+        (see :class:`pelt_cli.datasource.TokenWriter`)."""
         from pelt_cli.datasource import ArrowRows
 
         if isinstance(self.td.rows, ArrowRows) and self.td.task in TEXT_COLUMNS:
-            self._source = self.td.rows.tokenized(self.tokenizer, TEXT_COLUMNS[self.td.task], self.max_length)
+            cols = TEXT_COLUMNS[self.td.task]
+            self._source = self.td.rows.tokenized(self.tokenizer, cols, self.max_length)
+            if self._source is self.td.rows:
+                self._writer = self.td.rows.token_writer(self.tokenizer, cols, self.max_length)
 
     def __len__(self) -> int:
         """The number of rows (see ``n_batches`` for batches)."""
@@ -642,7 +648,13 @@ class Batcher:
 
         idx = self.order_array(shuffle, seed, epoch, drop_last, rank, world_size)
         for b in range(start, self.n_batches(batch_size, world_size, drop_last)):
-            yield self.collate(take_rows(self._source, idx[b * batch_size : (b + 1) * batch_size]))
+            at = idx[b * batch_size : (b + 1) * batch_size]
+            rows = take_rows(self._source, at)
+            if self._writer is not None:
+                rows = self._writer(at, rows)
+                if self._writer.cached is not None:  # every row written: the batches that follow read the cache
+                    self._source, self._writer = self._writer.cached, None
+            yield self.collate(rows)
 
     def collate(self, rows: list[dict]) -> dict:
         """Model inputs for a list of rows."""

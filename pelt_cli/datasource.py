@@ -11,14 +11,24 @@ Sources that go through here (see :func:`is_arrow_source`):
 - a dataset name already in the local Hugging Face cache (``NAME`` or ``NAME::split``), loaded offline.
 
 Rows stay on disk: :class:`ArrowRows` reads the ones a batch needs, label statistics come from Arrow compute, and
-tokenization is cached beside the data (:meth:`ArrowRows.tokenized`). Messages keep pelt's ``file:line`` form: a
-JSONL/CSV/TSV row's source line is kept in a ``__line__`` column.
+tokenization is cached beside the data (:meth:`ArrowRows.tokenized`; above :data:`TOKENIZE_ROWS` rows without a
+cache, rows are tokenized per batch as training reads them instead of all before the first step). Messages keep
+pelt's ``file:line`` form: a JSONL/CSV/TSV row's source line is kept in a ``__line__`` column.
+
+Memory: pages of a memory-mapped file count in the process's RSS once touched, so a pass over a whole file (the
+checks, label counts, tokenization, an epoch of batches) would grow RSS to the file's size although the kernel could
+drop them. Whenever the resident mapped pages have grown by :data:`RELEASE_BYTES`, :func:`release_mapped` unmaps
+them from the process (``madvise(MADV_DONTNEED)``; they stay in the page cache), so RSS stays bounded by that
+budget whatever the data's size (:func:`bound_mapped`, called as rows are read).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import mmap
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,12 @@ from typing import Any
 from pelt_cli.errors import DataError
 
 ARROW_BYTES = 64 * 2**20
+RELEASE_BYTES = 64 * 2**20
+WRITE_ROWS = 16_384
+TOKENIZE_ROWS = 500_000
 LINE = "__line__"
+ROW = "__row__"
+BATCHES_SUFFIX = ".batches.arrow"
 SPLIT_SEP = "::"
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")
 
@@ -35,6 +50,70 @@ def arrow_bytes() -> int:
     """The size above which a JSONL/CSV/TSV file is held in Arrow (``PELT_ARROW_BYTES``, default 64 MiB)."""
     value = os.environ.get("PELT_ARROW_BYTES", "")
     return int(value) if value.isdigit() else ARROW_BYTES
+
+
+def tokenize_rows() -> int:
+    """Rows above which text is tokenized per batch unless a token cache exists (``PELT_TOKENIZE_ROWS``, default
+    500,000: about a minute of tokenizing on two cores before the first step)."""
+    value = os.environ.get("PELT_TOKENIZE_ROWS", "")
+    return int(value) if value.isdigit() else TOKENIZE_ROWS
+
+
+def release_mapped() -> int:
+    """Drop this process's pages of memory-mapped Arrow files (read-only mappings of ``*.arrow`` files, found in
+    ``/proc/self/maps``) with ``madvise(MADV_DONTNEED)``: RSS falls, the pages stay in the page cache and are read
+    again from it when next touched. Returns the bytes of the mappings released (0 where not Linux)."""
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    madvise = _madvise()
+    done = 0
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(maxsplit=5)
+            # read-only file mappings only: never anonymous or writable memory, whose contents DONTNEED would lose
+            if len(fields) == 6 and fields[1][:2] == "r-" and fields[5].endswith(".arrow"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0:
+                    done += hi - lo
+    return done
+
+
+@functools.cache
+def _madvise() -> Any:
+    """libc's ``madvise(addr, length, advice)``, loaded once."""
+    import ctypes
+
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+class _Mapped:
+    """The process's resident file-backed bytes just after the last :func:`release_mapped` (None: not yet read)."""
+
+    base: int | None = None
+
+
+def resident_file_bytes() -> int:
+    """The process's resident file-backed (and shared) memory: ``/proc/self/statm``'s third field (0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * mmap.PAGESIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def bound_mapped() -> None:
+    """Called as mapped data is read: once the resident file pages have grown :data:`RELEASE_BYTES` since the last
+    release, release them (:func:`release_mapped`). Measured rather than counted: a fault maps the neighbouring
+    cached pages too (fault-around, and the whole of a large page-cache folio: a row read far from the last was
+    measured to map about 1 MB on Linux 6.18), far more than the bytes read."""
+    now = resident_file_bytes()
+    if _Mapped.base is None or now < _Mapped.base:
+        _Mapped.base = now
+    elif now - _Mapped.base >= RELEASE_BYTES:
+        release_mapped()
+        _Mapped.base = resident_file_bytes()
 
 
 def cache_dir() -> Path:
@@ -95,11 +174,15 @@ class ArrowRows(Sequence):
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.ds.iter(batch_size=1024):
-            yield from _rows_of(batch)
+            rows = _rows_of(batch)
+            bound_mapped()
+            yield from rows
 
     def take(self, indices: Sequence[int]) -> list[dict]:
         """The rows at ``indices``, as dicts of the data columns (one Arrow read)."""
-        return _rows_of(self.ds[[int(i) for i in indices]])
+        rows = _rows_of(self.ds[[int(i) for i in indices]])
+        bound_mapped()
+        return rows
 
     def select(self, indices: Any) -> ArrowRows:
         """A view of the rows at ``indices`` (an indices mapping, no copy)."""
@@ -124,34 +207,43 @@ class ArrowRows(Sequence):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        col = self._column(column)
-        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        kind = self.arrow_type(column)
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
         start = 0
-        for chunk in col.chunks:  # a chunk at a time: the trimmed copy of a whole column would double the data
-            for i in range(0, len(chunk), 1 << 16):
-                part = chunk.slice(i, 1 << 16)
-                bad = pc.is_null(part)
-                if text:
-                    bad = pc.or_kleene(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(part)), 0))
-                found = pc.index(pc.fill_null(bad, True), True).as_py()
-                if found >= 0:
-                    return start + i + found
-            start += len(chunk)
+        for part in self._slices(column):  # a slice at a time: a trimmed copy of a whole column doubles the data
+            bad = pc.is_null(part)
+            if text:
+                bad = pc.or_kleene(bad, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(part)), 0))
+            found = pc.index(pc.fill_null(bad, True), True).as_py()
+            if found >= 0:
+                return start + found
+            start += len(part)
         return None
 
     def counts(self, column: str) -> dict[str, int]:
         """How many rows hold each value of ``column`` (Arrow compute; nothing read into Python rows)."""
         import pyarrow.compute as pc
 
-        return {str(d["values"]): int(d["counts"]) for d in pc.value_counts(self._column(column)).to_pylist()}
+        total: dict[str, int] = {}
+        for part in self._slices(column):
+            for d in pc.value_counts(part).to_pylist():
+                total[str(d["values"])] = total.get(str(d["values"]), 0) + int(d["counts"])
+        return total
 
     def codes(self, column: str, values: list[str]) -> Any:
         """``column`` as int64 indices into ``values`` (numpy; -1 where a value is not among them)."""
+        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        idx = pc.index_in(self._column(column), value_set=pa.array(values, pa.string()))
-        return pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype("int64")
+        value_set = pa.array(values, pa.string())
+        out = np.empty(len(self), dtype="int64")
+        start = 0
+        for part in self._slices(column):
+            idx = pc.fill_null(pc.index_in(part, value_set=value_set), -1)
+            out[start : start + len(part)] = idx.to_numpy(zero_copy_only=False)
+            start += len(part)
+        return out
 
     def with_strings(self, column: str) -> ArrowRows:
         """The rows with ``column`` as strings (integer labels as text, a ClassLabel's names), computed once into
@@ -174,40 +266,185 @@ class ArrowRows(Sequence):
 
     def tokenized(self, tokenizer: Any, columns: tuple[str, ...], max_length: int) -> ArrowRows:
         """The rows with the tokenizer's outputs (``input_ids``, ``attention_mask``, …; unpadded, truncated to
-        ``max_length``) added, computed once and cached beside the data under a key of the data, the tokenizer
-        and the settings."""
+        ``max_length``) in place of the text, computed once and cached beside the data under a key of the data,
+        the tokenizer and the settings. Above :func:`tokenize_rows` rows with no cache yet: these rows themselves,
+        for the caller to tokenize per batch through :meth:`token_writer` (a short run on a large file does not
+        wait for all of it; a full epoch leaves the cache)."""
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             texts = [batch[c] for c in columns]
             return dict(tokenizer(*texts, truncation=True, max_length=max_length))
 
         key = ("tokens", _tokenizer_key(tokenizer), columns, max_length)
-        return ArrowRows(self._cached_map(encode, key, remove=list(columns)), self.where)  # the ids replace the text
+        if not self._cache_path(key).is_file():
+            written = self._cache_path(key).with_suffix(BATCHES_SUFFIX)
+            if written.is_file() and (ordered := _in_row_order(written, self.where, len(self))) is not None:
+                return ordered
+            if len(self) > tokenize_rows():
+                return self
+        cached = self._cached_map(encode, key, remove=list(columns), batch_rows=4096)  # the ids replace the text
+        return ArrowRows(cached, self.where)
 
-    def _cached_map(self, fn: Any, key: tuple, features: Any = None, remove: list[str] | None = None) -> Any:
-        """``ds.map(fn, batched=True)`` written once to ``cache_dir()/<kind>/<hash>.arrow``, the hash of the data's
-        fingerprint and ``key``; reused while both are unchanged."""
+    def token_writer(self, tokenizer: Any, columns: tuple[str, ...], max_length: int) -> TokenWriter:
+        """A :class:`TokenWriter` that tokenizes these rows per batch and leaves the cache :meth:`tokenized` reads."""
+        key = ("tokens", _tokenizer_key(tokenizer), columns, max_length)
+        path = self._cache_path(key).with_suffix(BATCHES_SUFFIX)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return TokenWriter(
+            self, lambda *texts: tokenizer(*texts, truncation=True, max_length=max_length), columns, path
+        )
+
+    def _cache_path(self, key: tuple) -> Path:
+        """``cache_dir()/<kind>/<hash>.arrow``, the hash of the data's fingerprint and ``key``."""
         digest = hashlib.sha256(repr((self.ds._fingerprint, key)).encode()).hexdigest()[:24]
-        cache = cache_dir() / key[0] / f"{digest}.arrow"
+        return cache_dir() / key[0] / f"{digest}.arrow"
+
+    def _cached_map(
+        self, fn: Any, key: tuple, features: Any = None, remove: list[str] | None = None, batch_rows: int = WRITE_ROWS
+    ) -> Any:
+        """``ds.map(fn, batched=True)`` written once to :meth:`_cache_path` (record batches of ``batch_rows``) and
+        reused while the data and ``key`` are unchanged; the mapped pages it reads are released as it goes."""
+        cache = self._cache_path(key)
         cache.parent.mkdir(parents=True, exist_ok=True)
+
+        def releasing(batch: dict[str, list]) -> dict[str, list]:
+            bound_mapped()
+            return fn(batch)
+
         return self.ds.map(
-            fn,
+            releasing,
             batched=True,
             features=features,
             remove_columns=remove,
             cache_file_name=str(cache),
-            new_fingerprint=digest,
+            new_fingerprint=cache.stem,
+            batch_size=batch_rows,
+            writer_batch_size=batch_rows,
             desc=f"{key[0]} of {self.where}",
         )
 
-    def _column(self, column: str) -> Any:
-        """One column as a pyarrow ChunkedArray, through the indices mapping when there is one."""
-        ds = (
-            self.ds.select_columns([column]).flatten_indices(keep_in_memory=True)
-            if self.ds._indices is not None
-            else self.ds
-        )
-        return ds.data.column(column)
+    def _slices(self, column: str, rows: int = 1 << 16) -> Iterator[Any]:
+        """``column`` as pyarrow arrays of up to ``rows`` rows, in row order (through the indices mapping when there
+        is one), the mapped pages read released as they add up (see :func:`bound_mapped`)."""
+        if self.ds._indices is None:
+            for chunk in self.ds.data.column(column).chunks:
+                for i in range(0, len(chunk), rows):
+                    part = chunk.slice(i, rows)
+                    yield part
+                    bound_mapped()
+            return
+        one = self.ds.select_columns([column]).with_format("arrow")
+        for i in range(0, len(one), rows):
+            part = one[i : i + rows].column(column).combine_chunks()
+            yield part
+            bound_mapped()
+
+
+class TokenWriter:
+    """Rows tokenized per batch as training reads them, each row also written (once) to a cache file in the order
+    the rows came, with its index in a ``__row__`` column. Once every row is in it (after an epoch on one process),
+    the file is committed under its name (``atomic_file``), :attr:`cached` holds it in row order, and later runs
+    and epochs read it (:meth:`ArrowRows.tokenized`). Unfinished (a short run, a shard of a distributed run), the
+    file is removed when the writer goes or the process ends.
+
+    Args:
+        rows: the text rows.
+        encode: the tokenizer call (texts of each column → ``{key: [ids per row]}``, unpadded).
+        columns: the text columns the token ids replace.
+        path: the cache file to commit.
+    """
+
+    def __init__(self, rows: ArrowRows, encode: Any, columns: tuple[str, ...], path: Path) -> None:
+        import weakref
+
+        import numpy as np
+
+        from pelt_cli.io.atomic import clean_stale_temps, temp_sibling
+
+        self.encode, self.columns, self.path, self.where = encode, columns, path, rows.where
+        self.done = np.zeros(len(rows), dtype=bool)
+        self.order = np.empty(len(rows), dtype="int64")  # the rows' indices in the order written
+        self.count = 0
+        self.pending: list[dict] = []
+        self.cached: ArrowRows | None = None
+        clean_stale_temps(path)  # partial files of processes that no longer run
+        self._tmp = temp_sibling(path)
+        self._out: dict[str, Any] = {}
+        self._discard = weakref.finalize(self, _discard_partial, self._out, self._tmp)
+
+    def __call__(self, indices: Sequence[int], rows: list[dict]) -> list[dict]:
+        """The rows at ``indices`` with their token ids in place of the text (rows not yet written are kept)."""
+        enc = self.encode(*([r[c] for r in rows] for c in self.columns))
+        out = [
+            {**{k: v for k, v in r.items() if k not in self.columns}, **{k: enc[k][j] for k in enc}}
+            for j, r in enumerate(rows)
+        ]
+        for i, r in zip(indices, out, strict=True):
+            if not self.done[int(i)]:
+                self.done[int(i)] = True
+                self.order[self.count] = int(i)
+                self.count += 1
+                self.pending.append(r)
+        complete = self.count == len(self.done)
+        if len(self.pending) >= WRITE_ROWS or (complete and self.pending):
+            self._flush()
+        if complete and "writer" in self._out:
+            self._commit()
+        return out
+
+    def _flush(self) -> None:
+        """Append the pending rows to the file (a record batch of them with their indices)."""
+        import pyarrow as pa
+
+        rows, self.pending = self.pending, []
+        cols = {ROW: pa.array(self.order[self.count - len(rows) : self.count])}
+        for k in rows[0]:
+            values = [r[k] for r in rows]
+            cols[k] = pa.array(values, pa.list_(pa.int32())) if isinstance(values[0], list) else pa.array(values)
+        table = pa.table(cols)
+        if "writer" not in self._out:
+            self._out["sink"] = pa.OSFile(str(self._tmp), "wb")
+            self._out["writer"] = pa.ipc.new_stream(self._out["sink"], table.schema)
+        self._out["writer"].write_table(table)
+
+    def _commit(self) -> None:
+        """Close the file, rename it into place and open it in row order."""
+        from pelt_cli.io.atomic import atomic_file
+
+        self._out.pop("writer").close()
+        self._out.pop("sink").close()
+        with atomic_file(self.path):  # written at the temporary name atomic_file renames into place
+            pass
+        self._discard.detach()
+        self.cached = _in_row_order(self.path, self.where, len(self.done))
+
+
+def _discard_partial(out: dict[str, Any], tmp: Path) -> None:
+    """Close and remove an unfinished :class:`TokenWriter` file."""
+    for key in ("writer", "sink"):
+        if key in out:
+            out.pop(key).close()
+    tmp.unlink(missing_ok=True)
+
+
+def _in_row_order(path: Path, where: str, n: int) -> ArrowRows | None:
+    """A cache a :class:`TokenWriter` committed, as rows in the data's order (an indices mapping from its
+    ``__row__`` column; nothing rewritten); None unless it holds each of the ``n`` rows once."""
+    import numpy as np
+    from datasets import Dataset
+
+    ds = Dataset.from_file(str(path))
+    if len(ds) != n or ROW not in ds.column_names:
+        return None
+    pos = np.full(n, -1, dtype="int64")
+    start = 0
+    for chunk in ds.data.column(ROW).chunks:
+        pos[chunk.to_numpy()] = np.arange(start, start + len(chunk))
+        start += len(chunk)
+        bound_mapped()
+    if (pos < 0).any():
+        return None
+    return ArrowRows(ds.remove_columns([ROW]).select(pos, keep_in_memory=True), where)
 
 
 def _rows_of(batch: dict[str, list]) -> list[dict]:
@@ -253,14 +490,17 @@ def open_rows(arg: str | os.PathLike[str]) -> ArrowRows:
     _quiet_datasets()
     try:
         if p.is_dir():
-            return ArrowRows(_from_disk(p, split), str(arg))
-        if p.is_file():
-            return ArrowRows(_from_file(p), str(p))
-        return ArrowRows(_from_cache(source, split), str(arg))
+            rows = ArrowRows(_from_disk(p, split), str(arg))
+        elif p.is_file():
+            rows = ArrowRows(_from_file(p), str(p))
+        else:
+            rows = ArrowRows(_from_cache(source, split), str(arg))
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise many types for a malformed source
         raise DataError(f"{arg}: cannot read it as a dataset ({type(e).__name__}: {_first_line(e)})") from None
+    bound_mapped()  # opening read a header page (and the kernel its neighbours) of every record batch
+    return rows
 
 
 def _quiet_datasets() -> None:
@@ -346,7 +586,7 @@ def _from_file(p: Path) -> Any:
         return _from_csv(p, cache)
     from datasets import Features, Value
 
-    key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{WRITE_ROWS}"
     columns = _jsonl_columns(p)
     features = Features({**{c: Value("string") for c in columns}, LINE: Value("int64")})
     kwargs = {"path": str(p), "key": key, "columns": json.dumps(columns)}  # no lists: datasets shards over lists
@@ -444,7 +684,11 @@ def _from_generator(gen: Any, kwargs: dict[str, Any], features: Any, cache: Path
     from datasets import Dataset
 
     try:
-        return Dataset.from_generator(gen, gen_kwargs=kwargs, features=features, cache_dir=str(cache))
+        # record batches of WRITE_ROWS rows: opening the file touches a page of each (and the kernel maps 64 KiB
+        # around it), so datasets' 1,000-row default would map ~600 MB of a 2 GB file just to open it
+        return Dataset.from_generator(
+            gen, gen_kwargs=kwargs, features=features, cache_dir=str(cache), writer_batch_size=WRITE_ROWS
+        )
     except Exception as e:  # noqa: BLE001 - datasets wraps the generator's error
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:
