@@ -6,6 +6,10 @@ that overlap the backward pass (no communication on the non-final micro-steps of
 ranks hold identical weights. FSDP2 shards every parameter, frozen base included, over the ranks, gathers a block's
 weights just before it runs and reduce-scatters the gradients. Only rank 0 writes; under FSDP every rank first takes
 part in gathering the full inserted weights and optimizer state (:func:`full_state`, :func:`full_optimizer_state`).
+
+Under FSDP only rank 0 reads the base (and the run's weights): the other ranks build the same model on ``meta``
+(:func:`share_from_rank0`), every rank shards it, and rank 0 sends each rank its shards (:func:`fill_from_rank0`), so
+the CPU memory of N ranks is one model plus the shards, not N models.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def make_engine(model: nn.Module, cfg: Any, world: int, device: torch.device, fi
 
 
 def shard(step: StepModule, world: int, device: torch.device) -> nn.Module:
-    """FSDP2: ``fully_shard`` each transformer block, then the root (what remains: embeddings, head)."""
+    """FSDP2: ``fully_shard`` each transformer block, then the root (what remains: embeddings, head); then every
+    rank's shards are filled from rank 0's model (the only one with weights, see :func:`fill_from_rank0`)."""
     if world <= 1:
         raise UsageError("--fsdp: shards over processes; run under torchrun with 2 or more", hint="torchrun ...")
     from torch.distributed.device_mesh import init_device_mesh
@@ -127,9 +132,88 @@ def shard(step: StepModule, world: int, device: torch.device) -> nn.Module:
     if not blocks:
         raise UsageError(f"--fsdp: {type(step.model).__name__} has no list of blocks to shard")
     mesh = init_device_mesh(device.type, (world,))
+    full = step.state_dict() if mesh.get_rank() == 0 else {}  # rank 0's whole model: what every rank's shards hold
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    return fully_shard(step, mesh=mesh)
+        fully_shard(block, mesh=mesh)  # moves the block to the mesh's device, then keeps this rank's shard
+    wrapped = fully_shard(step, mesh=mesh)
+    fill_from_rank0(wrapped, full, device)
+    return wrapped
+
+
+def reads_weights(cfg: Any, device: torch.device) -> bool:
+    """Whether this rank reads the base and the run's weights: every rank, except under ``--fsdp`` only rank 0 (the
+    others build the model on ``meta`` and receive their shards from it)."""
+    return not cfg.fsdp or dist_info(device)[0] == 0
+
+
+def share_from_rank0(model: nn.Module | None, head: Any, build: Callable[[Any], nn.Module]) -> tuple[nn.Module, Any]:
+    """Under ``--fsdp``, right after rank 0 built the run's model (before it is cast, moved or sharded): every other
+    rank builds the same model on ``meta``, reading no weight (a collective: all ranks call it).
+
+    Rank 0 sends its head spec, each parameter's and buffer's name, shape and dtype, and its RNG state; the others
+    build ``build(head)``, check it against rank 0's, take rank 0's dtypes (the stored ones, not the config's) and
+    continue from its RNG state, as if they had initialised the same new modules.
+
+    Args:
+        model: rank 0's model; None on the other ranks.
+        head: rank 0's head spec (ignored elsewhere).
+        build: the run's model on ``meta`` from a head spec.
+
+    Returns:
+        ``(model, head)``: this rank's model and rank 0's head spec.
+
+    Raises:
+        TrainingError: a rank whose model has other tensors than rank 0's (names or shapes).
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    sent = [(head, tensor_layout(model), torch.get_rng_state()) if rank == 0 else None]
+    dist.broadcast_object_list(sent, src=0)
+    head, layout, rng = sent[0]
+    if rank == 0:
+        return model, head
+    model = build(head)
+    mine = tensor_layout(model)
+    if mine.keys() != layout.keys() or any(mine[k][0] != layout[k][0] for k in layout):
+        bad = next(k for k in [*layout, *mine] if mine.get(k, (None,))[0] != layout.get(k, (None,))[0])
+        raise TrainingError(f"rank {rank}: its model differs from rank 0's at {bad}; cannot receive its weights")
+    set_dtypes(model, {k: dtype for k, (_, dtype) in layout.items()})
+    torch.set_rng_state(rng)
+    return model, head
+
+
+def tensor_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → ``(shape, dtype)`` of every parameter and buffer of a model, shared ones under each of their names."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {n: (tuple(t.shape), t.dtype) for n, t in tensors}
+
+
+def set_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast each parameter and buffer of a (``meta``) model to the dtype ``dtypes`` names for it."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if b.dtype != dtypes[name]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, b.to(dtypes[name]))
+
+
+def fill_from_rank0(wrapped: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After ``fully_shard`` on every rank: the other ranks' ``meta`` shards made real on ``device`` and every rank's
+    shards, and buffers, filled from rank 0's whole model ``full`` (a collective; empty on the other ranks).
+
+    Buffers outside the state dict (rotary ``inv_freq``, ``position_ids``) are sent too: no rank recomputes them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        wrapped.to_empty(device=device)
+    set_model_state_dict(wrapped, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for _, b in wrapped.named_buffers(remove_duplicate=False):
+            dist.broadcast(b.view(torch.uint8) if b.dtype == torch.bool else b, src=0)
 
 
 def is_sharded(t: Any) -> bool:

@@ -390,8 +390,9 @@ class Run:
         """The insertion rows, in insertion (hook) order."""
         return self.meta.insertions
 
-    def base(self, path: str | os.PathLike[str] | None = None, *, check: bool = True) -> Base:
-        """The run's base (opened once; ``path`` overrides the recorded location).
+    def base(self, path: str | os.PathLike[str] | None = None, *, check: bool = True, content: bool = True) -> Base:
+        """The run's base (opened once; ``path`` overrides the recorded location); ``content=False``: its first check
+        compares the structure only (a process that reads none of its tensors, e.g. an FSDP rank other than 0).
 
         Raises:
             CheckpointError: the base is missing, or (with ``check``) its content differs from the recorded one.
@@ -399,7 +400,7 @@ class Run:
         if self._base is None or path is not None:
             self._base, self._checked = Base.open(path or self.meta.base.path), False
         if check and not self._checked:
-            self._base.check(self.meta.base)
+            self._base.check(self.meta.base, content=content)
             self._checked = True
         return self._base
 

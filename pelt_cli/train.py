@@ -37,7 +37,9 @@ from pelt_cli.distributed import (
     full_state,
     local_device,
     make_engine,
+    reads_weights,
     shard_optimizer_state,
+    share_from_rank0,
 )
 from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
@@ -175,12 +177,18 @@ def _task_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any) -> torch.nn.Modu
 
 def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any) -> tuple[torch.nn.Module, int, int]:
     """The run's model with its task head, only inserted parameters (and the head) trainable;
-    ``(model, trainable, total)``."""
+    ``(model, trainable, total)``. Under ``--fsdp`` only rank 0 reads weights: the others build it on ``meta`` and
+    stay there, and rank 0 keeps it on the CPU until ``fully_shard`` moves it block by block (see ``distributed``)."""
+    loads = reads_weights(cfg, device)
+    if not loads:
+        run.base(content=False)  # the structure check only: this rank reads none of the base's tensors
     if d.task == "causal-lm":
         heads.require_lm_head(run.meta.base.model_class or "", run.base().skeleton())
     if d.task == audio_lm.SPEECH_TO_TEXT:
         audio_lm.require_model(run.base().skeleton())
-    model = _task_model(run, d, cfg, tok)
+    model = _task_model(run, d, cfg, tok) if loads else None
+    if cfg.fsdp and dist_info(device)[1] > 1:
+        model, run.meta.head = share_from_rank0(model, run.meta.head, lambda head: run.skeleton(head=head)[0])
     trainable, total = surgery.freeze_base(model)
     wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_trainable(model, n)]
     if wrong:
@@ -194,7 +202,7 @@ def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any)
     cast_for_training(model, cfg.base_dtype)  # the base in --base-dtype, what trains in fp32
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
-    return model.to(device).train(), trainable, total
+    return (model if cfg.fsdp else model.to(device)).train(), trainable, total
 
 
 def _set_class_weights(model: torch.nn.Module, d: _Data, cfg: TrainConfig) -> None:
@@ -322,7 +330,7 @@ def _train(
     seed_all(cfg.seed)
     model, trainable, total = _model(run, d, cfg, device, inputs[0])
     cfg = fit_max_length(cfg, model)
-    saved = read_state(run.dir, cfg, model) if resume else None  # the checkpoint's weights, before any sharding
+    saved = read_state(run.dir, cfg, model, load=reads_weights(cfg, device)) if resume else None  # before sharding
     lp = _loop(run, model, d, cfg, device, inputs, on_event or (lambda e: None))
     if inputs[0] is not None or inputs[1] is not None:  # what merge and export copy beside the weights
         run.meta.extra["tokenizer"] = str(Path(tokenizer or run.meta.base.path).resolve())

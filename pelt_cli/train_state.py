@@ -142,9 +142,10 @@ def set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype("uint32"), s["numpy_pos"], 0, 0.0))
 
 
-def read_state(run: Path, cfg: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
+def read_state(run: Path, cfg: TrainConfig, model: torch.nn.Module, load: bool = True) -> dict[str, Any]:
     """Resume, part 1 (before the optimizer exists): ``train/state.pt`` of a run, checked to be a training state
-    with epochs left, and the weights of that same step put into ``model``.
+    with epochs left, and the weights of that same step put into ``model`` (``load=False``: only checked against it,
+    an FSDP rank whose ``meta`` model receives its weights from rank 0).
 
     Raises:
         UsageError: nothing to resume, or ``cfg.epochs`` already done.
@@ -170,7 +171,8 @@ def read_state(run: Path, cfg: TrainConfig, model: torch.nn.Module) -> dict[str,
         )
     weights = resume_weights(run, st)
     check_state(weights, model, run / STATE_DIR / LAST_FILE)
-    surgery.load_inserted_state(model, weights)
+    if load:
+        surgery.load_inserted_state(model, weights)
     return st
 
 

@@ -105,28 +105,33 @@ def test_fsdp_needs_torchrun(still_bert: Path, data: tuple[str, str], tmp_path: 
 
 
 def _worker(ddp_run: str, fsdp_run: str, train: str, ev: str) -> None:
-    """Under torchrun: for each engine, train, stop every rank right after the first epoch's checkpoint (as a kill
-    would), keep those weights aside, then resume for the second epoch."""
+    """Under torchrun: for each engine, train, stop after the first epoch, keep those weights aside, resume."""
+    for run, fsdp in ((ddp_run, False), (fsdp_run, True)):
+        epoch1 = Path(run).parent / f"{'fsdp' if fsdp else 'ddp'}.epoch1"
+        stopped_and_resumed(run, train, ev, dataclasses.replace(CFG, fsdp=fsdp), epoch1)
+
+
+def stopped_and_resumed(run: str, train: str, ev: str, cfg: TrainConfig, epoch1: Path) -> None:
+    """Under torchrun: train, stop every rank right after the first epoch's checkpoint (as a kill would), keep its
+    weights aside at ``epoch1`` (rank 0), then resume for the second epoch."""
     from pelt_cli import train as trainer
 
-    rank, checkpoint = int(os.environ["RANK"]), trainer._checkpoint
+    checkpoint = trainer._checkpoint
 
     def stop_after_first(lp: object, st: dict, *args: object, **kw: object) -> None:
         checkpoint(lp, st, *args, **kw)
         if st["epoch"] == 1:
             raise KeyboardInterrupt
 
-    for run, fsdp in ((ddp_run, False), (fsdp_run, True)):
-        cfg = dataclasses.replace(CFG, fsdp=fsdp)
-        trainer._checkpoint = stop_after_first
-        try:
-            train_run(run, train, ev, cfg)
-        except KeyboardInterrupt:
-            pass
-        trainer._checkpoint = checkpoint
-        if rank == 0:
-            shutil.copyfile(Path(run) / ADAPTER_FILE, Path(run).parent / f"{'fsdp' if fsdp else 'ddp'}.epoch1")
-        train_run(run, train, ev, cfg, resume=True)
+    trainer._checkpoint = stop_after_first
+    try:
+        train_run(run, train, ev, cfg)
+    except KeyboardInterrupt:
+        pass
+    trainer._checkpoint = checkpoint
+    if int(os.environ["RANK"]) == 0:
+        shutil.copyfile(Path(run) / ADAPTER_FILE, epoch1)
+    train_run(run, train, ev, cfg, resume=True)
 
 
 if __name__ == "__main__":
