@@ -36,11 +36,16 @@ What it measures:
    from disk. Rounds interleave the methods, the order rotated each round; each output is deleted right after it
    is measured; medians over rounds. Marginal throughput: the extra bytes of the full checkpoint over the half one
    divided by the extra time pelt takes for them (start-up cancels out), against cp's GB/s.
+   Peak RSS: a Python child's own VmHWM (``/proc/self/status``, its image since exec: ``wait4``'s ``ru_maxrss``
+   also counts the bench parent's pages at the fork, about 240 MB with torch imported); ``cp``: ``ru_maxrss``, an
+   upper bound for that reason.
    Goals: peft wall / pelt wall >= 3x; pelt GB/s / cp GB/s >= 0.5x; pelt's marginal GB/s / cp GB/s >= 0.7x;
    pelt peak RSS (max over rounds) <= 3 x largest
    tensor + 300 MB; pelt's median peak RSS on the half checkpoint within 10% of the full one's (flat in checkpoint
    size; medians because single runs vary by ~+-100 MB). For information, the peak RSS of merge_run's set-up alone
-   (imports, recipe, meta skeleton, adapter; no base tensor read), 2 runs, max.
+   (imports, plan, adapter; no base tensor read), 2 runs, max. This run is plain LoRA on a llama, so merge_run takes
+   its light path: planned from run.json and the headers, folded in numpy, no torch or transformers import (the
+   split line says whether the child imported torch).
    Correctness (first round): a few merged tensors of pelt and peft compared with each other and with an fp32
    reference ``bf16(W + (alpha/r) B A)``: max |Δ| within 2 BF16 ulps of the tensor's largest weight; untouched
    tensors bit-identical to the base.
@@ -265,12 +270,18 @@ def largest_tensor(d: Path) -> int:
 
 
 def child_pelt_setup(a: dict[str, Any]) -> dict[str, Any]:
-    """merge_run's work before streaming (imports, recipe, meta skeleton with the recipe inserted, adapter)."""
+    """merge_run's work before streaming: for plain LoRA its light path (run.json and headers; each branch's A and B
+    are read as its weight folds), else imports, recipe, meta skeleton with the recipe inserted, adapter."""
+    from pelt_cli.merge_fast import light_merge
+
+    light = light_merge(a["run"], None, None, None)
+    if light is not None:
+        return {"adapter_tensors": 2 * sum(len(v) for v in light.output().disk_ops.values()), "light": True}
     from pelt_cli.run import Run
 
     run = Run.open(a["run"])
     model, _ = run.skeleton()
-    return {"adapter_tensors": len(run.read_adapter(model))}
+    return {"adapter_tensors": len(run.read_adapter(model)), "light": False}
 
 
 def child_pelt(a: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +299,7 @@ def child_pelt(a: dict[str, Any]) -> dict[str, Any]:
         "folded": rep.tensors_folded,
         "written": rep.tensors_written,
         "bytes": rep.bytes_written,
+        "torch": "torch" in sys.modules,
     }
 
 
@@ -405,10 +417,21 @@ def run_child(kind: str, args: dict[str, Any], log_dir: Path | None = None) -> d
 
 
 def run_child_measured(kind: str, args: dict[str, Any], log_dir: Path | None = None) -> tuple[dict, float, int]:
+    """(the child's JSON, wall s, its peak RSS: its own VmHWM where it reports one, else wait4's ru_maxrss)."""
     log = Path(tempfile.mkstemp(prefix=f"bench-merge-{kind}-", dir=log_dir)[1])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(args)]
     wall, rss, text = spawn(cmd, log)
-    return json.loads(text.strip().splitlines()[-1]), wall, rss
+    res = json.loads(text.strip().splitlines()[-1])
+    return res, wall, res.get("vmhwm") or rss
+
+
+def own_peak_rss() -> int | None:
+    """This process's peak RSS in bytes (VmHWM of /proc/self/status: its image since exec), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def fsync_tree(d: Path) -> float:
@@ -626,7 +649,7 @@ def print_merge_table(res: Results, base_rss: float) -> None:
             f"{mx(res, m, 'rss') / MB:>12.0f}{med(res, m, 'rss') / MB:>8.0f}{runs:>22}{runs_rss:>20}"
         )
     print(
-        f"  info: peak RSS of merge_run's set-up alone (imports, recipe, meta skeleton, adapter; no tensor read): "
+        f"  info: peak RSS of merge_run's set-up alone (imports, plan, adapter; no base tensor read): "
         f"{base_rss / MB:.0f} MB"
     )
     pe = res[PEFT]
@@ -640,7 +663,8 @@ def print_merge_table(res: Results, base_rss: float) -> None:
     pl = res[PELT]
     print(
         f"  pelt split (median s): start + import pelt_cli.merge {statistics.median(x['import_s'] for x in pl):.2f}, "
-        f"merge_run {statistics.median(x['work_s'] for x in pl):.2f} (incl. torch import, fingerprint, fsync); "
+        f"merge_run {statistics.median(x['work_s'] for x in pl):.2f} (incl. "
+        f"{'torch import, ' if pl[0].get('torch') else 'no torch import: light path, '}fingerprint check, fsync); "
         f"{pl[0]['folded']} of {pl[0]['written']} tensors folded"
     )
 
@@ -934,7 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
+        res = CHILDREN[args.child[0]](json.loads(args.child[1]))
+        print(json.dumps({**res, "vmhwm": own_peak_rss()}))
         return 0
     size_gb = args.size_gb or (0.3 if args.quick else 3.2)
     rounds = args.rounds or (1 if args.quick else 3)

@@ -8,7 +8,10 @@ The output is an ordinary Hugging Face checkpoint directory (plain ``from_pretra
   written through :class:`~pelt_cli.io.writer.ShardedWriter` and freed; untouched tensors are copied as raw bytes.
   Peak memory is one tensor plus the (small) adapter;
 * atomic: written into ``.OUT.pelt-tmp-PID`` and renamed when complete; temporary directories left by killed
-  merges (dead PIDs) are removed by the next merge to the same path.
+  merges (dead PIDs) are removed by the next merge to the same path;
+* light where it can be: a run of plain LoRA branches on ``Linear`` projections is planned from ``run.json`` and the
+  headers and folded in numpy (:mod:`pelt_cli.merge_fast`, :mod:`pelt_cli.fold`): no torch, no transformers, no
+  ``meta`` model, the same bytes (bit-identical to peft's ``merge_and_unload``).
 
 Exact folds: LoRA, IA³ (output and input scales). UniPELT's gated LoRA only with ``freeze_gates="mean"`` (the gate
 fixed at its mean from ``gates.json``: approximate). Prefix, adapter, domain modules and task heads cannot be folded;
@@ -37,7 +40,7 @@ from pelt_cli.io.fingerprint import fingerprint, structure_fingerprint, tensor_d
 from pelt_cli.io.header import INDEX_NAME, TensorInfo, TensorSpec
 from pelt_cli.io.reader import prefetch
 from pelt_cli.io.writer import ShardedWriter
-from pelt_cli.merge_head import task_output
+from pelt_cli.merge_fast import light_merge
 from pelt_cli.methods import FoldOp
 from pelt_cli.recipe import Recipe
 from pelt_cli.run import (
@@ -53,7 +56,6 @@ from pelt_cli.run import (
     inserted_model,
 )
 from pelt_cli.stream import OutputPlan, layout, side_files, stream_tensors
-from pelt_cli.surgery import run_root
 
 REST_DIR = "pelt-rest"
 DTYPE_CODES = {
@@ -375,20 +377,20 @@ def merge_run(
         CheckpointError: a wrong base, or a run that does not match its recipe.
     """
     t0 = time.monotonic()
-    run, out = Run.open(run_dir), Path(out_dir)
-    out_dtype = _dtype_code(dtype)
+    out, out_dtype = Path(out_dir), _dtype_code(dtype)
+    light = light_merge(run_dir, base, out_dtype, max_shard_size) if freeze_gates in (None, "mean") else None
+    run = light.run if light else Run.open(run_dir)  # light: plain LoRA, planned with no model and no torch
     _check_paths(run, out, base, force)
-    plan = plan_merge(run, freeze_gates, keep_unmerged, gate_stats)
+    if light:
+        plan = MergePlan(list(range(len(run.insertions))), [], {}, None, {})
+    else:
+        plan = plan_merge(run, freeze_gates, keep_unmerged, gate_stats)
     clean_stale_temps(out)
     b, hash_inline = _open_base(run, base, check_fingerprint)
-    prefetch(b.ckpt)  # a cold base starts loading while the skeleton is built
-    model, rows = run.skeleton(b, head=plan.head)
-    run.check_rows(rows, b)
-    adapter = run.read_adapter(model)
-    ops, folded = _plan_ops(run_root(model), run, plan, adapter)
-    o = _output(b, plan, ops, adapter, out_dtype, max_shard_size)
-    own = _own_head(plan.head)
-    rest = _plan_rest(run, o.config, plan, adapter) if (plan.rest or own) else None
+    prefetch(b.ckpt)  # a cold base starts loading while the plan is made
+    o, folded, rest, own = (
+        (light.output(), light.folded, None, None) if light else _model_output(run, b, plan, out_dtype, max_shard_size)
+    )
     unmerged = [_ref(run.insertions[i]) for i in plan.rest] + ([HEAD_REF] if own else [])
     report = MergeReport(
         str(out), folded=folded, approximate=bool(plan.means), untied=o.untied, shards=len(o.shards), unmerged=unmerged
@@ -400,11 +402,29 @@ def merge_run(
     return report
 
 
+def _model_output(
+    run: Run, b: Base, plan: MergePlan, out_dtype: str | None, max_shard_size: int | None
+) -> tuple[OutputPlan, list[dict], dict | None, dict | None]:
+    """The full path's plan, on the model's ``meta`` skeleton: output plan, folded list, unmerged rest, own head."""
+    from pelt_cli.surgery import run_root
+
+    model, rows = run.skeleton(b, head=plan.head)
+    run.check_rows(rows, b)
+    adapter = run.read_adapter(model)
+    ops, folded = _plan_ops(run_root(model), run, plan, adapter)
+    o = _output(b, plan, ops, adapter, out_dtype, max_shard_size)
+    own = _own_head(plan.head)
+    rest = _plan_rest(run, o.config, plan, adapter) if (plan.rest or own) else None
+    return o, folded, rest, own
+
+
 def _output(
     b: Base, plan: MergePlan, ops: dict, adapter: dict, out_dtype: str | None, max_shard_size: int | None
 ) -> OutputPlan:
     """The output's plan: the base's own checkpoint, or with a transformers task head the task model's."""
     if plan.head and not _own_head(plan.head):
+        from pelt_cli.merge_head import task_output
+
         return task_output(b, plan.head, _disk_ops(b.key_map(), ops, {}), adapter, out_dtype, max_shard_size)
     return _plan_output(b, b.key_map(), ops, out_dtype, max_shard_size)
 

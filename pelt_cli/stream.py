@@ -2,10 +2,12 @@
 
 Each output tensor is read through the header index, folded in fp32 if a module acts on it, cast and written through
 :class:`~pelt_cli.io.writer.ShardedWriter`; untouched tensors are copied by the writer (inside the kernel, like
-``cp``, or block by block past the page cache). Reads, folds and writes of different tensors overlap
-(:func:`stream_tensors`), a fold works on blocks of rows that stay in the CPU cache (:func:`fold_rows`), and the
-writer sends whole disk blocks past the page cache (``O_DIRECT``) or starts their write-back at once, so the final
-``fsync`` has little left to do. Peak memory is a few tensor slots (the largest folded tensor's stored bytes).
+``cp``, or block by block past the page cache). Reads, folds and writes of different tensors overlap: fold threads
+(one per core) read and fold tensors ahead while writer threads write the folded ones (:func:`stream_tensors`); a
+fold works on blocks of rows that stay in the CPU cache (numpy for LoRA, :mod:`pelt_cli.fold`; torch otherwise,
+:func:`fold_rows`), and the writer sends whole disk blocks past the page cache (``O_DIRECT``) or starts their
+write-back at once, so the final ``fsync`` has little left to do. Peak memory is a few tensor slots (the largest
+folded tensor's stored bytes), plus at most 256 MiB of slots folded ahead.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pelt_cli.errors import PeltError
+from pelt_cli.fold import Folder, LazyLora, LoraFold, blas_single_thread, fold_weight, storage_view
 from pelt_cli.io.checkpoint import Checkpoint
 from pelt_cli.io.fingerprint import tensor_digest
 from pelt_cli.io.header import PICKLE_SUFFIXES, SINGLE_NAME, TensorInfo, TensorSpec
@@ -32,7 +36,10 @@ from pelt_cli.methods import FoldOp, fold_tensor
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 BLOCK_ELEMS = 1 << 18  # a fold block of about 1 MiB in fp32: it stays in the CPU cache from upcast to cast
 MIN_BLOCK_ROWS = 64  # and never a sliver of a few rows (BLAS takes other code paths for those)
-MAX_WORKERS = 4  # read + fold threads (one torch thread each); the calling thread writes
+MAX_WORKERS = 4  # read + fold threads (one torch thread each)
+WRITERS = 2  # threads that write folded tensors and copy untouched ones (the disk's queue)
+SPARE_SLOTS = 6  # at most this many slots beyond one per fold and write thread: folded ahead while the disk is busy
+AHEAD_BYTES = 256 << 20  # and at most this much memory in them
 MAX_AHEAD = 32  # tensors queued ahead of the one being written
 
 
@@ -105,6 +112,41 @@ class Slot:
         fold_rows(src, dst, ops)
         return buf[shift : shift + spec.nbytes]
 
+    def fold_numpy(
+        self, data: Any, info: TensorInfo, ops: list[LoraFold | LazyLora], folder: Folder, shift: int
+    ) -> memoryview:
+        """The output bytes of one weight folded by LoRA branches in numpy (:mod:`pelt_cli.fold`), in place at
+        ``shift`` in ``inp`` where ``data``, its stored bytes, sits."""
+        out = self.inp[shift : shift + info.nbytes]
+        fold_weight(
+            storage_view(data, info.dtype, info.shape),
+            storage_view(out, info.dtype, info.shape),
+            info.dtype,
+            ops,
+            folder,
+        )
+        return out
+
+
+def numpy_fold(ops: list[Any], info: TensorInfo, spec: TensorSpec) -> bool:
+    """Whether a tensor's folds run in numpy: LoRA branches (:class:`~pelt_cli.fold.LoraFold`, or
+    :class:`~pelt_cli.fold.LazyLora` read when folded) only, on a 2-D weight kept in its dtype."""
+    return (
+        bool(ops)
+        and all(isinstance(op, (LoraFold, LazyLora)) for op in ops)
+        and spec.dtype == info.dtype
+        and len(info.shape) == 2
+    )
+
+
+def needs_torch(ckpt: Checkpoint, specs: list[TensorSpec], source: dict[str, str], disk_ops: dict) -> bool:
+    """Whether any output tensor is folded or cast by torch (else the stream never imports it)."""
+    for s in specs:
+        info, ops = ckpt.tensors[source[s.name]], disk_ops.get(s.name) or []
+        if (ops or s.dtype != info.dtype) and not numpy_fold(ops, info, s):
+            return True
+    return False
+
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
@@ -131,8 +173,8 @@ def stream_workers() -> int:
 
 @dataclass
 class Prepared:
-    """A tensor ready to write: its output bytes (None: copied by the kernel from the base), the digests of its
-    source and output bytes (when wanted), and whether it was folded."""
+    """A tensor written by a worker: its output bytes (None: already written), the digests of its source and output
+    bytes (when wanted), and whether it was folded."""
 
     data: memoryview | None
     src_digest: str | None
@@ -144,20 +186,25 @@ class _Stream:
     """The pipeline of :func:`stream_tensors`: worker threads read, hash and fold tensors ahead, each into a free
     slot; the calling thread writes them in order and hands their slots back."""
 
-    def __init__(self, ckpt: Checkpoint, source: dict[str, str], disk_ops: dict, need: set[str], hashes: tuple) -> None:
-        self.ckpt, self.source, self.disk_ops, self.need = ckpt, source, disk_ops, need
+    def __init__(
+        self, ckpt: Checkpoint, source: dict[str, str], disk_ops: dict, need: set[str], hashes: tuple, w: ShardedWriter
+    ) -> None:
+        self.ckpt, self.source, self.disk_ops, self.need, self.w = ckpt, source, disk_ops, need, w
+        self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="pelt-write")
         self.src_hash, self.out_hash = hashes
         self.local = threading.local()
         self.readers: list[TensorReader] = []
 
-    def slots(self, specs: list[TensorSpec], n: int) -> list[Slot]:
-        """``n`` slots sized for the largest tensor read into memory (and the largest output of another width)."""
+    def slots(self, specs: list[TensorSpec], n: int, spare: int = SPARE_SLOTS) -> list[Slot]:
+        """``n`` slots sized for the largest tensor read into memory (and the largest output of another width), and
+        up to ``spare`` more within :data:`AHEAD_BYTES` (at least one)."""
         ins = [
             (self.ckpt.tensors[self.source[s.name]].nbytes, s.nbytes) for s in specs if self.source[s.name] in self.need
         ]
         size = max((i for i, _ in ins), default=0)
         out = max((o for i, o in ins if o != i), default=0)
-        return [Slot(size, out) for _ in range(n if ins else 0)]
+        spare = max(1, min(spare, AHEAD_BYTES // max(1, size + out)))
+        return [Slot(size, out) for _ in range(n + spare if ins else 0)]
 
     def reader(self) -> TensorReader:
         """This thread's reader (each keeps its own open shard)."""
@@ -167,21 +214,36 @@ class _Stream:
             self.readers.append(r)
         return r
 
-    def prepare(self, spec: TensorSpec, slot: Slot | None, shift: int) -> Prepared:
-        """Read (at ``shift`` in the slot), hash and fold one tensor, in a worker thread; untouched ones are only
-        hashed, if wanted."""
+    def folder(self, cols: int) -> Folder:
+        """This thread's numpy fold buffers for weights of ``cols`` columns."""
+        folders = getattr(self.local, "folders", None)
+        if folders is None:
+            folders = self.local.folders = {}
+        if cols not in folders:
+            folders[cols] = Folder(cols)
+        return folders[cols]
+
+    def prepare(self, spec: TensorSpec, slot: Slot | None, shift: int) -> tuple[Prepared, Future]:
+        """Read (at ``shift`` in the slot), hash and fold one tensor in a fold thread, then hand its write to the
+        writers; untouched ones (no slot) are hashed if wanted and copied by a writer from the base file."""
         src = self.source[spec.name]
         info = self.ckpt.tensors[src]
-        if slot is None:  # copied by the kernel; hashed here in 16 MiB chunks if a digest is wanted
+        if slot is None:  # hashed here in 16 MiB chunks if a digest is wanted
             digest = tensor_digest(info) if self.src_hash or self.out_hash else None
-            return Prepared(None, digest, digest, False)
+            return Prepared(None, digest, digest, False), self.writers.submit(self.copy, spec.name, src)
         data: Any = self.reader().read_bytes(src, into=slot.inp[shift:])  # type: ignore[arg-type]
         digest = hashlib.blake2b(data, digest_size=16).hexdigest() if self.src_hash else None
-        todo = self.disk_ops.get(spec.name)
-        if todo or spec.dtype != info.dtype:
-            data = slot.fold(data, info, todo or [], spec, shift)
+        todo = self.disk_ops.get(spec.name) or []
+        if todo and numpy_fold(todo, info, spec):
+            data = slot.fold_numpy(data, info, todo, self.folder(info.shape[1]), shift)
+        elif todo or spec.dtype != info.dtype:
+            data = slot.fold(data, info, todo, spec, shift)
         out = hashlib.blake2b(data, digest_size=16).hexdigest() if self.out_hash else None
-        return Prepared(memoryview(data), digest, out, bool(todo))
+        return Prepared(None, digest, out, bool(todo)), self.writers.submit(self.w.write_bytes, spec.name, data)
+
+    def copy(self, name: str, src: str) -> None:
+        """Copy an untouched tensor from the base file (in a writer thread, with its own reader)."""
+        self.w.copy_range(name, *self.reader().locate(src)[:2])
 
     def close(self) -> None:
         """Close every worker's reader."""
@@ -193,7 +255,7 @@ def stream_tensors(
     ckpt: Checkpoint,
     specs: list[TensorSpec],
     source: dict[str, str],
-    disk_ops: dict[str, list[FoldOp]],
+    disk_ops: dict[str, list[Any]],
     need: set[str],
     w: ShardedWriter,
     report: Any,
@@ -201,27 +263,30 @@ def stream_tensors(
     out_digests: dict[str, str] | None,
     workers: int | None = None,
 ) -> None:
-    """Write every output tensor, reading and folding ahead on every core while this thread writes.
+    """Write every output tensor: fold threads read and fold tensors ahead on every core, writer threads write them
+    (the disk works while the cores fold), this thread hands out slots and counts the written tensors in order.
 
-    ``workers`` threads (default :func:`stream_workers`) each read a tensor into a free slot (``workers + 2`` slots),
-    hash it and fold it in row blocks (``pread``, hashing and torch ops release the GIL; torch runs one thread per
-    worker meanwhile); this thread writes the tensors in order (:meth:`ShardedWriter.write_bytes`, or
-    :meth:`ShardedWriter.copy_range` for untouched ones: same dtype, no fold) and frees their slots. Each tensor sits
-    in its slot at its output's offset within a disk block, so its whole blocks can be written past the page cache.
-    Slots are sized by the largest tensor read into memory, so memory
-    stays at a few tensors whatever the checkpoint's size.
+    ``workers`` fold threads (default :func:`stream_workers`: one per core) each read a tensor into a free slot
+    (``workers + WRITERS`` slots and a few spare, :meth:`_Stream.slots`), hash it and fold it (numpy for LoRA
+    branches, :mod:`pelt_cli.fold`; torch in row blocks otherwise, one torch thread per worker), then hand it to one
+    of :data:`WRITERS` writer threads (:meth:`ShardedWriter.write_bytes`: its whole blocks past the page cache, as
+    the tensor sits in its slot at its output's offset within a disk block); the slot is free again once it is
+    written. Untouched tensors (same dtype,
+    no fold) take no slot: a writer copies them from the base file (:meth:`ShardedWriter.copy_range`). ``pread``,
+    hashing, numpy, torch and the writes all release the GIL. Slots are sized by the largest tensor read into
+    memory, so memory stays at a few tensors whatever the checkpoint's size.
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     n = workers or stream_workers()
-    st = _Stream(ckpt, source, disk_ops, need, (src_digests is not None, out_digests is not None))
-    free = st.slots(specs, n + 2)
+    st = _Stream(ckpt, source, disk_ops, need, (src_digests is not None, out_digests is not None), w)
+    uses_torch = needs_torch(ckpt, specs, source, disk_ops)  # a big process already: no slots folded far ahead
+    free = st.slots(specs, n + WRITERS, 1 if uses_torch else SPARE_SLOTS)
     queue: deque[tuple[TensorSpec, Slot | None, Future]] = deque()
     todo = iter(specs)
     nxt = next(todo, None)
     pool = ThreadPoolExecutor(n, thread_name_prefix="pelt-fold")
+    threads = torch_threads(1) if uses_torch else contextlib.nullcontext()
     try:
-        with torch_threads(1), TensorReader(ckpt) as here:
+        with threads, blas_single_thread():
             while queue or nxt is not None:
                 while nxt is not None and len(queue) < MAX_AHEAD and (free or source[nxt.name] not in need):
                     slot = free.pop() if source[nxt.name] in need else None
@@ -230,17 +295,18 @@ def stream_tensors(
                 if not queue:
                     raise PeltError(f"internal: no slot free for tensor {nxt.name if nxt else '?'}")
                 spec, slot, fut = queue.popleft()
-                _write_one(w, here, spec, source[spec.name], fut.result(), report, src_digests, out_digests)
+                prepared, written = fut.result()
+                written.result()
+                _count(spec, source[spec.name], prepared, report, src_digests, out_digests)
                 if slot is not None:
-                    free.append(slot)  # written: a worker may refill it now
+                    free.append(slot)  # written: a fold thread may refill it now
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        st.writers.shutdown(wait=True, cancel_futures=True)
         st.close()
 
 
-def _write_one(
-    w: ShardedWriter,
-    here: TensorReader,
+def _count(
     spec: TensorSpec,
     src: str,
     p: Prepared,
@@ -248,11 +314,7 @@ def _write_one(
     src_digests: dict[str, str] | None,
     out_digests: dict[str, str] | None,
 ) -> None:
-    """Write one prepared tensor and count it."""
-    if p.data is None:  # untouched: copied by the writer from the base file (output bytes = source bytes)
-        w.copy_range(spec.name, *here.locate(src)[:2])
-    else:
-        w.write_bytes(spec.name, p.data)
+    """Count one written tensor and keep its digests."""
     if out_digests is not None:
         out_digests[spec.name] = p.out_digest or ""
     if src_digests is not None and p.src_digest is not None:
@@ -271,7 +333,7 @@ class OutputPlan:
     shards: list[list[TensorSpec]]
     names: list[str]
     source: dict[str, str]
-    disk_ops: dict[str, list[FoldOp]]
+    disk_ops: dict[str, list[Any]]  # FoldOp (torch) or LoraFold (numpy) lists
     untied: list[str] = field(default_factory=list)
     added: dict[str, Any] = field(default_factory=dict)
 

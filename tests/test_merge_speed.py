@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +17,14 @@ import torch
 import transformers as tf
 from conftest import make_run
 
+from pelt_cli import fold, stream
 from pelt_cli import recipe as rc
-from pelt_cli import stream
 from pelt_cli.errors import PeltError
 from pelt_cli.io import writer
 from pelt_cli.io.checkpoint import open_checkpoint
 from pelt_cli.io.fingerprint import tensor_digest
 from pelt_cli.io.header import TensorSpec
+from pelt_cli.io.reader import TensorReader, load_file
 from pelt_cli.io.writer import ShardedWriter, save_file
 from pelt_cli.merge import merge_run
 from pelt_cli.methods import FoldOp, fold_tensor
@@ -133,7 +137,8 @@ def test_torch_threads_restores_the_count() -> None:
 
 @pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (3, 3), (4, 4), (9, 4), (64, 4)])
 def test_stream_workers_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
-    """One read + fold thread per core this process may run on (its affinity, not the machine's count), at most 4."""
+    """One read + fold thread per core this process may run on (its affinity, not the machine's count), at most 4
+    (the writes have threads of their own)."""
     monkeypatch.setattr(stream.os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
     monkeypatch.setattr(stream.os, "cpu_count", lambda: 128)
     assert stream.stream_workers() == workers
@@ -175,11 +180,13 @@ def test_pipelined_merge_is_byte_identical_to_the_serial_whole_tensor_merge(
     sync_range = writer.sync_range
     monkeypatch.setattr(stream, "stream_workers", lambda: 1)
     monkeypatch.setattr(stream, "BLOCK_ELEMS", 1 << 30)
+    monkeypatch.setattr(fold, "BLOCK_ELEMS", 1 << 30)  # the light path's numpy folds (llama LoRA)
     monkeypatch.setattr(writer, "sync_range", lambda *a: False)
     serial = merge_run(run, tmp_path / "serial")
     # the fast way, stretched: 3 workers, blocks of 64 rows, write-behind waiting after every 4 KiB
     monkeypatch.setattr(stream, "stream_workers", lambda: 3)
     monkeypatch.setattr(stream, "BLOCK_ELEMS", 64 * 64)
+    monkeypatch.setattr(fold, "BLOCK_ELEMS", 64 * 48)  # numpy blocks of 16-24 rows and a remainder
     monkeypatch.setattr(writer, "sync_range", sync_range)
     monkeypatch.setattr(writer, "WRITE_BEHIND", 4096)
     monkeypatch.setattr(writer, "DIRECT_MIN", 4096)  # tensors of 8 KiB and up: their whole blocks with O_DIRECT
@@ -300,3 +307,149 @@ def test_direct_writes_need_matching_alignment_and_write_the_same_bytes(tmp_path
     assert writer.direct_split(100, 10000, 8192 + 100) == (3996, 4096)  # memory off the grid like the file
     assert writer.direct_split(100, 10000, 0) == (10000, 0)  # memory aligned, file not: no direct part
     assert writer.direct_split(4096, 100, 0) == (0, 0)  # less than a block
+
+
+# ---------------------------------------------------------------------------------------------------- the light path
+
+LORA_ALL = """name: lora-all
+families: [llama]
+inserts:
+  - method: lora
+    targets: [attn.q, attn.k, attn.v, attn.o, ffn.gate, ffn.up, ffn.down]
+    params: {rank: 4, alpha: ALPHA}
+"""
+LIGHT_CHILD = (
+    "import json, sys\n"
+    "from pelt_cli.merge import merge_run\n"
+    "r = merge_run(sys.argv[1], sys.argv[2])\n"
+    "print(json.dumps([r.tensors_folded, r.tensors_written, 'torch' in sys.modules, 'transformers' in sys.modules]))"
+)
+
+
+def _tree(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("alpha", [8, 12])  # α/r = 2 (exact: folded into B) and 3 (scaled after B A, as peft does)
+def test_light_merge_needs_no_torch_and_equals_peft_bit_for_bit(
+    wide_bases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alpha: int
+) -> None:
+    """LoRA on every projection of a BF16 llama: a fresh process merges it without importing torch or
+    transformers; every folded weight equals peft's merge_and_unload bit for bit, and every output file equals the
+    model path's (α/r = 3 included: both round the product before scaling and adding, as peft)."""
+    peft = pytest.importorskip("peft")
+    from pelt_cli import merge
+    from pelt_cli.peft_format import export_peft
+    from pelt_cli.run import load_base
+
+    run = make_run(rc.loads(LORA_ALL.replace("ALPHA", str(alpha))), wide_bases["llama"], tmp_path / "run")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    p = subprocess.run(
+        [sys.executable, "-c", LIGHT_CHILD, str(run), str(tmp_path / "light")], capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    folded, written, torch_loaded, tf_loaded = json.loads(p.stdout.splitlines()[-1])
+    base = open_checkpoint(wide_bases["llama"])
+    assert (folded, written, torch_loaded, tf_loaded) == (7, len(base.tensors), False, False)
+    export_peft(run, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(load_base(wide_bases["llama"]), tmp_path / "peft").merge_and_unload()
+    ours = open_checkpoint(tmp_path / "light")
+    with TensorReader(ours) as r:
+        for name, t in theirs.state_dict().items():
+            if name in ours.tensors:
+                mine = torch.frombuffer(r.read_bytes(name), dtype=t.dtype).view(t.shape)
+                assert torch.equal(_bits(mine), _bits(t)), name
+    assert len(ours.files) == len(base.files) > 2  # the base's shard layout (sharded at 100KB)
+    monkeypatch.setattr(merge, "light_merge", lambda *a, **k: None)
+    full = merge_run(run, tmp_path / "full")
+    assert full.tensors_folded == 7
+    assert _tree(tmp_path / "light") == _tree(tmp_path / "full")  # the model path rounds as peft does too
+
+
+def _peft_math(w: torch.Tensor, branches: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """peft's merge of one branch (W += (B A)·s in the weight's dtype); several: summed in fp32, cast once."""
+    if len(branches) == 1:
+        a, b, s = branches[0]
+        out = w.clone()
+        out += (b @ a) * s
+        return out
+    acc = w.to(torch.float32, copy=True)  # a copy even for an fp32 weight
+    for a, b, s in branches:
+        acc += (b @ a) * s
+    return acc.to(w.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("shape", "scales"), [((300, 2048), [2.0]), ((77, 130), [3.0]), ((129, 64), [0.5, 16 / 12])])
+def test_numpy_fold_equals_torch_bit_for_bit(dtype: torch.dtype, shape: tuple[int, int], scales: list[float]) -> None:
+    """:mod:`pelt_cli.fold` against torch's own math: blocks with a remainder, a 2048-wide weight (padded sgemm
+    rows), NaN (torch writes 0xFFFF in BF16, a quiet NaN in FP16), ±inf, several branches."""
+    import numpy as np
+
+    from pelt_cli.fold import Folder, LoraFold, fold_weight, storage_view
+
+    g = torch.Generator().manual_seed(len(scales) + shape[0])
+    w = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    w[3, 5], w[4, 6], w[-1, -1] = float("nan"), float("inf"), -float("inf")
+    branches = [
+        (torch.randn(8, shape[1], generator=g) * 0.05, torch.randn(shape[0], 8, generator=g) * 0.05, s) for s in scales
+    ]
+    want = _peft_math(w, branches)
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    raw = bytearray(_bits(w).numpy().tobytes())
+    src = storage_view(raw, code, shape)
+    dst = np.empty_like(src)
+    ops = [LoraFold(a.numpy(), b.numpy(), s) for a, b, s in branches]
+    fold_weight(src, dst, code, ops, Folder(shape[1], step=32))  # 300 rows: 9 blocks of 32 and one of 12
+    got = torch.from_numpy(dst.view(np.int16 if dtype != torch.float32 else np.int32).copy())
+    assert torch.equal(got, _bits(want))
+    fold_weight(src, src, code, ops)  # in place, default blocks
+    assert bytes(raw) == bytes(got.numpy().tobytes())
+
+
+def test_blas_threads_are_held_at_one_and_given_back() -> None:
+    import numpy  # noqa: F401
+
+    from pelt_cli.fold import blas_single_thread
+    from pelt_cli.fold import blas_thread_counts as counts
+
+    before = counts()
+    assert before  # numpy's OpenBLAS is found in this process
+    with blas_single_thread():
+        assert counts() == [1] * len(before)
+    assert counts() == before
+
+
+@pytest.mark.parametrize(
+    ("case", "kw"),
+    [
+        ("ia3", {}),
+        ("gpt2", {}),  # Conv1D layers: weights stored (in, out)
+        ("lora", {"out_dtype": "F32"}),
+        ("lora", {"shard": 10**6}),
+        ("lora-bad-shape", {}),
+        ("lora-extra-tensor", {}),
+    ],
+)
+def test_light_path_only_where_nothing_can_differ(
+    wide_bases: dict[str, Path], tmp_path: Path, case: str, kw: dict
+) -> None:
+    """The light path takes plain LoRA on a known Linear family only; anything else goes to the model path."""
+    from pelt_cli.merge_fast import light_merge
+    from pelt_cli.run import ADAPTER_FILE
+
+    family = "gpt2" if case == "gpt2" else "llama"
+    recipe = {"ia3": "ia3", "gpt2": "lora-gpt2"}.get(case, "lora")
+    run = make_run(rc.load(recipe), wide_bases[family], tmp_path / "run")
+    args = {"out_dtype": None, "shard": None, **kw}
+    if case.startswith("lora-"):
+        assert light_merge(run, None, **args) is not None
+        ad = load_file(run / ADAPTER_FILE)
+        name = next(n for n in ad if n.endswith(".A"))
+        ad[name if case == "lora-bad-shape" else "extra.weight"] = torch.zeros(3, 3)
+        save_file(ad, run / ADAPTER_FILE)
+    assert light_merge(run, None, **args) is None

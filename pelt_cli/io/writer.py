@@ -4,10 +4,12 @@ for one small file, and shard planning. Every file lands through :mod:`pelt_cli.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ SYNC_WAIT_BEFORE, SYNC_WRITE, SYNC_WAIT_AFTER = 1, 2, 4  # sync_file_range(2) fl
 DIRECT_ALIGN = 4096  # O_DIRECT: file offset, memory address and length in whole blocks of this size
 DIRECT_MIN = 1 << 20  # tensors at least this big skip the page cache where their bytes are block-aligned
 BOUNCE_BYTES = 16 << 20  # the buffer an untouched tensor is copied through when it skips the page cache
+HUGE_MIN = 4 << 20  # buffers at least this big ask for transparent huge pages
 
 
 def parse_size(text: str) -> int:
@@ -121,10 +124,15 @@ def direct_split(offset: int, nbytes: int, address: int | None) -> tuple[int, in
 
 
 def aligned_buffer(nbytes: int) -> memoryview:
-    """A page-aligned, writable buffer of ``nbytes`` (anonymous memory), for block-aligned direct writes."""
+    """A page-aligned, writable buffer of ``nbytes`` (anonymous memory), for block-aligned direct writes; a big one
+    asks for huge pages (fewer page faults, and a direct write pins a few pages instead of thousands)."""
     import mmap
 
-    return memoryview(mmap.mmap(-1, max(1, nbytes)))
+    m = mmap.mmap(-1, max(1, nbytes))
+    if nbytes >= HUGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):  # no transparent huge pages here: ordinary pages
+            m.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(m)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -164,6 +172,10 @@ class ShardedWriter:
     page cache with dirty pages, and its freed pages are reused for the next writes (fresh page-cache pages cost
     more than the copy into them). An output under :data:`WRITE_BEHIND` bytes stays cached whole.
 
+    Threads: :meth:`write_bytes` and :meth:`copy_range` of different tensors may run in several threads at once
+    (each has its own bounce buffer; the write-behind window is shared under a lock), so the disk is kept busy
+    while other threads compute.
+
     Example:
         with ShardedWriter(out, specs, max_shard_size=5 * 10**9) as w:
             for s in specs:
@@ -201,7 +213,9 @@ class ShardedWriter:
         self._fds: list[int] = []
         self._direct: list[int | None] = []  # each shard's O_DIRECT descriptor, if the file system allows it
         self.direct_bytes = 0  # bytes written past the page cache
-        self._bounce: memoryview | None = None
+        self._local = threading.local()  # each thread's bounce buffer
+        self._lock = threading.Lock()  # tensors may be written from several threads at once
+        self._refused: list[int] = []  # O_DIRECT descriptors turned off (closed at the end: another thread may use one)
         self._written: set[str] = set()
         self._behind: deque[tuple[int, int, int]] = deque()  # (fd, offset, nbytes) whose write-back was started
         self._in_flight = 0
@@ -275,13 +289,14 @@ class ShardedWriter:
     def _copy_direct(self, name: str, src_fd: int, src: int, dst: int) -> None:
         """Copy a tensor's bytes from another file through an aligned buffer, the whole blocks with ``O_DIRECT``."""
         shard, nbytes = self._where[name][0], self.specs[name].nbytes
-        if self._bounce is None:
-            self._bounce = aligned_buffer(BOUNCE_BYTES + DIRECT_ALIGN)
+        bounce = getattr(self._local, "bounce", None)
+        if bounce is None:
+            bounce = self._local.bounce = aligned_buffer(BOUNCE_BYTES + DIRECT_ALIGN)
         done = 0
         while done < nbytes:
             shift = (dst + done) % DIRECT_ALIGN
             k = min(nbytes - done, BOUNCE_BYTES - shift)  # chunks end on block boundaries
-            view, got = self._bounce[shift : shift + k], 0
+            view, got = bounce[shift : shift + k], 0
             while got < k:
                 n = os.preadv(src_fd, [view[got:]], src + done + got)
                 if n <= 0:
@@ -293,17 +308,22 @@ class ShardedWriter:
     def _write_direct(self, shard: int, mv: memoryview, offset: int) -> bool:
         """Write whole blocks with ``O_DIRECT``; False (and direct writes off for the shard) where it is refused."""
         fd = self._direct[shard]
+        if fd is None:
+            return False
         try:
             while len(mv):
-                n = os.pwrite(fd, mv[: 1 << 30], offset)  # type: ignore[arg-type]
-                self.direct_bytes += n
+                n = os.pwrite(fd, mv[: 1 << 30], offset)
+                with self._lock:
+                    self.direct_bytes += n
                 mv, offset = mv[n:], offset + n
                 if n % DIRECT_ALIGN:  # a short write off the block grid: the rest goes through the cache
                     _pwrite_all(self._fds[shard], mv, offset)
                     break
         except OSError:  # EINVAL: alignment this file system does not take; nothing of this write is trusted
-            os.close(fd)
-            self._direct[shard] = None
+            with self._lock:
+                if self._direct[shard] == fd:
+                    self._direct[shard] = None
+                    self._refused.append(fd)
             return False
         return True
 
@@ -311,11 +331,14 @@ class ShardedWriter:
         """Start the write-back of a written range; wait for (and drop from the cache) the oldest beyond the window."""
         if not nbytes or not sync_range(fd, offset, nbytes, SYNC_WRITE):
             return
-        self._behind.append((fd, offset, nbytes))
-        self._in_flight += nbytes
-        while self._in_flight > WRITE_BEHIND:
-            fd0, off0, n0 = self._behind.popleft()
-            self._in_flight -= n0
+        with self._lock:
+            self._behind.append((fd, offset, nbytes))
+            self._in_flight += nbytes
+            old = []
+            while self._in_flight > WRITE_BEHIND:
+                old.append(self._behind.popleft())
+                self._in_flight -= old[-1][2]
+        for fd0, off0, n0 in old:
             if sync_range(fd0, off0, n0, SYNC_WAIT_BEFORE | SYNC_WRITE | SYNC_WAIT_AFTER):
                 os.posix_fadvise(fd0, off0, n0, os.POSIX_FADV_DONTNEED)  # clean now: its pages can be reused
 
@@ -362,10 +385,11 @@ class ShardedWriter:
         self._commit.__exit__(exc_type, exc, tb)  # renames into place, or removes on an exception
 
     def _close(self) -> None:
-        for fd in self._fds + [d for d in self._direct if d is not None]:
+        for fd in self._fds + [d for d in self._direct if d is not None] + self._refused:
             os.close(fd)
         self._fds.clear()
         self._direct.clear()
+        self._refused.clear()
         self._behind.clear()
         self._in_flight = 0
 

@@ -22,6 +22,21 @@ def lora_scale(rank: int, alpha: float) -> float:
     return alpha / rank
 
 
+def add_scaled_product(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """``w += s · (b a)`` in fp32, rounded as peft merges: the product ``b a``, then ``× s``, then the add.
+
+    A power-of-two ``s`` scales exactly, so one ``addmm_`` gives those bits; any other ``s`` goes a block of rows at
+    a time (about 1 MiB of fp32) through a product, a scale and an add (``addmm``'s ``alpha`` would round ``s · Σ``
+    and the add once, peft rounds twice).
+    """
+    if scale and math.frexp(abs(scale))[0] == 0.5:
+        return w.addmm_(b, a, alpha=scale)
+    step = max(1, (1 << 18) // max(1, a.shape[1]))
+    for i in range(0, b.shape[0], step):
+        w[i : i + step].add_(torch.mm(b[i : i + step], a).mul_(scale))
+    return w
+
+
 def fold_lora(
     w: torch.Tensor,
     a: torch.Tensor,
@@ -31,7 +46,7 @@ def fold_lora(
     transposed: bool = False,
     rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Fold a LoRA branch into its layer's fp32 weight, in place (``addmm_``: no out×in temporary).
+    """Fold a LoRA branch into its layer's fp32 weight, in place (no out×in temporary; :func:`add_scaled_product`).
 
     Args:
         w: the layer's weight in fp32, ``(out, in)`` (Conv1D: ``(in, out)``, ``transposed``); with ``rows``, only
@@ -49,14 +64,14 @@ def fold_lora(
     if transposed:  # rows of W are input features: the block takes the same rows of Aᵀ
         at, offset = a[:, r0:r1].t(), 0
         for start, end in slices or [(0, w.shape[1])]:
-            w[:, start:end].addmm_(at, b[offset : offset + end - start].t(), alpha=scale)
+            add_scaled_product(w[:, start:end], at, b[offset : offset + end - start].t(), scale)
             offset += end - start
         return w
     offset = 0
     for start, end in slices or [(0, r1)]:
         lo, hi = max(start, r0), min(end, r1)  # the part of this slice's output rows inside the block
         if lo < hi:
-            w[lo - r0 : hi - r0].addmm_(b[offset + lo - start : offset + hi - start], a, alpha=scale)
+            add_scaled_product(w[lo - r0 : hi - r0], b[offset + lo - start : offset + hi - start], a, scale)
         offset += end - start
     return w
 
