@@ -222,25 +222,29 @@ def split_attention(
     out_k, lse_k = FLASH_CPU(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
     if dead is not None and bool(dead.any()):
         lse_k = lse_k.masked_fill(dead, -torch.inf)  # the kernel gives 0, not −inf, for a query with no key
-    # the prefix scores laid out [B, H, ℓ, T], so that every reduction over ℓ runs along the contiguous T
-    s = torch.matmul(pk.to(query.dtype) * scale, query.transpose(-1, -2)).float()
-    g = gate.float().reshape(-1, 1, 1, 1) if gate is not None else None
-    if g is not None:
+    # per head, every query of the batch at once: [H, B·T, D] is a view of transformers' [B, T, H, D] layout, and
+    # the prefix scores [H, ℓ, B·T] keep B·T contiguous for every reduction over ℓ
+    b, h, t, _ = query.shape
+    q = query.permute(1, 0, 2, 3).reshape(h, b * t, query.shape[-1])
+    s = torch.bmm(pk.to(query.dtype) * scale, q.transpose(1, 2)).float()
+    g = None
+    if gate is not None:  # one gate per sequence, repeated over its T queries
+        g = torch.broadcast_to(gate.float().reshape(-1), (b,)).repeat_interleave(t)
         s = s * g  # (g·P_k) Qᵀ
-    lse = lse_k.float().unsqueeze(-2)  # [B, H, 1, T]
-    top = torch.maximum(s.amax(-2, keepdim=True), lse)
+    lse = lse_k.float().permute(1, 0, 2).reshape(h, 1, b * t)
+    top = torch.maximum(s.amax(1, keepdim=True), lse)
     e, e_k = torch.exp(s - top), torch.exp(lse - top)
-    z = e.sum(-2, keepdim=True) + e_k
-    e.div_(z)  # the prefix positions' weights [B, H, ℓ, T]
-    w_k = e_k / z  # the sequence's weight [B, H, 1, T]
+    z = e.sum(1, keepdim=True) + e_k
+    e.div_(z)  # the prefix positions' weights [H, ℓ, B·T]
+    w_k = e_k.div_(z)  # the sequence's weight [H, 1, B·T]
     if g is not None:
         e.mul_(g)  # the gated values g·P_v
-    out_p = torch.matmul(e.transpose(-1, -2).to(pv.dtype), pv)  # [B, H, T, D]
-    b, h, t, d = out_p.shape
+    out_p = torch.bmm(e.transpose(1, 2).to(pv.dtype), pv)  # [H, B·T, D]
+    d = out_p.shape[-1]
     out = torch.empty(b, t, h, d, dtype=out_k.dtype, device=out_k.device)
-    w = w_k.to(out_k.dtype).transpose(-1, -2).transpose(1, 2)  # [B, T, H, 1]
-    torch.addcmul(out_p.transpose(1, 2), out_k.transpose(1, 2), w, out=out)
-    return out, 1.0 - w_k.squeeze(-2)
+    w = w_k.to(out_k.dtype).view(h, b, t, 1).permute(1, 2, 0, 3)  # [B, T, H, 1]
+    torch.addcmul(out_p.view(h, b, t, d).permute(1, 2, 0, 3), out_k.transpose(1, 2), w, out=out)
+    return out, 1.0 - w_k.view(h, b, t).transpose(0, 1)
 
 
 def prefix_heads(prefix: torch.Tensor, heads: int, head_dim: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
