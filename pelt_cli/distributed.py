@@ -146,7 +146,9 @@ def reads_weights(cfg: Any, device: torch.device) -> bool:
     return not cfg.fsdp or dist_info(device)[0] == 0
 
 
-def share_from_rank0(model: nn.Module | None, head: Any, build: Callable[[Any], nn.Module]) -> tuple[nn.Module, Any]:
+def share_from_rank0(
+    model: nn.Module | None, head: Any, build: Callable[[Any], nn.Module] | None, failed: Exception | None = None
+) -> tuple[nn.Module, Any]:
     """Under ``--fsdp``, right after rank 0 built the run's model (before it is cast, moved or sharded): every other
     rank builds the same model on ``meta``, reading no weight (a collective: all ranks call it).
 
@@ -158,20 +160,29 @@ def share_from_rank0(model: nn.Module | None, head: Any, build: Callable[[Any], 
         model: rank 0's model; None on the other ranks.
         head: rank 0's head spec (ignored elsewhere).
         build: the run's model on ``meta`` from a head spec.
+        failed: on rank 0, the error that stopped it building its model: it is sent to the other ranks, which
+            raise it in one line (instead of waiting for weights that never come), and raised again on rank 0.
 
     Returns:
         ``(model, head)``: this rank's model and rank 0's head spec.
 
     Raises:
-        TrainingError: a rank whose model has other tensors than rank 0's (names or shapes).
+        TrainingError: a rank whose model has other tensors than rank 0's (names or shapes), or rank 0 failed.
     """
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    sent = [(head, tensor_layout(model), torch.get_rng_state()) if rank == 0 else None]
-    dist.broadcast_object_list(sent, src=0)
-    head, layout, rng = sent[0]
     if rank == 0:
+        sent: list[Any] = [str(failed) if failed else (head, tensor_layout(model), torch.get_rng_state())]
+    else:
+        sent = [None]
+    dist.broadcast_object_list(sent, src=0)
+    if failed is not None:
+        raise failed
+    if isinstance(sent[0], str):
+        raise TrainingError(f"rank {rank}: rank 0 could not build the model: {sent[0]}")
+    head, layout, rng = sent[0]
+    if rank == 0 or build is None:
         return model, head
     model = build(head)
     mine = tensor_layout(model)

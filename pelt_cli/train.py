@@ -41,7 +41,7 @@ from pelt_cli.distributed import (
     shard_optimizer_state,
     share_from_rank0,
 )
-from pelt_cli.errors import TrainingError, UsageError
+from pelt_cli.errors import PeltError, TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
 from pelt_cli.io.atomic import locked
 from pelt_cli.optim import gate_penalty, lr_lambda, param_groups, set_gates_trainable
@@ -175,19 +175,29 @@ def _task_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any) -> torch.nn.Modu
     return model
 
 
-def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any) -> tuple[torch.nn.Module, int, int]:
-    """The run's model with its task head, only inserted parameters (and the head) trainable;
-    ``(model, trainable, total)``. Under ``--fsdp`` only rank 0 reads weights: the others build it on ``meta`` and
-    stay there, and rank 0 keeps it on the CPU until ``fully_shard`` moves it block by block (see ``distributed``)."""
-    loads = reads_weights(cfg, device)
+def _base_model(run: Run, d: _Data, cfg: TrainConfig, tok: Any, loads: bool) -> torch.nn.Module | None:
+    """The base's checks for the task, then the run's model with its head (None on a rank that reads no weight)."""
     if not loads:
         run.base(content=False)  # the structure check only: this rank reads none of the base's tensors
     if d.task == "causal-lm":
         heads.require_lm_head(run.meta.base.model_class or "", run.base().skeleton())
     if d.task == audio_lm.SPEECH_TO_TEXT:
         audio_lm.require_model(run.base().skeleton())
-    model = _task_model(run, d, cfg, tok) if loads else None
-    if cfg.fsdp and dist_info(device)[1] > 1:
+    return _task_model(run, d, cfg, tok) if loads else None
+
+
+def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any) -> tuple[torch.nn.Module, int, int]:
+    """The run's model with its task head, only inserted parameters (and the head) trainable;
+    ``(model, trainable, total)``. Under ``--fsdp`` only rank 0 reads weights: the others build it on ``meta`` and
+    stay there, and rank 0 keeps it on the CPU until ``fully_shard`` moves it block by block (see ``distributed``)."""
+    loads, shared = reads_weights(cfg, device), cfg.fsdp and dist_info(device)[1] > 1
+    try:
+        model = _base_model(run, d, cfg, tok, loads)
+    except PeltError as e:  # rank 0 tells the ranks waiting for its weights, instead of leaving them blocked
+        if not (shared and loads):
+            raise
+        share_from_rank0(None, None, None, failed=e)
+    if shared:
         model, run.meta.head = share_from_rank0(model, run.meta.head, lambda head: run.skeleton(head=head)[0])
     trainable, total = surgery.freeze_base(model)
     wrong = [n for n, p in model.named_parameters() if p.requires_grad and not surgery.is_trainable(model, n)]

@@ -168,3 +168,24 @@ def _worker(big: str, llama: str, bf16_fsdp: str, bf16_ddp: str, train: str, ev:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:8])
+
+
+def test_rank0_failure_reaches_the_other_ranks(bases: dict[str, Path], data: tuple[str, str], tmp_path: Path) -> None:
+    """Only rank 0 checks the base's content: when that fails (the base changed after apply), the rank waiting for
+    its weights gets rank 0's reason in one line and both exit, instead of blocking in the broadcast."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(bases["llama"], base)
+    run = apply(rc.load("lora"), base, tmp_path / "run")
+    weights = load_file(base / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 1.0  # same names and shapes (rank 1's check passes), other content
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PELT_DIST_BACKEND": "gloo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547"]
+    cmd += ["-m", "pelt_cli.cli", "train", str(run), "--data", data[0], "--fsdp", "--epochs", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=Path(__file__).parent.parent)
+    assert r.returncode != 0
+    assert "rank 1: rank 0 could not build the model:" in r.stderr, r.stderr[-3000:]
+    assert "differs" in r.stderr or "changed" in r.stderr, r.stderr[-3000:]
