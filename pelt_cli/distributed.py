@@ -182,9 +182,9 @@ def share_from_rank0(
     if isinstance(sent[0], str):
         raise TrainingError(f"rank {rank}: rank 0 could not build the model: {sent[0]}")
     head, layout, rng = sent[0]
-    if rank == 0 or build is None:
+    if rank == 0:
         return model, head
-    model = build(head)
+    model = build(head)  # type: ignore[misc]  # None only on rank 0, with ``failed``
     mine = tensor_layout(model)
     if mine.keys() != layout.keys() or any(mine[k][0] != layout[k][0] for k in layout):
         bad = next(k for k in [*layout, *mine] if mine.get(k, (None,))[0] != layout.get(k, (None,))[0])

@@ -36,6 +36,11 @@ BLAS_GET = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "op
 SGEMM = ("scipy_cblas_sgemm64_", "cblas_sgemm64_")  # ILP64 OpenBLAS (numpy's wheels): int64 arguments
 
 
+def power_of_two(scale: float) -> bool:
+    """Whether ``±scale`` is a power of two: multiplying an fp32 by it is exact (barring over/underflow)."""
+    return scale != 0 and math.frexp(abs(scale))[0] == 0.5
+
+
 @dataclass(frozen=True)
 class LoraFold:
     """One LoRA branch to fold into a ``(out, in)`` weight: ``A`` (r × in) and ``B`` (out × r) in fp32, ``α/r``."""
@@ -46,8 +51,7 @@ class LoraFold:
 
     def exact_scale(self) -> bool:
         """Whether ``scale`` is a power of two (multiplying by it is exact, so it may go into ``B``)."""
-        m, _ = math.frexp(self.scale)
-        return self.scale > 0 and m == 0.5
+        return power_of_two(self.scale)
 
     def prepared(self) -> tuple[Any, float | None]:
         """``(B', s')``: ``B`` with an exact scale folded in (``s'`` None), or ``B`` and the scale to apply."""

@@ -41,7 +41,7 @@ from pelt_cli.distributed import (
     shard_optimizer_state,
     share_from_rank0,
 )
-from pelt_cli.errors import PeltError, TrainingError, UsageError
+from pelt_cli.errors import TrainingError, UsageError
 from pelt_cli.evaluate import compute_loss, data_inputs, evaluate, primary_metric
 from pelt_cli.io.atomic import locked
 from pelt_cli.optim import gate_penalty, lr_lambda, param_groups, set_gates_trainable
@@ -193,7 +193,7 @@ def _model(run: Run, d: _Data, cfg: TrainConfig, device: torch.device, tok: Any)
     loads, shared = reads_weights(cfg, device), cfg.fsdp and dist_info(device)[1] > 1
     try:
         model = _base_model(run, d, cfg, tok, loads)
-    except PeltError as e:  # rank 0 tells the ranks waiting for its weights, instead of leaving them blocked
+    except Exception as e:  # rank 0 tells the ranks waiting for its weights, instead of leaving them blocked
         if not (shared and loads):
             raise
         share_from_rank0(None, None, None, failed=e)

@@ -12,6 +12,7 @@ from torch import nn
 
 from pelt_cli import surgery
 from pelt_cli.errors import ExportRefused
+from pelt_cli.fold import power_of_two
 from pelt_cli.methods import FoldOp, Insertion, ModelSite, register
 
 QKV_PARTS = ("q", "k", "v")
@@ -29,7 +30,7 @@ def add_scaled_product(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale:
     a time (about 1 MiB of fp32) through a product, a scale and an add (``addmm``'s ``alpha`` would round ``s · Σ``
     and the add once, peft rounds twice).
     """
-    if scale and math.frexp(abs(scale))[0] == 0.5:
+    if power_of_two(scale):
         return w.addmm_(b, a, alpha=scale)
     step = max(1, (1 << 18) // max(1, a.shape[1]))
     for i in range(0, b.shape[0], step):

@@ -41,13 +41,7 @@ FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 def prepend_prefix(prefix: torch.Tensor, states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``[g·P; S]``: a prefix ``[ℓ, heads·head_dim]`` put in front of ``states [B, heads, T, head_dim]`` (dim 2)."""
     b, heads, _, head_dim = states.shape
-    if prefix.shape[-1] != heads * head_dim:
-        raise PeltError(
-            f"prefix width {prefix.shape[-1]} does not match the attention's {heads} key/value heads "
-            f"× head_dim {head_dim} = {heads * head_dim}"
-        )
-    p = prefix.to(states.dtype).view(prefix.shape[0], heads, head_dim).transpose(0, 1)
-    p = p.unsqueeze(0).expand(b, -1, -1, -1)
+    p = prefix_heads(prefix, heads, head_dim, 1, states.dtype).unsqueeze(0).expand(b, -1, -1, -1)
     if gate is not None:
         p = p * gate.to(states.dtype)
     return torch.cat([p, states], dim=2)
