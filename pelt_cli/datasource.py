@@ -413,8 +413,8 @@ class TokenWriter:
 
         self._out.pop("writer").close()
         self._out.pop("sink").close()
-        with atomic_file(self.path):  # written at the temporary name atomic_file renames into place
-            pass
+        with atomic_file(self.path) as tmp:
+            os.replace(self._tmp, tmp)  # the same name (temp_sibling) today: then a no-op
         self._discard.detach()
         self.cached = _in_row_order(self.path, self.where, len(self.done))
 
